@@ -1,0 +1,146 @@
+"""What a quantization format is, in one interface every consumer (hardening, detection, adapters) relies on.
+
+A standard quantizer does two things: it picks per-block scale parameters, then rounds every weight onto the grid those
+parameters define. qcbguard keeps the first step exactly as the standard quantizer does it and only ever changes the
+second, so a format is split the same way:
+
+    encode(x)          -> Encoding: the scale parameters, and per element the rounding cell it lands in
+    pack(enc, codes)   -> QuantizedTensor in the format's native layout (codes default to round-to-nearest)
+    dequantize(q)      -> float32 values
+
+`quantize(x) == pack(encode(x))` is bit-exact with the format's real quantizer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UnsupportedInputError, check_finite
+
+__all__ = ["SUPPORTED_INPUT_DTYPES", "Encoding", "Format", "QuantizedTensor", "RoundingCells"]
+
+SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class RoundingCells:
+    """Per element, the cell of the code grid a weight falls in.
+
+    Codes are int32 in the format's own code space, in grid order within one scale block: adjacent codes are adjacent
+    grid points (their values ascend, or descend where the format's scale is negative, as in GGUF Q4_0; sign-magnitude
+    formats use the magnitude and take the sign from the weight). `lower` and `upper` are the neighbouring codes
+    (upper = lower + 1); they are equal where the weight sits exactly on a code or beyond the end of the grid
+    (clamped). `position` in [0, 1] is where the weight sits between their values: 0 at lower, 1 at upper, 0.5 on the
+    boundary the standard quantizer rounds at. `nearest` is the code the standard quantizer picks (lower or upper;
+    its tie rule decides at 0.5).
+    """
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    position: torch.Tensor
+    nearest: torch.Tensor
+
+    @property
+    def steerable(self) -> torch.Tensor:
+        """Elements whose rounding direction depends on where the weight sits (lower != upper)."""
+        return self.lower != self.upper
+
+
+@dataclass
+class Encoding:
+    """The standard quantizer's scale decisions for one tensor, and the rounding cell of every element."""
+
+    format: str
+    shape: torch.Size
+    cells: RoundingCells
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes and scales, in the native layout of the format's real implementation."""
+
+    format: str
+    shape: torch.Size
+    tensors: dict[str, torch.Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class Format(ABC):
+    """One quantization format. Instances are registered once by name (see registry.py)."""
+
+    #: registry key, e.g. "nf4", "fp8_per_channel", "q4_k"
+    name: str
+    #: packing family: absmax-int, codebook-4bit, fp8-mx, gguf-legacy, gguf-kquant
+    family: str
+    #: bits per stored code
+    bits: int
+    #: one line for tables and errors
+    description: str
+
+    def encode(self, x: torch.Tensor, name: str = "tensor") -> Encoding:
+        """Validate x (dtype, shape, finiteness) and compute the standard quantizer's scales and rounding cells.
+
+        Every reference computes in float32: float16 and bfloat16 inputs convert exactly, as the real quantizers do.
+        """
+        self.validate(x, name)
+        return self._encode(x.float().contiguous())
+
+    def quantize(self, x: torch.Tensor, name: str = "tensor") -> QuantizedTensor:
+        """Round-to-nearest, exactly as the format's real quantizer does."""
+        return self.pack(self.encode(x, name))
+
+    def pack(self, enc: Encoding, codes: torch.Tensor | None = None) -> QuantizedTensor:
+        """Pack codes (default: the standard quantizer's nearest codes) with enc's scales into the native layout."""
+        if enc.format != self.name:
+            raise UnsupportedInputError(f"encoding of format {enc.format!r} cannot be packed as {self.name!r}")
+        if codes is None:
+            codes = enc.cells.nearest
+        elif codes.shape != enc.cells.nearest.shape:
+            raise UnsupportedInputError(
+                f"codes of shape {tuple(codes.shape)} do not match the encoded tensor {tuple(enc.cells.nearest.shape)}"
+            )
+        return self._pack(enc, codes.to(torch.int32))
+
+    def validate(self, x: torch.Tensor, name: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise UnsupportedInputError(f"tensor {name!r}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in SUPPORTED_INPUT_DTYPES:
+            raise UnsupportedInputError(
+                f"tensor {name!r}: dtype {x.dtype} is not supported by {self.name}; "
+                "convert it to float32, float16 or bfloat16 first"
+            )
+        if x.numel() == 0:
+            raise UnsupportedInputError(f"tensor {name!r} is empty")
+        self.check_shape(x, name)
+        check_finite(x, name)
+
+    def check_shape(self, x: torch.Tensor, name: str) -> None:
+        """Formats with block constraints override this and raise UnsupportedInputError; any shape is fine here."""
+        return None
+
+    @abstractmethod
+    def _encode(self, x: torch.Tensor) -> Encoding:
+        """x is float32, contiguous, finite and of a shape check_shape accepted."""
+
+    @abstractmethod
+    def _pack(self, enc: Encoding, codes: torch.Tensor) -> QuantizedTensor: ...
+
+    @abstractmethod
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        """float32 values of the packed tensor, with the logical shape of the input."""
+
+    @abstractmethod
+    def code_values(self, enc: Encoding, codes: torch.Tensor) -> torch.Tensor:
+        """float32 value each element would dequantize to if it were given `codes` (same shape as the input).
+
+        For the nearest codes this equals dequantize(quantize(x)) up to the format's storage rounding of scales.
+        """
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}: {self.description}>"

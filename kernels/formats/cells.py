@@ -1,0 +1,48 @@
+"""Rounding cells on the two kinds of grid the formats use: uniform integer grids and sorted codebooks."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import RoundingCells
+
+__all__ = ["codebook_cells", "integer_grid_cells"]
+
+
+def integer_grid_cells(u: torch.Tensor, nearest: torch.Tensor, qmin: int, qmax: int) -> RoundingCells:
+    """Cells of a weight at grid coordinate u (value = scale * (code - offset), so u = x / scale + offset).
+
+    `nearest` is the code the standard quantizer computed with its own exact rule; it always lies in
+    {floor(u), ceil(u)} clamped to [qmin, qmax], because every rule here rounds u. Where u is not finite (a degenerate
+    scale: 1/d overflowing on subnormal blocks), the cell collapses onto the code the quantizer wrote.
+    """
+    finite = torch.isfinite(u)
+    u = torch.where(finite, u, nearest.to(u.dtype))
+    low = torch.floor(u)
+    high = torch.ceil(u)
+    position = u - low
+    lower = low.clamp(qmin, qmax).to(torch.int32)
+    upper = high.clamp(qmin, qmax).to(torch.int32)
+    position = torch.where(lower == upper, torch.zeros_like(position), position)
+    return RoundingCells(lower=lower, upper=upper, position=position, nearest=nearest.to(torch.int32))
+
+
+def codebook_cells(v: torch.Tensor, grid: torch.Tensor, nearest: torch.Tensor) -> RoundingCells:
+    """Cells of a normalized weight v on a sorted codebook `grid` (float32, ascending, codes = indices into it).
+
+    Values below the first or above the last entry are clamped to it (lower == upper).
+    """
+    top = grid.numel() - 1
+    lower = (torch.searchsorted(grid, v.contiguous(), right=True) - 1).clamp(0, top)
+    on_code = grid[lower] == v
+    upper = torch.where(on_code | (v > grid[top]), lower, (lower + 1).clamp(max=top))
+    below = v < grid[0]
+    upper = torch.where(below, lower, upper)
+    span = grid[upper] - grid[lower]
+    position = torch.where(span > 0, (v - grid[lower]) / torch.where(span > 0, span, 1.0), 0.0)
+    return RoundingCells(
+        lower=lower.to(torch.int32),
+        upper=upper.to(torch.int32),
+        position=position.float(),
+        nearest=nearest.to(torch.int32),
+    )

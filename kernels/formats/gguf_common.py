@@ -1,0 +1,78 @@
+"""What every GGUF (ggml) format shares: rows along ne0, fixed-size blocks, little-endian byte fields.
+
+A tensor is quantized row by row along its last dimension (ggml's ne0); each row is a run of blocks of
+`block_size` elements stored as `type_size` bytes. The packed tensor is uint8 of shape (rows, row_bytes), byte for
+byte what ggml_quantize_chunk writes for the same rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedInputError
+from .base import Encoding, Format, QuantizedTensor
+
+__all__ = ["QK_K", "GgufFormat", "fp16_field", "join_fields", "pack_nibbles", "read_fp16_field", "split_fields"]
+
+QK_K = 256  # super-block length of the k-quants
+
+
+class GgufFormat(Format):
+    """Base of the ggml formats: shape rules, row blocking and the byte container."""
+
+    #: ggml's enum ggml_type value, as written in GGUF tensor infos
+    ggml_type: int
+    block_size: int
+    type_size: int
+
+    def check_shape(self, x: torch.Tensor, name: str) -> None:
+        if x.dim() == 0:
+            raise UnsupportedInputError(f"tensor {name!r} is a scalar; GGUF quantizes rows of a 1-D or N-D tensor")
+        ne0 = x.shape[-1]
+        if ne0 % self.block_size:
+            raise UnsupportedInputError(
+                f"tensor {name!r}: row length ne0={ne0} is not a multiple of {self.block_size}, the block size of "
+                f"{self.name}; llama-quantize falls back to another type for such tensors (see the GGUF tool)"
+            )
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as (rows, blocks, block_size) float32."""
+        return x.reshape(-1, x.shape[-1] // self.block_size, self.block_size)
+
+    def container(self, enc: Encoding, fields: list[torch.Tensor]) -> QuantizedTensor:
+        blocks = join_fields(fields)
+        if blocks.shape[-1] != self.type_size:
+            raise AssertionError(f"{self.name}: block packs to {blocks.shape[-1]} bytes, expected {self.type_size}")
+        return QuantizedTensor(self.name, enc.shape, {"blocks": blocks.reshape(blocks.shape[0], -1)})
+
+    def blocks_of(self, q: QuantizedTensor) -> torch.Tensor:
+        """The packed bytes as (rows, blocks, type_size)."""
+        if q.format != self.name:
+            raise UnsupportedInputError(f"a {q.format} tensor cannot be read as {self.name}")
+        raw = q.tensors["blocks"]
+        return raw.reshape(raw.shape[0], -1, self.type_size)
+
+
+def fp16_field(values: torch.Tensor) -> torch.Tensor:
+    """float32 (..., n) -> little-endian IEEE half bytes (..., 2n), rounded to nearest even like GGML_FP32_TO_FP16."""
+    return values.float().to(torch.float16).contiguous().view(torch.uint8)
+
+
+def read_fp16_field(raw: torch.Tensor) -> torch.Tensor:
+    """Little-endian half bytes (..., 2n) -> float32 (..., n)."""
+    return raw.contiguous().view(torch.float16).float()
+
+
+def join_fields(fields: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-block byte fields, each (rows, blocks, k) uint8, into (rows, blocks, sum k)."""
+    return torch.cat([f.to(torch.uint8) for f in fields], dim=-1)
+
+
+def split_fields(blocks: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Inverse of join_fields: (rows, blocks, type_size) -> fields of the given byte sizes."""
+    return list(torch.split(blocks, sizes, dim=-1))
+
+
+def pack_nibbles(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit code tensors -> one byte each: low | high << 4."""
+    return (low.to(torch.uint8) & 0x0F) | ((high.to(torch.uint8) & 0x0F) << 4)

@@ -1,0 +1,18 @@
+"""qcbguard: hardening quantized LLM serving against quantization-conditioned backdoors.
+
+The source folder `kernels/` is installed as the import package `qcbguard_kernels`: PyPI's `kernels` (Hugging Face's
+hub kernels, imported by transformers) owns the name `kernels`, and neither package may shadow the other.
+"""
+
+from setuptools import setup
+
+setup(
+    packages=[
+        "qcbguard_kernels",
+        "qcbguard_kernels.formats",
+        "vllm_qcbguard",
+        "gguf_tools",
+        "qcbguard",
+    ],
+    package_dir={"qcbguard_kernels": "kernels", "qcbguard_kernels.formats": "kernels/formats"},
+)
