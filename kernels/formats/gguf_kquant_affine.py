@@ -1,1 +1,426 @@
-"""(being written)"""
+"""GGUF k-quants with a scale and a min per sub-block (x = d * q - m): Q2_K, Q4_K and Q5_K.
+
+Bit-exact with ggml's quantize_row_q2_K_ref / quantize_row_q4_K_ref / quantize_row_q5_K_ref (ggml-quants.c), which
+ggml_quantize_chunk runs when no importance matrix is given. A 256-element super-block is cut into sub-blocks
+(16 x 16 for Q2_K, 8 x 32 for Q4_K and Q5_K), and the quantizer works in three stages:
+
+1. make_qkx2_quants fits a scale and a min to every sub-block: a weighted least-squares search over `nstep + 1`
+   candidate inverse scales (rmin + rdelta * is + nmax) / (max - min), keeping the first candidate whose weighted
+   error is strictly smaller. Weights are |x| (Q2_K, absolute-error objective) or sqrt(sum x^2 / 32) + |x| (Q4_K and
+   Q5_K, squared error).
+2. The sub-block scales and mins are quantized against the super-block's largest ones: 4-bit (Q2_K, levels 15,
+   packed one byte per sub-block, scale in the low nibble) or 6-bit (Q4_K and Q5_K, levels 63, packed into 12 bytes
+   as get_scale_min_k4 reads them). The super-block factors d and dmin are stored as IEEE half (round to nearest even).
+3. Every weight is rounded on the final grid: q = clamp(nearest_int((x + dm) / d), 0, nmax), with d = fp16(d) * sc
+   and dm = fp16(dmin) * m in float32 and a true division; nearest_int rounds half to even. A sub-block whose d is
+   zero keeps the codes of stage 1 (the C code skips it): every code there dequantizes to -dm.
+
+Everything is float32 with one rounding per operation (libggml-base is built without FMA contraction), sums are
+accumulated sequentially in the C order, and extremes are selected by strict first-hit comparisons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import UnsupportedInputError
+from ..numerics import nearest_int
+from .base import Encoding, QuantizedTensor
+from .cells import integer_grid_cells
+from .gguf_common import QK_K, GgufFormat, fp16_field, pack_nibbles, read_fp16_field, split_fields
+from .registry import register_format
+
+__all__ = [
+    "KQuantAffineSpec",
+    "GgufKQuantAffine",
+    "make_qkx2_quants",
+    "pack_scale_min_k4",
+    "unpack_scale_min_k4",
+    "pack_q5_high_bits",
+]
+
+_RDELTA = 0.1  # every caller of make_qkx2_quants steps by 0.1f
+_NEAREST_INT_LIMIT = 4194303.0  # nearest_int's magic-number trick is exact only up to here (asserted in debug C)
+_CHUNK_ELEMENTS = 1 << 19  # weights per encoding chunk: keeps the search's working set in cache
+
+
+def _fdiv(numerator: float, t: torch.Tensor) -> torch.Tensor:
+    """float32(numerator) / t with IEEE division. (`scalar / tensor` in torch is reciprocal-then-multiply: wrong.)"""
+    return torch.full_like(t, numerator) / t
+
+
+@dataclass(frozen=True)
+class KQuantAffineSpec:
+    """What distinguishes Q2_K, Q4_K and Q5_K in ggml's reference quantizers."""
+
+    ggml_type: int
+    bits: int
+    type_size: int
+    sub_block: int  # elements per sub-block: 16 or 32
+    rmin: float  # first candidate offset of the scale search
+    nstep: int  # the search tries nstep + 1 candidates
+    use_mad: bool  # absolute error (Q2_K) instead of squared error
+    rms_weights: bool  # weights sqrt(sum x^2 / n) + |x| (Q4_K, Q5_K) instead of |x|
+    scale_levels: int  # 15: 4-bit sub-block scales and mins; 63: 6-bit
+
+    @property
+    def nmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def n_sub(self) -> int:
+        return QK_K // self.sub_block
+
+
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of t (n, S) over its first axis in the C order: ((0 + t0) + t1) + ..., one rounding per addition."""
+    acc = t[0] + 0.0  # C starts from +0.0: a -0.0 first term becomes +0.0
+    for i in range(1, t.shape[0]):
+        acc.add_(t[i])
+    return acc
+
+
+def _weighted_error(
+    w: torch.Tensor, x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, the_min: torch.Tensor, use_mad: bool
+) -> torch.Tensor:
+    """sum_i w_i * err(scale * l_i + min - x_i) in C order, err = |.| or (.)^2, each product and sum rounded once."""
+    diff = (scale * levels + the_min) - x
+    diff = diff.abs() if use_mad else diff * diff
+    return _seq_sum(w * diff)
+
+
+def make_qkx2_quants(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants for many sub-blocks at once: x and w are (n, S), one sub-block per column.
+
+    Returns (scale (S,), the_min (S,), L (n, S) int32) such that a sub-block is approximated by scale * L - the_min.
+    Exactly as the C code: min and max by strict first-hit comparison, min clamped to <= 0, an early exit with scale 0
+    and L = 0 when max == min, then for is = 0..nstep the candidate iscale = (rmin + rdelta*is + nmax) / (max - min)
+    (where min is the best min found so far), levels l = clamp(nearest_int(iscale * (x - min)), 0, nmax) (round half
+    to even), the weighted least-squares scale and min (min clamped to <= 0, then scale = sum_wlx / sum_wl2), and the
+    candidate replaces the best only when D > 0 and its error is strictly smaller. All sums run sequentially in
+    element order; nothing is fused.
+    """
+    n = x.shape[0]
+    x0 = x[0]
+    mn = x0.clone()
+    mx = x0.clone()
+    sum_w = w[0].clone()
+    sum_x = sum_w * x0
+    for i in range(1, n):
+        xi = x[i]
+        mn = torch.where(xi < mn, xi, mn)
+        mx = torch.where(xi > mx, xi, mx)
+        sum_w.add_(w[i])
+        sum_x.add_(w[i] * xi)
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    flat = mx == mn
+    span = mx - mn
+    iscale = _fdiv(float(nmax), span)
+    scale = _fdiv(1.0, iscale)
+    best_l = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
+    best_error = _weighted_error(w, x, best_l.float(), scale, mn, use_mad)
+    cur_min = mn
+    f32 = np.float32
+    for step in range(nstep + 1):
+        factor = float((f32(rmin) + f32(rdelta) * f32(step)) + f32(nmax))
+        iscale = _fdiv(factor, mx - cur_min)
+        laux = nearest_int(iscale * (x - cur_min)).clamp_(0, nmax)
+        lf = laux.float()
+        wl = w * lf
+        sum_l = _seq_sum(wl)
+        sum_l2 = _seq_sum(wl * lf)
+        sum_xl = _seq_sum(wl * x)
+        big_d = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / big_d
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / big_d
+        clamp_min = this_min > 0
+        this_min = torch.where(clamp_min, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(clamp_min, sum_xl / sum_l2, this_scale)
+        cur_error = _weighted_error(w, x, lf, this_scale, this_min, use_mad)
+        better = (big_d > 0) & (cur_error < best_error)
+        best_l = torch.where(better, laux, best_l)
+        best_error = torch.where(better, cur_error, best_error)
+        scale = torch.where(better, this_scale, scale)
+        cur_min = torch.where(better, this_min, cur_min)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    the_min = torch.where(flat, -mn, -cur_min)
+    best_l = torch.where(flat, torch.zeros_like(best_l), best_l)
+    return scale, the_min, best_l
+
+
+def pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """6-bit scales and mins (..., 8) in [0, 63] -> the 12-byte field of Q4_K and Q5_K (get_scale_min_k4's layout).
+
+    Bytes 0-3: scale j (j < 4) with the top 2 bits of scale j+4 in bits 6-7; bytes 4-7: the same for the mins;
+    bytes 8-11: low nibble of scale j+4 | low nibble of min j+4 << 4.
+    """
+    ls = ls.to(torch.int32)
+    lm = lm.to(torch.int32)
+    lo_s, hi_s = ls[..., :4], ls[..., 4:]
+    lo_m, hi_m = lm[..., :4], lm[..., 4:]
+    first = lo_s | ((hi_s >> 4) << 6)
+    second = lo_m | ((hi_m >> 4) << 6)
+    third = (hi_s & 0xF) | ((hi_m & 0xF) << 4)
+    return torch.cat([first, second, third], dim=-1).to(torch.uint8)
+
+
+def unpack_scale_min_k4(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12-byte field (..., 12) -> (scales, mins), each (..., 8) int32 in [0, 63], as get_scale_min_k4 reads it."""
+    q = raw.to(torch.int32)
+    sc_lo = q[..., 0:4] & 63
+    m_lo = q[..., 4:8] & 63
+    sc_hi = (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)
+    m_hi = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    return torch.cat([sc_lo, sc_hi], dim=-1), torch.cat([m_lo, m_hi], dim=-1)
+
+
+def pack_q5_high_bits(codes: torch.Tensor) -> torch.Tensor:
+    """Q5_K's qh plane: codes (..., 256) in [0, 31] -> (..., 32) bytes; bit k of byte j is bit 4 of code 32*k + j."""
+    high = ((codes.to(torch.int32) >> 4) & 1).reshape(*codes.shape[:-1], 8, 32)
+    shifts = torch.arange(8, dtype=torch.int32).view(8, 1)
+    return (high << shifts).sum(dim=-2).to(torch.uint8)
+
+
+def _unpack_q5_high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """(..., 32) bytes -> (..., 256) high bits in {0, 1}."""
+    shifts = torch.arange(8, dtype=torch.int32).view(8, 1)
+    bits = (qh.to(torch.int32).unsqueeze(-2) >> shifts) & 1
+    return bits.reshape(*qh.shape[:-1], QK_K)
+
+
+def _pack_crumbs(codes: torch.Tensor) -> torch.Tensor:
+    """Q2_K's qs: codes (..., 256) in [0, 3] -> (..., 64); in each half of 128, byte l = sum_k code[32k + l] << 2k."""
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], 2, 4, 32)
+    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)
+    return (c << shifts).sum(dim=-2).reshape(*codes.shape[:-1], 64).to(torch.uint8)
+
+
+def _unpack_crumbs(qs: torch.Tensor) -> torch.Tensor:
+    q = qs.to(torch.int32).reshape(*qs.shape[:-1], 2, 1, 32)
+    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)
+    return ((q >> shifts) & 3).reshape(*qs.shape[:-1], QK_K)
+
+
+def _pack_nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """Q4_K / Q5_K qs: low 4 bits of codes (..., 256) -> (..., 128); per 64, byte l = code[l] | code[l + 32] << 4."""
+    c = codes.reshape(*codes.shape[:-1], 4, 2, 32)
+    return pack_nibbles(c[..., 0, :], c[..., 1, :]).reshape(*codes.shape[:-1], 128)
+
+
+def _unpack_nibble_pairs(qs: torch.Tensor) -> torch.Tensor:
+    q = qs.to(torch.int32).reshape(*qs.shape[:-1], 4, 1, 32)
+    return torch.cat([q & 0xF, q >> 4], dim=-2).reshape(*qs.shape[:-1], QK_K)
+
+
+def _running_max(v: torch.Tensor) -> torch.Tensor:
+    """max over the last axis as C's `if (v > m) m = v` from m = 0: NaN never wins, the result is >= +0."""
+    m = torch.zeros_like(v[..., 0])
+    for j in range(v.shape[-1]):
+        m = torch.where(v[..., j] > m, v[..., j], m)
+    return m
+
+
+class GgufKQuantAffine(GgufFormat):
+    """Q2_K / Q4_K / Q5_K: per 256 weights, half-precision d and dmin, quantized sub-block scales and mins, codes.
+
+    Code space: q in [0, nmax] (3, 15 or 31), value d * q - dm with d = fp16(d) * sc and dm = fp16(dmin) * m per
+    sub-block, ascending in q. Encoding scales (per row and super-block; per sub-block for the last four):
+    d, dmin (float16), scale_bytes (the packed scale field), sub_scale, sub_min (the integer sc and m), and
+    sub_d, sub_dm (float32 d and dm, exactly as the quantizer and ggml's dequantizer compute them).
+    """
+
+    family = "gguf-kquant"
+    block_size = QK_K
+
+    def __init__(self, name: str, spec: KQuantAffineSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self.ggml_type = spec.ggml_type
+        self.bits = spec.bits
+        self.type_size = spec.type_size
+        self.description = (
+            f"GGUF {name.upper()}: 256-weight super-blocks of {spec.n_sub} x {spec.sub_block}, "
+            f"{spec.bits}-bit codes with {4 if spec.scale_levels == 15 else 6}-bit sub-block scales and mins"
+        )
+
+    # ---------------------------------------------------------------- encode
+
+    def _encode(self, x: torch.Tensor) -> Encoding:
+        ne0 = x.shape[-1]
+        x2 = x.reshape(-1, ne0)
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // ne0)
+        parts = [self._encode_rows(x2[r : r + rows_per_chunk]) for r in range(0, x2.shape[0], rows_per_chunk)]
+        cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        shape = x.shape
+        cells = integer_grid_cells(cat.pop("u").view(shape), cat.pop("nearest").view(shape), 0, self.spec.nmax)
+        return Encoding(self.name, shape, cells, cat)
+
+    def _encode_rows(self, x2: torch.Tensor) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        rows, ne0 = x2.shape
+        nb = ne0 // QK_K
+        n = spec.sub_block
+        xs = x2.reshape(rows, nb, spec.n_sub, n)
+        xt = xs.reshape(-1, n).t().contiguous()  # (n, S): element i of every sub-block is contiguous
+        if spec.rms_weights:
+            sum_x2 = _seq_sum(xt * xt)
+            av_x = torch.sqrt(sum_x2 / torch.full_like(sum_x2, float(n)))
+            wt = av_x + xt.abs()
+        else:
+            wt = xt.abs()
+        scales, mins, lt = make_qkx2_quants(xt, wt, spec.nmax, spec.rmin, _RDELTA, spec.nstep, spec.use_mad)
+        scales = scales.view(rows, nb, spec.n_sub)
+        mins = mins.view(rows, nb, spec.n_sub)
+        search_codes = lt.t().reshape(rows, nb, spec.n_sub, n)
+
+        max_scale = _running_max(scales)
+        max_min = _running_max(mins)
+        levels = float(spec.scale_levels)
+        if spec.scale_levels == 63:
+            inv_scale = torch.where(max_scale > 0, _fdiv(levels, max_scale), torch.zeros_like(max_scale))
+            inv_min = torch.where(max_min > 0, _fdiv(levels, max_min), torch.zeros_like(max_min))
+            # uint8_t ls = nearest_int(...): the int wraps modulo 256 before MIN(63, ls)
+            ls = (nearest_int(inv_scale.unsqueeze(-1) * scales) & 0xFF).clamp_(max=63)
+            lm = (nearest_int(inv_min.unsqueeze(-1) * mins) & 0xFF).clamp_(max=63)
+            scale_bytes = pack_scale_min_k4(ls, lm)
+            d = (max_scale / torch.full_like(max_scale, levels)).half()
+            dmin = (max_min / torch.full_like(max_min, levels)).half()
+        else:
+            has_scale = max_scale > 0
+            has_min = max_min > 0
+            ls = nearest_int(_fdiv(levels, max_scale).unsqueeze(-1) * scales) & 0xFF
+            byte = torch.where(has_scale.unsqueeze(-1), ls, torch.zeros_like(ls))
+            lm = nearest_int(_fdiv(levels, max_min).unsqueeze(-1) * mins)
+            byte = torch.where(has_min.unsqueeze(-1), byte | ((lm << 4) & 0xFF), byte)
+            scale_bytes = byte.to(torch.uint8)
+            zero = torch.zeros_like(max_scale)
+            d = torch.where(has_scale, max_scale / torch.full_like(max_scale, levels), zero).half()
+            dmin = torch.where(has_min, max_min / torch.full_like(max_min, levels), zero).half()
+            ls, lm = byte & 0xF, byte >> 4
+        sub_d = d.float().unsqueeze(-1) * ls.float()
+        sub_dm = dmin.float().unsqueeze(-1) * lm.float()
+
+        u = (xs + sub_dm.unsqueeze(-1)) / sub_d.unsqueeze(-1)
+        nearest = nearest_int(u).clamp_(0, spec.nmax)
+        skipped = (sub_d == 0).unsqueeze(-1)  # C: `if (!d) continue;` keeps the search's codes (NaN d is not skipped)
+        nearest = torch.where(skipped, search_codes, nearest)
+        # Where nearest_int's trick does not hold, or the grid is degenerate, the cell collapses onto the code C wrote.
+        degenerate = skipped | ~(u.abs() <= _NEAREST_INT_LIMIT)
+        u = torch.where(degenerate, nearest.float(), u)
+        return {
+            "u": u.reshape(rows, ne0),
+            "nearest": nearest.reshape(rows, ne0),
+            "d": d,
+            "dmin": dmin,
+            "scale_bytes": scale_bytes,
+            "sub_scale": ls.to(torch.uint8),
+            "sub_min": lm.to(torch.uint8),
+            "sub_d": sub_d,
+            "sub_dm": sub_dm,
+        }
+
+    # ---------------------------------------------------------------- pack / dequantize
+
+    def _pack(self, enc: Encoding, codes: torch.Tensor) -> QuantizedTensor:
+        nmax = self.spec.nmax
+        if bool((codes < 0).any()) or bool((codes > nmax).any()):
+            raise UnsupportedInputError(f"{self.name} codes must lie in [0, {nmax}]")
+        ne0 = enc.shape[-1]
+        c = codes.reshape(-1, ne0 // QK_K, QK_K)
+        d = fp16_field(enc.scales["d"].unsqueeze(-1))
+        dmin = fp16_field(enc.scales["dmin"].unsqueeze(-1))
+        scale_bytes = enc.scales["scale_bytes"]
+        if self.bits == 2:
+            fields = [scale_bytes, _pack_crumbs(c), d, dmin]
+        elif self.bits == 4:
+            fields = [d, dmin, scale_bytes, _pack_nibble_pairs(c)]
+        else:
+            fields = [d, dmin, scale_bytes, pack_q5_high_bits(c), _pack_nibble_pairs(c & 0xF)]
+        return self.container(enc, fields)
+
+    def _read(self, q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes (rows, nb, 256) int32, sub_d and sub_dm (rows, nb, n_sub) float32) of a packed tensor."""
+        blocks = self.blocks_of(q)
+        if self.bits == 2:
+            scale_bytes, qs, d, dmin = split_fields(blocks, [16, 64, 2, 2])
+            sb = scale_bytes.to(torch.int32)
+            sc, m = sb & 0xF, sb >> 4
+            codes = _unpack_crumbs(qs)
+        else:
+            sizes = [2, 2, 12, 128] if self.bits == 4 else [2, 2, 12, 32, 128]
+            d, dmin, scale_bytes, *planes = split_fields(blocks, sizes)
+            sc, m = unpack_scale_min_k4(scale_bytes)
+            codes = _unpack_nibble_pairs(planes[-1])
+            if self.bits == 5:
+                codes = codes + 16 * _unpack_q5_high_bits(planes[0])
+        sub_d = read_fp16_field(d) * sc.float()
+        sub_dm = read_fp16_field(dmin) * m.float()
+        return codes, sub_d, sub_dm
+
+    def _values(self, codes: torch.Tensor, sub_d: torch.Tensor, sub_dm: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """dequantize_row_*: y = dl * q - ml, the product and the difference each rounded once."""
+        rows, nb, n_sub = sub_d.shape
+        c = codes.reshape(rows, nb, n_sub, self.spec.sub_block).float()
+        return (sub_d.unsqueeze(-1) * c - sub_dm.unsqueeze(-1)).reshape(shape)
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        codes, sub_d, sub_dm = self._read(q)
+        return self._values(codes, sub_d, sub_dm, q.shape)
+
+    def code_values(self, enc: Encoding, codes: torch.Tensor) -> torch.Tensor:
+        return self._values(codes.to(torch.int32), enc.scales["sub_d"], enc.scales["sub_dm"], enc.shape)
+
+
+Q2_K = register_format(
+    GgufKQuantAffine(
+        "q2_k",
+        KQuantAffineSpec(
+            ggml_type=10,
+            bits=2,
+            type_size=84,
+            sub_block=16,
+            rmin=-0.5,
+            nstep=15,
+            use_mad=True,
+            rms_weights=False,
+            scale_levels=15,
+        ),
+    )
+)
+Q4_K = register_format(
+    GgufKQuantAffine(
+        "q4_k",
+        KQuantAffineSpec(
+            ggml_type=12,
+            bits=4,
+            type_size=144,
+            sub_block=32,
+            rmin=-1.0,
+            nstep=20,
+            use_mad=False,
+            rms_weights=True,
+            scale_levels=63,
+        ),
+    )
+)
+Q5_K = register_format(
+    GgufKQuantAffine(
+        "q5_k",
+        KQuantAffineSpec(
+            ggml_type=13,
+            bits=5,
+            type_size=176,
+            sub_block=32,
+            rmin=-0.5,
+            nstep=15,
+            use_mad=False,
+            rms_weights=True,
+            scale_levels=63,
+        ),
+    )
+)
