@@ -10,9 +10,14 @@ setup(
     packages=[
         "qcbguard_kernels",
         "qcbguard_kernels.formats",
+        "qcbguard_kernels.hardening",
         "vllm_qcbguard",
         "gguf_tools",
         "qcbguard",
     ],
-    package_dir={"qcbguard_kernels": "kernels", "qcbguard_kernels.formats": "kernels/formats"},
+    package_dir={
+        "qcbguard_kernels": "kernels",
+        "qcbguard_kernels.formats": "kernels/formats",
+        "qcbguard_kernels.hardening": "kernels/hardening",
+    },
 )

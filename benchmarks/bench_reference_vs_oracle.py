@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests/ oracles beside us
 
-from qcbguard_kernels import format_names, get_format  # noqa: E402
-from tests.oracles import oracle_for  # noqa: E402
+from qcbguard_kernels import format_names, get_format
+from tests.oracles import oracle_for
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -48,7 +48,7 @@ def main() -> int:
         f"# {args.rows}x{args.cols} float32 weight, median of {args.repeats}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )
-    print(f"| format | oracle | ours Melem/s | oracle Melem/s | ours/oracle |")
+    print("| format | oracle | ours Melem/s | oracle Melem/s | ours/oracle |")
     print("|---|---|---:|---:|---:|")
     for name in args.formats or format_names():
         fmt = get_format(name)

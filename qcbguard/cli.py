@@ -1,7 +1,7 @@
 """`qcbguard`: the command line.
 
-    qcbguard demo      build the embedded tiny model and show, per format, how its weights quantize
-    qcbguard formats   list the supported formats
+qcbguard demo      build the embedded tiny model and show, per format, how its weights quantize
+qcbguard formats   list the supported formats
 """
 
 from __future__ import annotations

@@ -1,0 +1,18 @@
+"""Hardening: unbiased stochastic rounding over each weight's rounding cell, keyed by a secret per-deployment seed."""
+
+from __future__ import annotations
+
+from .harden import TensorReport, harden_tensor, stochastic_codes
+from .rng import philox4x32, tensor_key, uniform24
+from .seed import DeploymentSeed, SeedFileError
+
+__all__ = [
+    "DeploymentSeed",
+    "SeedFileError",
+    "TensorReport",
+    "harden_tensor",
+    "philox4x32",
+    "stochastic_codes",
+    "tensor_key",
+    "uniform24",
+]

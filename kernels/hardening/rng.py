@@ -1,0 +1,63 @@
+"""Counter-based randomness for hardening: Philox-4x32-10, bit-identical with Triton's tl.philox.
+
+Every random draw is a pure function of (key, counter): the key comes from the deployment's secret seed and the tensor's
+name, the counter from the element's global coordinates. The stream therefore does not depend on chunking, device,
+thread count or how a tensor is sharded, and the Triton kernels draw the very same bits in registers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import torch
+
+__all__ = ["PHILOX_ROUNDS", "philox4x32", "tensor_key", "uniform24"]
+
+PHILOX_ROUNDS = 10
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product a * b, for uint32 values held in int64 (16-bit limbs: no overflow)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    lo_lo = a_lo * b_lo
+    mid = a_hi * b_lo + a_lo * b_hi + (lo_lo >> 16)  # < 2**34
+    lo = ((mid & 0xFFFF) << 16) | (lo_lo & 0xFFFF)
+    hi = a_hi * b_hi + (mid >> 16)
+    return hi & _MASK32, lo & _MASK32
+
+
+def philox4x32(
+    key: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, rounds: int = PHILOX_ROUNDS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox-4x32 with a 64-bit key, as triton.language.philox(key, c0, c1, c2, c3) computes it.
+
+    Counters are uint32 values in int64 tensors (any shape, broadcast together); returns four int64 tensors of uint32.
+    """
+    k0, k1 = key & _MASK32, (key >> 32) & _MASK32
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(c.to(torch.int64) & _MASK32 for c in (c0, c1, c2, c3)))
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uniform24(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 draws -> float32 uniforms on the 2**-24 grid of [0, 1), exactly representable (no rounding)."""
+    return (bits >> 8).to(torch.float32) * (2.0**-24)
+
+
+def tensor_key(seed: bytes, tensor_name: str) -> int:
+    """The 64-bit Philox key of one tensor: HMAC-SHA256(seed, name), so keys of different tensors are independent and
+    reveal nothing about the seed."""
+    digest = hmac.new(seed, tensor_name.encode("utf-8"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little")
