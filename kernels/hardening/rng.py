@@ -23,7 +23,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of the 64-bit product a * b, for uint32 values held in int64 (16-bit limbs: no overflow)."""
+    """(hi, lo) 32-bit halves of the 64-bit product a * b, for uint32 values in int64 (16-bit limbs: no overflow)."""
     a_hi, a_lo = a >> 16, a & 0xFFFF
     b_hi, b_lo = b >> 16, b & 0xFFFF
     lo_lo = a_lo * b_lo
