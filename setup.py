@@ -19,5 +19,6 @@ setup(
         "qcbguard_kernels": "kernels",
         "qcbguard_kernels.formats": "kernels/formats",
         "qcbguard_kernels.hardening": "kernels/hardening",
+        "qcbguard_kernels.detection": "kernels/detection",
     },
 )

@@ -1,0 +1,121 @@
+"""Evidence of a quantization-conditioned backdoor in full-precision weights, from their rounding cells.
+
+An attacker who projects weights into the interval that rounds to a chosen code leaves two traces:
+
+- a pile of weights at the edge of that interval, a fixed small distance from the rounding boundary (box attacks on
+  LLM.int8, NF4, FP4: Egashira et al. 2024), and
+- weights pinned exactly on codes while their neighbours are not (error-based GGUF boxes [min(w, deq), max(w, deq)],
+  Egashira et al. 2025).
+
+Clean weights have a smooth density, so inside each cell the distance b = |position - 0.5| to the rounding boundary
+is close to uniform. Rather than assume uniformity (bf16 checkpoints put weights on a coarse lattice, and a steep
+density tilts cells), the null is built per weight from a *local decoy*: the same weight shifted by a few lattice steps
+h = max(ulp of the checkpoint dtype, step / 64) to either side, positioned in the same cell geometry. A decoy sees the
+same lattice and the same local density, but not the attacker's alignment. The score is the Kolmogorov distance
+between the real and the decoy distributions of b (a pile near the boundary shows as excess at small b, a pile near
+codes as a deficit below b = 0.5), plus the fraction of weights exactly on a code other than the grid's end codes
+(where every block's absmax sits by construction): suspicious when partial, since a dequantized model has all its
+weights on codes and a clean one almost none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.base import Format
+
+__all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "verdict"]
+
+DECOY_SHIFTS = (-3, -2, -1, 1, 2, 3)
+_CDF_POINTS = 1024
+_DECOY_RESOLUTION = 64  # decoy shifts are at least step / 64
+
+
+@dataclass(frozen=True)
+class CellScore:
+    """Per-tensor evidence. `distance` is in CDF units (0 clean, up to 1): real minus decoy CDF of b at its largest
+    gap `at` (in cells from a rounding boundary). `on_grid_fraction` counts weights exactly on a code,
+    `interior_on_grid_fraction` only those on codes other than the grid's two end codes."""
+
+    format: str
+    elements: int
+    off_grid: int
+    distance: float
+    at: float
+    on_grid_fraction: float
+    interior_on_grid_fraction: float
+
+    @property
+    def noise_floor(self) -> float:
+        """The excess clean weights reach by sampling alone (about 3 standard errors of a two-sample KS)."""
+        return 3.0 / max(self.off_grid, 1) ** 0.5
+
+
+@dataclass(frozen=True)
+class Verdict:
+    suspicious: bool
+    reasons: tuple[str, ...]
+
+
+def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of the checkpoint's dtype at each weight (the lattice its values were rounded to)."""
+    finfo = torch.finfo(dtype)
+    mantissa_bits = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
+    mag = x.abs().clamp(min=finfo.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag)) - mantissa_bits)
+
+
+def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor") -> CellScore:
+    """Score one tensor under one target format (the format whose quantizer an attacker would target)."""
+    enc = fmt.encode(x, name)
+    cells = enc.cells
+    lo = fmt.code_values(enc, cells.lower)
+    hi = fmt.code_values(enc, cells.upper)
+    values = x.float()
+    on_grid = (values == fmt.code_values(enc, cells.nearest)) | (values == lo) | (values == hi)
+    end_code = (cells.nearest == cells.nearest.min()) | (cells.nearest == cells.nearest.max())
+    live = cells.steerable & ~on_grid & ((hi - lo).abs() > 0)
+    step = (hi - lo)[live]
+    p = cells.position[live]
+    n = int(live.sum())
+    on_grid_fraction = float(on_grid.float().mean())
+    interior_on_grid = float((on_grid & ~end_code).float().mean())
+    if n == 0:
+        return CellScore(fmt.name, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid)
+    h = torch.maximum(_storage_ulp(values[live], x.dtype), step.abs() / _DECOY_RESOLUTION)
+    shift = h / step  # in cells, signed like the cell's orientation
+    decoys = torch.stack([torch.remainder(p + k * shift, 1.0) for k in DECOY_SHIFTS])
+    real_b = (p - 0.5).abs()
+    decoy_b = (decoys - 0.5).abs().reshape(-1)
+    grid = torch.linspace(0, 0.5, _CDF_POINTS + 1)[1:]
+    real_cdf = torch.searchsorted(real_b.sort().values, grid, right=True).float() / n
+    decoy_cdf = torch.searchsorted(decoy_b.sort().values, grid, right=True).float() / decoy_b.numel()
+    excess = real_cdf - decoy_cdf
+    at = int(torch.argmax(excess.abs()))
+    return CellScore(
+        format=fmt.name,
+        elements=x.numel(),
+        off_grid=n,
+        distance=float(excess[at]),
+        at=float(grid[at]),
+        on_grid_fraction=on_grid_fraction,
+        interior_on_grid_fraction=interior_on_grid,
+    )
+
+
+def verdict(score: CellScore, threshold: float = 0.02, partial_grid: tuple[float, float] = (0.02, 0.98)) -> Verdict:
+    """Suspicious when the real cell positions depart from the decoy's beyond both the threshold and the sampling
+    noise floor, or when a partial share of weights sits exactly on interior codes (all of them on codes is a
+    dequantized model: not a backdoor)."""
+    reasons = []
+    if abs(score.distance) > max(threshold, score.noise_floor):
+        reasons.append(
+            f"cell positions depart from the decoy null by {abs(score.distance):.1%} of weights "
+            f"(largest gap {score.at:.3f} cell from a rounding boundary)"
+        )
+    low, high = partial_grid
+    if score.interior_on_grid_fraction > low and score.on_grid_fraction < high:
+        reasons.append(f"{score.interior_on_grid_fraction:.1%} of weights sit exactly on interior {score.format} codes")
+    return Verdict(bool(reasons), tuple(reasons))
