@@ -1,24 +1,17 @@
 """qcbguard: hardening quantized LLM serving against quantization-conditioned backdoors.
 
 The source folder `kernels/` is installed as the import package `qcbguard_kernels`: PyPI's `kernels` (Hugging Face's
-hub kernels, imported by transformers) owns the name `kernels`, and neither package may shadow the other.
+hub kernels, imported by transformers and bitsandbytes) owns the name `kernels`, and neither package may shadow the
+other.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+KERNEL_PACKAGES = find_packages(include=["kernels", "kernels.*"])
+INSTALLED_AS = {p: "qcbguard_kernels" + p[len("kernels") :] for p in KERNEL_PACKAGES}
+ADAPTERS = find_packages(include=["vllm_qcbguard*", "gguf_tools*", "qcbguard", "qcbguard.*"])
 
 setup(
-    packages=[
-        "qcbguard_kernels",
-        "qcbguard_kernels.formats",
-        "qcbguard_kernels.hardening",
-        "vllm_qcbguard",
-        "gguf_tools",
-        "qcbguard",
-    ],
-    package_dir={
-        "qcbguard_kernels": "kernels",
-        "qcbguard_kernels.formats": "kernels/formats",
-        "qcbguard_kernels.hardening": "kernels/hardening",
-        "qcbguard_kernels.detection": "kernels/detection",
-    },
+    packages=[*INSTALLED_AS.values(), *ADAPTERS],
+    package_dir={installed: source.replace(".", "/") for source, installed in INSTALLED_AS.items()},
 )
