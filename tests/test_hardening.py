@@ -8,8 +8,16 @@ import pickle
 import pytest
 import torch
 
-from qcbguard_kernels import get_format
-from qcbguard_kernels.hardening import DeploymentSeed, SeedFileError, harden_tensor, philox4x32, stochastic_codes
+from qcbguard_kernels import QcbguardError, get_format
+from qcbguard_kernels.hardening import (
+    DeploymentSeed,
+    HardeningConfig,
+    SeedFileError,
+    SuspiciousTensorError,
+    harden_tensor,
+    philox4x32,
+    stochastic_codes,
+)
 
 ROW_LOCAL_FORMATS = ["q4_k", "q8_0", "q4_0", "bnb_int8"]  # scales depend only on a row: row shards agree
 
@@ -121,3 +129,32 @@ def test_seed_never_shows_in_repr_str_or_pickle():
         assert secret.hex() not in text and seed.fingerprint in text
     with pytest.raises(TypeError, match="not serializable"):
         pickle.dumps(seed)
+
+
+def test_detect_only_packs_round_to_nearest_and_reports():
+    fmt, x = get_format("nf4"), _weight()
+    packed, report = harden_tensor(x, fmt, "w", DeploymentSeed.fresh(), HardeningConfig(mode="detect-only"))
+    assert torch.equal(packed.tensors["weight"], fmt.quantize(x).tensors["weight"])
+    assert report.codes_changed == 0 and report.mode == "detect-only"
+    assert not report.suspicious and report.detector_distance < 0.02
+
+
+def test_refuse_policy_stops_on_a_flagged_tensor():
+    fmt, x = get_format("q8_0"), _weight()
+    pinned = fmt.dequantize(fmt.quantize(x))
+    tampered = torch.where(torch.arange(x.numel()).reshape(x.shape) % 3 == 0, pinned, x)  # a third pinned on codes
+    refuse = HardeningConfig(on_suspicious="refuse")
+    with pytest.raises(SuspiciousTensorError, match=r"'blk\.0\.ffn_up\.weight' looks tampered for q8_0"):
+        harden_tensor(tampered, fmt, "blk.0.ffn_up.weight", DeploymentSeed.fresh(), refuse)
+    _, report = harden_tensor(tampered, fmt, "blk.0.ffn_up.weight", DeploymentSeed.fresh())
+    assert report.suspicious and report.reasons
+
+
+def test_config_refuses_unknown_keys_and_values():
+    assert HardeningConfig.from_dict({"mode": "detect-only"}).mode == "detect-only"
+    with pytest.raises(QcbguardError, match="unknown qcbguard setting.*sed_file"):
+        HardeningConfig.from_dict({"sed_file": "/x"})
+    with pytest.raises(QcbguardError, match="unknown hardening mode 'off'"):
+        HardeningConfig(mode="off")
+    with pytest.raises(QcbguardError, match="on_suspicious"):
+        HardeningConfig(on_suspicious="ignore")

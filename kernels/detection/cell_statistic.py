@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.base import Format
+from ..formats.base import Encoding, Format
 
 __all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "verdict"]
 
@@ -67,9 +67,11 @@ def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(mag)) - mantissa_bits)
 
 
-def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor") -> CellScore:
-    """Score one tensor under one target format (the format whose quantizer an attacker would target)."""
-    enc = fmt.encode(x, name)
+def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding | None = None) -> CellScore:
+    """Score one tensor under one target format (the format whose quantizer an attacker would target).
+
+    `enc` is fmt.encode(x) when the caller already has it (hardening does)."""
+    enc = enc if enc is not None else fmt.encode(x, name)
     cells = enc.cells
     lo = fmt.code_values(enc, cells.lower)
     hi = fmt.code_values(enc, cells.upper)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from .harden import TensorReport, harden_tensor, stochastic_codes
+from .config import ALGORITHM_VERSION, HardeningConfig
+from .harden import SuspiciousTensorError, TensorReport, harden_tensor, stochastic_codes
 from .rng import philox4x32, tensor_key, uniform24
 from .seed import DeploymentSeed, SeedFileError
 
 __all__ = [
+    "ALGORITHM_VERSION",
     "DeploymentSeed",
+    "HardeningConfig",
     "SeedFileError",
+    "SuspiciousTensorError",
     "TensorReport",
     "harden_tensor",
     "philox4x32",

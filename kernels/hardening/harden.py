@@ -14,11 +14,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..detection import cell_score, verdict
+from ..errors import QcbguardError
 from ..formats.base import Encoding, Format, QuantizedTensor
+from .config import HardeningConfig
 from .rng import philox4x32, uniform24
 from .seed import DeploymentSeed
 
-__all__ = ["TensorReport", "harden_tensor", "stochastic_codes"]
+__all__ = ["SuspiciousTensorError", "TensorReport", "harden_tensor", "stochastic_codes"]
+
+
+class SuspiciousTensorError(QcbguardError):
+    """The detector flagged a tensor and the policy is to refuse."""
 
 
 @dataclass(frozen=True)
@@ -27,11 +34,16 @@ class TensorReport:
 
     name: str
     format: str
+    mode: str
     elements: int
     steerable: int
     codes_changed: int
     mean_change_steps: float
     max_change_steps: int
+    detector_distance: float
+    on_grid_fraction: float
+    suspicious: bool
+    reasons: tuple[str, ...]
     seconds: float
 
     def as_dict(self) -> dict[str, object]:
@@ -68,28 +80,43 @@ def harden_tensor(
     fmt: Format,
     name: str,
     seed: DeploymentSeed,
+    config: HardeningConfig | None = None,
     *,
     row_offset: int = 0,
     col_offset: int = 0,
 ) -> tuple[QuantizedTensor, TensorReport]:
-    """Quantize x in `fmt` with hardened rounding; returns the packed tensor and what changed vs round-to-nearest.
+    """Quantize x in `fmt` as the config says; returns the packed tensor and what changed vs round-to-nearest.
 
     `name` keys the randomness (use the tensor's name in the checkpoint); `row_offset`/`col_offset` place a shard in
     the full tensor, so that every tensor-parallel rank draws what a single rank would for the same element.
+    The detector runs first: under on_suspicious="refuse" a flagged tensor raises SuspiciousTensorError.
     """
+    config = config or HardeningConfig()
     start = time.perf_counter()
     enc = fmt.encode(x, name)
-    codes = stochastic_codes(enc, seed.key_for(name), row_offset, col_offset)
+    score = cell_score(x, fmt, name, enc)
+    judged = verdict(score, threshold=config.detector_threshold)
+    if judged.suspicious and config.on_suspicious == "refuse":
+        raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
+    if config.mode == "harden":
+        codes = stochastic_codes(enc, seed.key_for(name), row_offset, col_offset)
+    else:
+        codes = enc.cells.nearest
     packed = fmt.pack(enc, codes)
     change = (codes - enc.cells.nearest).abs()
     report = TensorReport(
         name=name,
         format=fmt.name,
+        mode=config.mode,
         elements=x.numel(),
         steerable=int(enc.cells.steerable.sum()),
         codes_changed=int((change != 0).sum()),
         mean_change_steps=float(change.float().mean()),
         max_change_steps=int(change.max()),
+        detector_distance=score.distance,
+        on_grid_fraction=score.on_grid_fraction,
+        suspicious=judged.suspicious,
+        reasons=judged.reasons,
         seconds=time.perf_counter() - start,
     )
     return packed, report
