@@ -152,7 +152,7 @@ def test_refuse_policy_stops_on_a_flagged_tensor():
 
 def test_config_refuses_unknown_keys_and_values():
     assert HardeningConfig.from_dict({"mode": "detect-only"}).mode == "detect-only"
-    with pytest.raises(QcbguardError, match="unknown qcbguard setting.*sed_file"):
+    with pytest.raises(QcbguardError, match=r"unknown qcbguard setting.*sed_file"):
         HardeningConfig.from_dict({"sed_file": "/x"})
     with pytest.raises(QcbguardError, match="unknown hardening mode 'off'"):
         HardeningConfig(mode="off")

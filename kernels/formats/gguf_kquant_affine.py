@@ -34,12 +34,12 @@ from .gguf_common import QK_K, GgufFormat, fp16_field, pack_nibbles, read_fp16_f
 from .registry import register_format
 
 __all__ = [
-    "KQuantAffineSpec",
     "GgufKQuantAffine",
+    "KQuantAffineSpec",
     "make_qkx2_quants",
+    "pack_q5_high_bits",
     "pack_scale_min_k4",
     "unpack_scale_min_k4",
-    "pack_q5_high_bits",
 ]
 
 _RDELTA = 0.1  # every caller of make_qkx2_quants steps by 0.1f
@@ -137,10 +137,11 @@ def make_qkx2_quants(
         iscale = _fdiv(factor, mx - cur_min)
         laux = nearest_int(iscale * (x - cur_min)).clamp_(0, nmax)
         lf = laux.float()
-        wl = w * lf
-        sum_l = _seq_sum(wl)
-        sum_l2 = _seq_sum(wl * lf)
-        sum_xl = _seq_sum(wl * x)
+        terms = torch.empty((n, 3, *x.shape[1:]), dtype=torch.float32)  # (w*l, w*l*l, w*l*x), summed in one pass
+        wl = torch.mul(w, lf, out=terms[:, 0])
+        torch.mul(wl, lf, out=terms[:, 1])
+        torch.mul(wl, x, out=terms[:, 2])
+        sum_l, sum_l2, sum_xl = _seq_sum(terms)
         big_d = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / big_d
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / big_d

@@ -111,7 +111,7 @@ def harden_tensor(
         elements=x.numel(),
         steerable=int(enc.cells.steerable.sum()),
         codes_changed=int((change != 0).sum()),
-        mean_change_steps=float(change.float().mean()),
+        mean_change_steps=float(change.double().mean()),
         max_change_steps=int(change.max()),
         detector_distance=score.distance,
         on_grid_fraction=score.on_grid_fraction,
