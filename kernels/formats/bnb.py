@@ -19,6 +19,7 @@ import functools
 import torch
 
 from ..errors import UnsupportedInputError
+from ..numerics import div_rn
 from .base import Encoding, Format, QuantizedTensor
 from .cells import codebook_cells, integer_grid_cells
 from .registry import register_format
@@ -140,7 +141,7 @@ def quantize_dynamic_blockwise(a: torch.Tensor, blocksize: int = _DQ_BLOCK) -> t
     padded[:n] = a.reshape(-1)
     blocks = padded.view(nblocks, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    inv = 1.0 / absmax
+    inv = div_rn(1.0, absmax)  # C: 1.0f / absmax_block
     v = (blocks * inv.unsqueeze(1)).clamp(-1.0, 1.0)
     index = torch.trunc((v + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)
     codes = _dynamic_lut()[index.clamp(0, _LUT_SIZE - 1)]

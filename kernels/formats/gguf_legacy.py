@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..numerics import c_float_to_int8, c_roundf
+from ..numerics import c_float_to_int8, c_roundf, div_rn
 from .base import Encoding, QuantizedTensor
 from .cells import integer_grid_cells
 from .gguf_common import GgufFormat, fp16_field, pack_nibbles, read_fp16_field, split_fields
@@ -76,7 +76,7 @@ class GgufLegacy(GgufFormat):
         else:
             d = _first_signed_absmax(blocks) / float(-self.offset)
             shifted = blocks
-        inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+        inv = torch.where(d != 0, div_rn(1.0, torch.where(d != 0, d, 1.0)), 0.0)  # C: id = d ? 1.0f/d : 0.0f
         scaled = shifted * inv.unsqueeze(-1)
         if self.bits == 8:
             u = scaled
