@@ -43,6 +43,13 @@ def test_rounding_cells_bracket_the_weight(name):
         assert bool(((c.nearest == c.lower) | (c.nearest == c.upper)).all()), f"{name} {case}: nearest outside cell"
         assert bool(((c.position >= 0) & (c.position <= 1)).all()), f"{name} {case}: position outside [0, 1]"
         assert bool((c.position[width == 0] == 0).all())
+        if name == "nf4_dq":
+            # Double quantization stores each absmax with bnb's 8-bit dynamic map (relative error of several percent
+            # on small blocks), so its code values are not the grid the rounding was decided on. The decisions
+            # themselves must be NF4's, exactly; NF4's cells are checked against values below.
+            plain = get_format("nf4").encode(x, case).cells
+            assert all(torch.equal(a, b) for a, b in zip(c.__dict__.values(), plain.__dict__.values())), case
+            continue
         lo, hi = fmt.code_values(enc, c.lower), fmt.code_values(enc, c.upper)
         # Cells are computed with the float32 scale; code values use the stored one (fp16 in GGUF, e8m0 exact, ...):
         # allow a tenth of a step for the scale's storage rounding.

@@ -1,8 +1,8 @@
 """vLLM 0.33's online FP8 (float8_e4m3fn) weight quantizers: per-tensor, per-output-channel and 128x128 blocks.
 
-The rules were read from the vLLM 0.33.0 wheel (vllm/model_executor/layers/quantization/online/fp8.py, the scaled_fp8_quant
-CUDA kernels in csrc/libtorch_stable/quantization/w8a8/fp8/common.cu and vllm/utils/deep_gemm.py). Every step is float32;
-the weight (bf16, fp16 or fp32) converts to float32 exactly.
+The rules were read from the vLLM 0.33.0 wheel (vllm/model_executor/layers/quantization/online/fp8.py, the
+scaled_fp8_quant CUDA kernels in csrc/libtorch_stable/quantization/w8a8/fp8/common.cu and vllm/utils/deep_gemm.py).
+Every step is float32; the weight (bf16, fp16 or fp32) converts to float32 exactly.
 
 - ``fp8_per_tensor`` (``--quantization fp8_per_tensor``; the old ``fp8`` online mode is gone in 0.33):
   ``amax = max(|min|, |max|)``, ``scale = amax / 448`` (an IEEE division: the divisor is a 0-d device tensor, not a
