@@ -48,7 +48,7 @@ def test_rounding_cells_bracket_the_weight(name):
             # on small blocks), so its code values are not the grid the rounding was decided on. The decisions
             # themselves must be NF4's, exactly; NF4's cells are checked against values below.
             plain = get_format("nf4").encode(x, case).cells
-            assert all(torch.equal(a, b) for a, b in zip(c.__dict__.values(), plain.__dict__.values())), case
+            assert all(torch.equal(a, b) for a, b in zip(vars(c).values(), vars(plain).values(), strict=True)), case
             continue
         lo, hi = fmt.code_values(enc, c.lower), fmt.code_values(enc, c.upper)
         # Cells are computed with the float32 scale; code values use the stored one (fp16 in GGUF, e8m0 exact, ...):
