@@ -26,6 +26,7 @@ from qcbguard_kernels.formats.int_weight_only import INT4_GROUP_SIZES, TinygemmG
 from qcbguard_kernels.formats.mx import e2m1_round_magnitude, e8m0_to_float
 from tests.inputs import fresh_seed, integer_tie_rows, standard_cases
 from tests.oracles.torchao_mx import e2m1_rne_codes, to_mx_bytes
+from tests.oracles.vllm_rules import vllm_fp8_cast_input, vllm_int8_rows
 
 quantize_api = pytest.importorskip("torchao.quantization")
 primitives = pytest.importorskip("torchao.quantization.quant_primitives")
@@ -157,32 +158,6 @@ def _check_values(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
 # ---- fp8 (oracle: torch's float8_e4m3fn cast of the values vLLM's rule feeds its kernel) ----
 
 
-def _vllm_fp8_cast_input(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 values vLLM 0.33 casts to e4m3, stored scale), restated from its source.
-
-    fp8_per_tensor: online/fp8.py Fp8PerTensorOnlineLinearMethod + static_scaled_fp8_quant (w8a8/fp8/common.cu):
-    scale = amax / 448 (0-d tensor divisor), x * (1.0f / scale), fmaxf(-448, fminf(., 448)) with fminf(NaN, y) = y.
-    fp8_per_channel: Fp8PtpcOnlineLinearMethod: _fp8_channel_scale (clamp_min(1 / (448 * 512))) and
-    _fp8_quant_per_channel (x / scale, clamp). fp8_per_block: utils/deep_gemm.py per_block_cast_to_fp8 compiled by
-    inductor for CUDA: amax.clamp(1e-4) * float32(1/448), x * (1 / sf).
-    """
-    x = x.float()
-    if name == "fp8_per_tensor":
-        scale = x.abs().amax().reshape(1) / torch.tensor(448.0)
-        u = x * (1.0 / scale)
-        return torch.where(torch.isnan(u), 448.0, u.clamp(-448, 448)), scale
-    if name == "fp8_per_channel":
-        scale = (x.abs().amax(dim=1, keepdim=True) / torch.tensor(448.0)).clamp_min(
-            torch.tensor(1.0) / torch.tensor(448.0 * 512)
-        )
-        return (x / scale).clamp(-448, 448), scale
-    n, k = x.shape
-    padded = torch.nn.functional.pad(x, (0, -k % 128, 0, -n % 128))
-    blocks = padded.view(padded.shape[0] // 128, 128, padded.shape[1] // 128, 128)
-    sf = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(1e-4) * torch.tensor(1 / 448.0)
-    return (blocks * (1.0 / sf)).view_as(padded)[:n, :k], sf.view(blocks.shape[0], blocks.shape[2])
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", FP8_FORMATS)
 def test_fp8_matches_torch_cast_of_vllm_rule(name, shape):
@@ -191,7 +166,7 @@ def test_fp8_matches_torch_cast_of_vllm_rule(name, shape):
     fmt = get_format(name)
     for case, x in _typed_cases(*shape):
         q = fmt.quantize(x, case)
-        r, scale = _vllm_fp8_cast_input(name, x)
+        r, scale = vllm_fp8_cast_input(name, x)
         _check(q.tensors["weight"], r.to(torch.float8_e4m3fn), shape[1], f"{name} {shape} {case} weight")
         _check(q.tensors["scale"], scale, scale.shape[-1], f"{name} {shape} {case} scale")
         expected = r.to(torch.float8_e4m3fn).float() * (scale if name != "fp8_per_block" else _expand(scale, shape))
@@ -343,15 +318,6 @@ def test_e2m1_kernel_rounding_is_rne_except_one_value():
 # ---- integer formats ----
 
 
-def _vllm_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM 0.33 Int8OnlineMoEMethod._quantize_weights on one expert, as torch computes it in the weight dtype:
-    scales = w.abs().amax(dim=1) / 127 (on CUDA a float32 tensor divided by a Python number is multiplied by
-    float32(1/127); bf16/fp16 round the same either way), q = w.div(scales[:, None]).round().clamp(-127, 127)."""
-    amax = w.abs().amax(dim=1)
-    scales = amax * torch.tensor(1 / 127) if w.dtype == torch.float32 else amax / 127
-    return w.div(scales.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8), scales.float()
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_int8_per_channel_matches_vllm_rule_in_weight_dtype(shape):
     """Oracle: torch's own arithmetic in the weight dtype on vLLM 0.33's expression (restated in _vllm_int8_rows):
@@ -360,14 +326,14 @@ def test_int8_per_channel_matches_vllm_rule_in_weight_dtype(shape):
     fmt = get_format("int8_per_channel")
     for case, x in _typed_cases(*shape):
         q = fmt.quantize(x, case)
-        codes, scales = _vllm_int8_rows(x)
+        codes, scales = vllm_int8_rows(x)
         _check(q.tensors["weight"], codes, shape[1], f"int8_per_channel {shape} {case} codes")
         _check(q.tensors["scale"], scales, 1, f"int8_per_channel {shape} {case} scale")
         _check_values(fmt.dequantize(q), codes.float() * scales.unsqueeze(1), f"int8_per_channel {case} dequantized")
     stack = torch.stack([_cases(*shape)["heavy_tailed"], _cases(*shape)["normal"]]).bfloat16()
     q = fmt.quantize(stack, "experts")
     for e in range(2):
-        codes, scales = _vllm_int8_rows(stack[e])
+        codes, scales = vllm_int8_rows(stack[e])
         _check(q.tensors["weight"][e], codes, shape[1], f"int8_per_channel expert {e}")
         _check(q.tensors["scale"][e], scales, 1, f"int8_per_channel expert {e} scale")
 
