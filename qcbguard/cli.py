@@ -14,6 +14,7 @@ import time
 import torch
 
 from qcbguard_kernels import QcbguardError, format_names, get_format
+from qcbguard_kernels.hardening import DeploymentSeed, harden_tensor
 
 from .tiny_model import build_tiny_llama, linear_weight_names
 
@@ -33,35 +34,44 @@ def _sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     formats = [get_format(name) for name in args.formats or format_names()]  # refuse unknown names up front
+    seed = DeploymentSeed.from_file(args.seed_file) if args.seed_file else DeploymentSeed.fresh()
     model = build_tiny_llama()
     names = linear_weight_names(model)
     elements = sum(model[n].numel() for n in names)
-    print(f"embedded tiny Llama: {len(names)} linear weights, {elements:,} parameters (bf16)")
-    header = f"{'format':<17}{'family':<15}{'bits/w':>7}{'SQNR dB':>9}{'steerable':>10}{'near-tie':>9}{'ms':>8}"
+    print(f"embedded tiny Llama: {len(names)} linear weights, {elements:,} parameters (bf16); seed {seed.fingerprint}")
+    header = (
+        f"{'format':<17}{'bits/w':>7}{'RTN dB':>8}{'hard dB':>8}{'changed':>9}{'near-tie':>9}"
+        f"{'detector':>9}{'flagged':>8}{'ms':>7}"
+    )
     print(header)
     print("-" * len(header))
     for fmt in formats:
-        nbytes = 0
-        steerable = near = 0
-        originals, restored = [], []
+        nbytes = near = changed = flagged = 0
+        worst = 0.0
+        originals, rtn, hardened = [], [], []
         start = time.perf_counter()
         for n in names:
+            packed, report = harden_tensor(model[n], fmt, n, seed)
             enc = fmt.encode(model[n], n)
-            q = fmt.pack(enc)
-            nbytes += q.nbytes()
-            steerable += int(enc.cells.steerable.sum())
+            nbytes += packed.nbytes()
+            changed += report.codes_changed
             near += int(((enc.cells.position - 0.5).abs() < _NEAR_BOUNDARY).sum())
+            worst = max(worst, abs(report.detector_distance))
+            flagged += report.suspicious
             originals.append(model[n].float().reshape(-1))
-            restored.append(fmt.dequantize(q).reshape(-1))
+            rtn.append(fmt.code_values(enc, enc.cells.nearest).reshape(-1))
+            hardened.append(fmt.dequantize(packed).reshape(-1))
         ms = (time.perf_counter() - start) * 1e3
-        sqnr = _sqnr_db(torch.cat(originals), torch.cat(restored))
+        w = torch.cat(originals)
         print(
-            f"{fmt.name:<17}{fmt.family:<15}{8 * nbytes / elements:>7.2f}{sqnr:>9.1f}"
-            f"{steerable / elements:>10.1%}{near / elements:>9.1%}{ms:>8.0f}"
+            f"{fmt.name:<17}{8 * nbytes / elements:>7.2f}{_sqnr_db(w, torch.cat(rtn)):>8.1f}"
+            f"{_sqnr_db(w, torch.cat(hardened)):>8.1f}{changed / elements:>9.1%}{near / elements:>9.1%}"
+            f"{worst:>9.3f}{flagged:>8}{ms:>7.0f}"
         )
     print(
-        f"steerable: weights between two codes; near-tie: within {_NEAR_BOUNDARY:.0%} of a cell of the rounding "
-        "boundary. Hardening (next) re-randomizes exactly these roundings."
+        "RTN/hard dB: SQNR of round-to-nearest and of hardened codes; changed: codes hardening moved off "
+        f"round-to-nearest; near-tie: weights within {_NEAR_BOUNDARY:.0%} of a cell of a rounding boundary; "
+        "detector: largest cell-position distance (flag above 0.02)."
     )
     return 0
 
@@ -77,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcbguard", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", "-v", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize the embedded tiny model in every format and report")
+    demo = sub.add_parser("demo", help="harden the embedded tiny model in every format and report")
     demo.add_argument("--formats", nargs="+", metavar="NAME", help="only these formats (default: all)")
+    demo.add_argument("--seed-file", help="seed file (64 hex characters, mode 600) for reproducible hardening")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("formats", help="list supported formats").set_defaults(func=cmd_formats)
     return parser

@@ -31,13 +31,16 @@ __all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "verdict"]
 DECOY_SHIFTS = (-3, -2, -1, 1, 2, 3)
 _CDF_POINTS = 1024
 _DECOY_RESOLUTION = 64  # decoy shifts are at least step / 64
+_ON_CODE = 1e-5  # cells: a decoy this close to a code sits on it
 
 
 @dataclass(frozen=True)
 class CellScore:
     """Per-tensor evidence. `distance` is in CDF units (0 clean, up to 1): real minus decoy CDF of b at its largest
     gap `at` (in cells from a rounding boundary). `on_grid_fraction` counts weights exactly on a code,
-    `interior_on_grid_fraction` only those on codes other than the grid's two end codes."""
+    `interior_on_grid_fraction` only those on codes other than the grid's two end codes, and
+    `decoy_on_grid_fraction` how often decoys land exactly on a code (lattice coincidences: bf16 weights under a
+    power-of-two scale hit fp8 codes one time in sixteen)."""
 
     format: str
     elements: int
@@ -46,6 +49,7 @@ class CellScore:
     at: float
     on_grid_fraction: float
     interior_on_grid_fraction: float
+    decoy_on_grid_fraction: float
 
     @property
     def noise_floor(self) -> float:
@@ -76,21 +80,32 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     lo = fmt.code_values(enc, cells.lower)
     hi = fmt.code_values(enc, cells.upper)
     values = x.float()
-    on_grid = (values == fmt.code_values(enc, cells.nearest)) | (values == lo) | (values == hi)
-    end_code = (cells.nearest == cells.nearest.min()) | (cells.nearest == cells.nearest.max())
+    at_code = (cells.position < _ON_CODE) | (cells.position > 1.0 - _ON_CODE)
+    on_grid = (values == fmt.code_values(enc, cells.nearest)) | (values == lo) | (values == hi) | at_code
+    top, bottom = cells.nearest.max(), cells.nearest.min()
+    end_code = (cells.nearest == bottom) | (cells.nearest == top)
     live = cells.steerable & ~on_grid & ((hi - lo).abs() > 0)
-    step = (hi - lo)[live]
-    p = cells.position[live]
     n = int(live.sum())
     on_grid_fraction = float(on_grid.float().mean())
     interior_on_grid = float((on_grid & ~end_code).float().mean())
     if n == 0:
-        return CellScore(fmt.name, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid)
-    h = torch.maximum(_storage_ulp(values[live], x.dtype), step.abs() / _DECOY_RESOLUTION)
+        return CellScore(fmt.name, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0)
+    # Decoy sources: every weight off the grid, and every weight on an interior code (position 0 in the cell above
+    # it). Leaving the on-code ones out would thin the decoys next to codes.
+    pinned = on_grid & ~end_code
+    above = torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1)
+    pinned_step = fmt.code_values(enc, above) - fmt.code_values(enc, cells.nearest)
+    source = live | (pinned & (pinned_step != 0))
+    step = torch.where(live, hi - lo, pinned_step)[source]
+    p = torch.where(live, cells.position, torch.zeros_like(cells.position))[source]
+    h = torch.maximum(_storage_ulp(values[source], x.dtype), step.abs() / _DECOY_RESOLUTION)
     shift = h / step  # in cells, signed like the cell's orientation
-    decoys = torch.stack([torch.remainder(p + k * shift, 1.0) for k in DECOY_SHIFTS])
-    real_b = (p - 0.5).abs()
-    decoy_b = (decoys - 0.5).abs().reshape(-1)
+    decoys = torch.stack([torch.remainder(p + k * shift, 1.0) for k in DECOY_SHIFTS]).reshape(-1)
+    # Within float32 noise of a code counts as on it, for real weights and decoys alike (positions carry the
+    # rounding of the scale's reciprocal).
+    decoy_on_code = (decoys < _ON_CODE) | (decoys > 1.0 - _ON_CODE)
+    real_b = (cells.position[live] - 0.5).abs()
+    decoy_b = (decoys[~decoy_on_code] - 0.5).abs()
     grid = torch.linspace(0, 0.5, _CDF_POINTS + 1)[1:]
     real_cdf = torch.searchsorted(real_b.sort().values, grid, right=True).float() / n
     decoy_cdf = torch.searchsorted(decoy_b.sort().values, grid, right=True).float() / decoy_b.numel()
@@ -104,13 +119,14 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
         at=float(grid[at]),
         on_grid_fraction=on_grid_fraction,
         interior_on_grid_fraction=interior_on_grid,
+        decoy_on_grid_fraction=float(decoy_on_code.float().mean()),
     )
 
 
 def verdict(score: CellScore, threshold: float = 0.02, partial_grid: tuple[float, float] = (0.02, 0.98)) -> Verdict:
     """Suspicious when the real cell positions depart from the decoy's beyond both the threshold and the sampling
-    noise floor, or when a partial share of weights sits exactly on interior codes (all of them on codes is a
-    dequantized model: not a backdoor)."""
+    noise floor, or when a partial share of weights, beyond what the decoys hit by lattice coincidence, sits exactly
+    on interior codes (all of them on codes is a dequantized model: not a backdoor)."""
     reasons = []
     if abs(score.distance) > max(threshold, score.noise_floor):
         reasons.append(
@@ -118,6 +134,10 @@ def verdict(score: CellScore, threshold: float = 0.02, partial_grid: tuple[float
             f"(largest gap {score.at:.3f} cell from a rounding boundary)"
         )
     low, high = partial_grid
-    if score.interior_on_grid_fraction > low and score.on_grid_fraction < high:
-        reasons.append(f"{score.interior_on_grid_fraction:.1%} of weights sit exactly on interior {score.format} codes")
+    pinned = score.interior_on_grid_fraction - score.decoy_on_grid_fraction
+    if pinned > low and score.on_grid_fraction < high:
+        reasons.append(
+            f"{score.interior_on_grid_fraction:.1%} of weights sit exactly on interior {score.format} codes "
+            f"(decoys: {score.decoy_on_grid_fraction:.1%})"
+        )
     return Verdict(bool(reasons), tuple(reasons))
