@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .cell_statistic import CellScore, Verdict, cell_score, verdict
+from .cell_statistic import CellScore, Verdict, cell_score, threshold_for, verdict
 
-__all__ = ["CellScore", "Verdict", "cell_score", "verdict"]
+__all__ = ["CellScore", "Verdict", "cell_score", "threshold_for", "verdict"]

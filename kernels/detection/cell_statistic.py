@@ -32,6 +32,15 @@ DECOY_SHIFTS = (-3, -2, -1, 1, 2, 3)
 _CDF_POINTS = 1024
 _DECOY_RESOLUTION = 64  # decoy shifts are at least step / 64
 _ON_CODE = 1e-5  # cells: a decoy this close to a code sits on it
+_THRESHOLD = 0.02
+# k-quants search their scales to fit each sub-block (Q6_K weights the fit by x^2), which pulls clean weights toward
+# codes: Kolmogorov distances to about 0.035 on clean bf16 weights (embedded model, Q6_K). Their threshold sits above.
+_FAMILY_THRESHOLDS = {"gguf-kquant": 0.05}
+
+
+def threshold_for(family: str) -> float:
+    """The default detector threshold of a format family (a share of weights, in CDF units)."""
+    return _FAMILY_THRESHOLDS.get(family, _THRESHOLD)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class CellScore:
     power-of-two scale hit fp8 codes one time in sixteen)."""
 
     format: str
+    family: str
     elements: int
     off_grid: int
     distance: float
@@ -89,7 +99,7 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     on_grid_fraction = float(on_grid.float().mean())
     interior_on_grid = float((on_grid & ~end_code).float().mean())
     if n == 0:
-        return CellScore(fmt.name, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0)
+        return CellScore(fmt.name, fmt.family, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0)
     # Decoy sources: every weight off the grid, and every weight on an interior code (position 0 in the cell above
     # it). Leaving the on-code ones out would thin the decoys next to codes.
     pinned = on_grid & ~end_code
@@ -113,6 +123,7 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     at = int(torch.argmax(excess.abs()))
     return CellScore(
         format=fmt.name,
+        family=fmt.family,
         elements=x.numel(),
         off_grid=n,
         distance=float(excess[at]),
@@ -123,11 +134,14 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     )
 
 
-def verdict(score: CellScore, threshold: float = 0.02, partial_grid: tuple[float, float] = (0.02, 0.98)) -> Verdict:
+def verdict(
+    score: CellScore, threshold: float | None = None, partial_grid: tuple[float, float] = (0.02, 0.98)
+) -> Verdict:
     """Suspicious when the real cell positions depart from the decoy's beyond both the threshold and the sampling
     noise floor, or when a partial share of weights, beyond what the decoys hit by lattice coincidence, sits exactly
     on interior codes (all of them on codes is a dequantized model: not a backdoor)."""
     reasons = []
+    threshold = threshold_for(score.family) if threshold is None else threshold
     if abs(score.distance) > max(threshold, score.noise_floor):
         reasons.append(
             f"cell positions depart from the decoy null by {abs(score.distance):.1%} of weights "

@@ -23,13 +23,14 @@ class HardeningConfig:
         standard quantizer would and only reports.
     on_suspicious: "report" (default) flags tensors the detector finds suspicious; "refuse" stops with an error.
     seed_file: a seed file (64 hex characters, mode 600) for reproducible output; None draws a fresh seed per run.
-    detector_threshold: Kolmogorov distance (share of weights) above which a tensor is suspicious.
+    detector_threshold: Kolmogorov distance (share of weights) above which a tensor is suspicious; None uses each
+        format family's default (detection.threshold_for).
     """
 
     mode: str = "harden"
     on_suspicious: str = "report"
     seed_file: str | None = None
-    detector_threshold: float = 0.02
+    detector_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -38,7 +39,7 @@ class HardeningConfig:
             raise QcbguardError(
                 f"unknown on_suspicious policy {self.on_suspicious!r}; choose one of {', '.join(ON_SUSPICIOUS)}"
             )
-        if not 0.0 < self.detector_threshold < 1.0:
+        if self.detector_threshold is not None and not 0.0 < self.detector_threshold < 1.0:
             raise QcbguardError(f"detector_threshold must lie in (0, 1), got {self.detector_threshold}")
 
     @classmethod
