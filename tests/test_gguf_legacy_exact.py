@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from qcbguard_kernels import get_format
-from tests.inputs import fresh_seed, integer_tie_rows, standard_cases
+from tests.gguf_checks import SEED, block_mismatch
+from tests.inputs import integer_tie_rows, standard_cases
 from tests.oracles.ggml import ggml_dequantize, ggml_quantize
 
 TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 SHAPES = [(1, 32), (3, 96), (7, 224), (5, 2560)]
-SEED = fresh_seed()
 
 
 def _tie_cases(fmt, rows: int, cols: int) -> dict[str, torch.Tensor]:
@@ -36,18 +36,6 @@ def _tie_cases(fmt, rows: int, cols: int) -> dict[str, torch.Tensor]:
     return {"ties": x}
 
 
-def _report(ours: torch.Tensor, theirs: torch.Tensor, type_size: int, what: str) -> str:
-    a, b = ours.reshape(-1, type_size), theirs.reshape(-1, type_size)
-    bad = (a != b).any(dim=1).nonzero().flatten()
-    if bad.numel() == 0:
-        return f"{what}: equal"
-    worst = int(bad[(a[bad] != b[bad]).sum(dim=1).argmax()])
-    return (
-        f"{what}: {bad.numel()} of {a.shape[0]} blocks differ (seed {SEED}); worst block {worst}:\n"
-        f" ours   {a[worst].tolist()}\n theirs {b[worst].tolist()}"
-    )
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("type_name", TYPES)
 def test_matches_ggml(type_name, shape):
@@ -57,7 +45,7 @@ def test_matches_ggml(type_name, shape):
     for case, x in cases.items():
         ours = fmt.quantize(x, case).tensors["blocks"]
         theirs = ggml_quantize(type_name, x)
-        assert torch.equal(ours, theirs), _report(ours, theirs, fmt.type_size, f"{type_name} {case}")
+        assert torch.equal(ours, theirs), block_mismatch(ours, theirs, fmt.type_size, f"{type_name} {case}")
         q = fmt.quantize(x, case)
         ref = ggml_dequantize(type_name, theirs, cols)
         assert torch.equal(fmt.dequantize(q).nan_to_num(), ref.nan_to_num()), f"{type_name} {case} dequantized"

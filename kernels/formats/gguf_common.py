@@ -12,7 +12,17 @@ import torch
 from ..errors import UnsupportedInputError
 from .base import Encoding, Format, QuantizedTensor
 
-__all__ = ["QK_K", "GgufFormat", "fp16_field", "join_fields", "pack_nibbles", "read_fp16_field", "split_fields"]
+__all__ = [
+    "QK_K",
+    "GgufFormat",
+    "fp16_field",
+    "join_fields",
+    "pack_bit_fields",
+    "pack_nibbles",
+    "read_fp16_field",
+    "split_fields",
+    "unpack_bit_fields",
+]
 
 QK_K = 256  # super-block length of the k-quants
 
@@ -76,3 +86,24 @@ def split_fields(blocks: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
 def pack_nibbles(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Two 4-bit code tensors -> one byte each: low | high << 4."""
     return (low.to(torch.uint8) & 0x0F) | ((high.to(torch.uint8) & 0x0F) << 4)
+
+
+def pack_bit_fields(values: torch.Tensor, width: int, run: int) -> torch.Tensor:
+    """The low `width` bits (1, 2 or 4) of values (..., n) -> bytes (..., n * width // 8), as the k-quants lay them out.
+
+    The last axis is read in groups of k = 8 // width runs of `run` elements; byte j of a group holds element j of run
+    i in bits width*i .. width*(i+1) - 1. Q5_K's qh is (width 1, run 32), Q2_K's qs (2, 32), Q4_K's qs (4, 32), Q6_K's
+    ql (4, 64). n must be a multiple of k * run.
+    """
+    k = 8 // width
+    fields = (values.to(torch.int32) & ((1 << width) - 1)).reshape(*values.shape[:-1], -1, k, run)
+    shifts = (width * torch.arange(k, dtype=torch.int32)).view(k, 1)
+    return (fields << shifts).sum(dim=-2).reshape(*values.shape[:-1], -1).to(torch.uint8)
+
+
+def unpack_bit_fields(raw: torch.Tensor, width: int, run: int) -> torch.Tensor:
+    """Inverse of pack_bit_fields: bytes (..., m) -> int32 values (..., m * 8 // width) in [0, 2**width - 1]."""
+    k = 8 // width
+    b = raw.to(torch.int32).reshape(*raw.shape[:-1], -1, 1, run)
+    shifts = (width * torch.arange(k, dtype=torch.int32)).view(k, 1)
+    return ((b >> shifts) & ((1 << width) - 1)).reshape(*raw.shape[:-1], -1)

@@ -22,15 +22,15 @@ accumulated sequentially in the C order, and extremes are selected by strict fir
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
 
-from ..errors import UnsupportedInputError
 from ..numerics import div_rn, nearest_int, sqrt_rn
 from .base import Encoding, QuantizedTensor
-from .cells import integer_grid_cells
-from .gguf_common import QK_K, GgufFormat, fp16_field, pack_nibbles, read_fp16_field, split_fields
+from .gguf_common import QK_K, fp16_field, pack_bit_fields, read_fp16_field, split_fields, unpack_bit_fields
+from .kquant_common import KQuantFormat, KQuantSpec, seq_sum, sub_block_columns
 from .registry import register_format
 
 __all__ = [
@@ -43,17 +43,12 @@ __all__ = [
 ]
 
 _RDELTA = 0.1  # every caller of make_qkx2_quants steps by 0.1f
-_NEAREST_INT_LIMIT = 4194303.0  # nearest_int's magic-number trick is exact only up to here (asserted in debug C)
-_CHUNK_ELEMENTS = 1 << 18  # weights per encoding chunk: keeps the search's working set in cache (fastest measured)
 
 
 @dataclass(frozen=True)
-class KQuantAffineSpec:
+class KQuantAffineSpec(KQuantSpec):
     """What distinguishes Q2_K, Q4_K and Q5_K in ggml's reference quantizers."""
 
-    ggml_type: int
-    bits: int
-    type_size: int
     sub_block: int  # elements per sub-block: 16 or 32
     rmin: float  # first candidate offset of the scale search
     nstep: int  # the search tries nstep + 1 candidates
@@ -63,19 +58,12 @@ class KQuantAffineSpec:
 
     @property
     def nmax(self) -> int:
-        return (1 << self.bits) - 1
+        """make_qkx2_quants' nmax: the largest code."""
+        return self.qmax
 
     @property
     def n_sub(self) -> int:
         return QK_K // self.sub_block
-
-
-def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of t (n, S) over its first axis in the C order: ((0 + t0) + t1) + ..., one rounding per addition."""
-    acc = t[0] + 0.0  # C starts from +0.0: a -0.0 first term becomes +0.0
-    for i in range(1, t.shape[0]):
-        acc.add_(t[i])
-    return acc
 
 
 def _weighted_error(
@@ -84,7 +72,7 @@ def _weighted_error(
     """sum_i w_i * err(scale * l_i + min - x_i) in C order, err = |.| or (.)^2, each product and sum rounded once."""
     diff = (scale * levels + the_min) - x
     diff = diff.abs() if use_mad else diff * diff
-    return _seq_sum(w * diff)
+    return seq_sum(w * diff)
 
 
 def make_qkx2_quants(
@@ -130,7 +118,7 @@ def make_qkx2_quants(
         wl = torch.mul(w, lf, out=terms[:, 0])
         torch.mul(wl, lf, out=terms[:, 1])
         torch.mul(wl, x, out=terms[:, 2])
-        sum_l, sum_l2, sum_xl = _seq_sum(terms)
+        sum_l, sum_l2, sum_xl = seq_sum(terms)
         big_d = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / big_d
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / big_d
@@ -177,40 +165,7 @@ def unpack_scale_min_k4(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pack_q5_high_bits(codes: torch.Tensor) -> torch.Tensor:
     """Q5_K's qh plane: codes (..., 256) in [0, 31] -> (..., 32) bytes; bit k of byte j is bit 4 of code 32*k + j."""
-    high = ((codes.to(torch.int32) >> 4) & 1).reshape(*codes.shape[:-1], 8, 32)
-    shifts = torch.arange(8, dtype=torch.int32).view(8, 1)
-    return (high << shifts).sum(dim=-2).to(torch.uint8)
-
-
-def _unpack_q5_high_bits(qh: torch.Tensor) -> torch.Tensor:
-    """(..., 32) bytes -> (..., 256) high bits in {0, 1}."""
-    shifts = torch.arange(8, dtype=torch.int32).view(8, 1)
-    bits = (qh.to(torch.int32).unsqueeze(-2) >> shifts) & 1
-    return bits.reshape(*qh.shape[:-1], QK_K)
-
-
-def _pack_crumbs(codes: torch.Tensor) -> torch.Tensor:
-    """Q2_K's qs: codes (..., 256) in [0, 3] -> (..., 64); in each half of 128, byte l = sum_k code[32k + l] << 2k."""
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], 2, 4, 32)
-    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)
-    return (c << shifts).sum(dim=-2).reshape(*codes.shape[:-1], 64).to(torch.uint8)
-
-
-def _unpack_crumbs(qs: torch.Tensor) -> torch.Tensor:
-    q = qs.to(torch.int32).reshape(*qs.shape[:-1], 2, 1, 32)
-    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)
-    return ((q >> shifts) & 3).reshape(*qs.shape[:-1], QK_K)
-
-
-def _pack_nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """Q4_K / Q5_K qs: low 4 bits of codes (..., 256) -> (..., 128); per 64, byte l = code[l] | code[l + 32] << 4."""
-    c = codes.reshape(*codes.shape[:-1], 4, 2, 32)
-    return pack_nibbles(c[..., 0, :], c[..., 1, :]).reshape(*codes.shape[:-1], 128)
-
-
-def _unpack_nibble_pairs(qs: torch.Tensor) -> torch.Tensor:
-    q = qs.to(torch.int32).reshape(*qs.shape[:-1], 4, 1, 32)
-    return torch.cat([q & 0xF, q >> 4], dim=-2).reshape(*qs.shape[:-1], QK_K)
+    return pack_bit_fields(codes.to(torch.int32) >> 4, 1, 32)
 
 
 def _running_max(v: torch.Tensor) -> torch.Tensor:
@@ -221,7 +176,7 @@ def _running_max(v: torch.Tensor) -> torch.Tensor:
     return m
 
 
-class GgufKQuantAffine(GgufFormat):
+class GgufKQuantAffine(KQuantFormat):
     """Q2_K / Q4_K / Q5_K: per 256 weights, half-precision d and dmin, quantized sub-block scales and mins, codes.
 
     Code space: q in [0, nmax] (3, 15 or 31), value d * q - dm with d = fp16(d) * sc and dm = fp16(dmin) * m per
@@ -230,41 +185,26 @@ class GgufKQuantAffine(GgufFormat):
     sub_d, sub_dm (float32 d and dm, exactly as the quantizer and ggml's dequantizer compute them).
     """
 
-    family = "gguf-kquant"
-    block_size = QK_K
+    spec: KQuantAffineSpec
 
     def __init__(self, name: str, spec: KQuantAffineSpec) -> None:
-        self.name = name
-        self.spec = spec
-        self.ggml_type = spec.ggml_type
-        self.bits = spec.bits
-        self.type_size = spec.type_size
-        self.description = (
+        super().__init__(
+            name,
+            spec,
             f"GGUF {name.upper()}: 256-weight super-blocks of {spec.n_sub} x {spec.sub_block}, "
-            f"{spec.bits}-bit codes with {4 if spec.scale_levels == 15 else 6}-bit sub-block scales and mins"
+            f"{spec.bits}-bit codes with {4 if spec.scale_levels == 15 else 6}-bit sub-block scales and mins",
         )
 
     # ---------------------------------------------------------------- encode
-
-    def _encode(self, x: torch.Tensor) -> Encoding:
-        ne0 = x.shape[-1]
-        x2 = x.reshape(-1, ne0)
-        rows_per_chunk = max(1, _CHUNK_ELEMENTS // ne0)
-        parts = [self._encode_rows(x2[r : r + rows_per_chunk]) for r in range(0, x2.shape[0], rows_per_chunk)]
-        cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        shape = x.shape
-        cells = integer_grid_cells(cat.pop("u").view(shape), cat.pop("nearest").view(shape), 0, self.spec.nmax)
-        return Encoding(self.name, shape, cells, cat)
 
     def _encode_rows(self, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         spec = self.spec
         rows, ne0 = x2.shape
         nb = ne0 // QK_K
         n = spec.sub_block
-        xs = x2.reshape(rows, nb, spec.n_sub, n)
-        xt = xs.reshape(-1, n).t().contiguous()  # (n, S): element i of every sub-block is contiguous
+        xs, xt = sub_block_columns(x2, n)
         if spec.rms_weights:
-            sum_x2 = _seq_sum(xt * xt)
+            sum_x2 = seq_sum(xt * xt)
             av_x = sqrt_rn(sum_x2 / torch.full_like(sum_x2, float(n)))
             wt = av_x + xt.abs()
         else:
@@ -302,15 +242,7 @@ class GgufKQuantAffine(GgufFormat):
         sub_dm = dmin.float().unsqueeze(-1) * lm.float()
 
         u = (xs + sub_dm.unsqueeze(-1)) / sub_d.unsqueeze(-1)
-        nearest = nearest_int(u).clamp_(0, spec.nmax)
-        skipped = (sub_d == 0).unsqueeze(-1)  # C: `if (!d) continue;` keeps the search's codes (NaN d is not skipped)
-        nearest = torch.where(skipped, search_codes, nearest)
-        # Where nearest_int's trick does not hold, or the grid is degenerate, the cell collapses onto the code C wrote.
-        degenerate = skipped | ~(u.abs() <= _NEAREST_INT_LIMIT)
-        u = torch.where(degenerate, nearest.float(), u)
-        return {
-            "u": u.reshape(rows, ne0),
-            "nearest": nearest.reshape(rows, ne0),
+        return self._round_on_final_grid(u, sub_d, search_codes) | {
             "d": d,
             "dmin": dmin,
             "scale_bytes": scale_bytes,
@@ -322,22 +254,20 @@ class GgufKQuantAffine(GgufFormat):
 
     # ---------------------------------------------------------------- pack / dequantize
 
-    def _pack(self, enc: Encoding, codes: torch.Tensor) -> QuantizedTensor:
-        nmax = self.spec.nmax
-        if bool((codes < 0).any()) or bool((codes > nmax).any()):
-            raise UnsupportedInputError(f"{self.name} codes must lie in [0, {nmax}]")
-        ne0 = enc.shape[-1]
-        c = codes.reshape(-1, ne0 // QK_K, QK_K)
+    def _fields(self, enc: Encoding, codes: torch.Tensor) -> list[torch.Tensor]:
+        """The byte fields of Q2_K, Q4_K and Q5_K, in file order (see pack_bit_fields for the runs).
+
+        Q2_K: the 16 scale | min << 4 bytes, qs (64: in each half of 128, byte l holds codes l, l + 32, l + 64,
+        l + 96 in bits 0-1, 2-3, 4-5, 6-7), d, dmin. Q4_K and Q5_K: d, dmin, the 12-byte scales and mins, Q5_K's qh
+        (bit 4 of every code), qs (128: in each 64, byte l holds the low nibbles of codes l and l + 32).
+        """
         d = fp16_field(enc.scales["d"].unsqueeze(-1))
         dmin = fp16_field(enc.scales["dmin"].unsqueeze(-1))
         scale_bytes = enc.scales["scale_bytes"]
         if self.bits == 2:
-            fields = [scale_bytes, _pack_crumbs(c), d, dmin]
-        elif self.bits == 4:
-            fields = [d, dmin, scale_bytes, _pack_nibble_pairs(c)]
-        else:
-            fields = [d, dmin, scale_bytes, pack_q5_high_bits(c), _pack_nibble_pairs(c & 0xF)]
-        return self.container(enc, fields)
+            return [scale_bytes, pack_bit_fields(codes, 2, 32), d, dmin]
+        high = [pack_q5_high_bits(codes)] if self.bits == 5 else []
+        return [d, dmin, scale_bytes, *high, pack_bit_fields(codes, 4, 32)]
 
     def _read(self, q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes (rows, nb, 256) int32, sub_d and sub_dm (rows, nb, n_sub) float32) of a packed tensor."""
@@ -346,14 +276,14 @@ class GgufKQuantAffine(GgufFormat):
             scale_bytes, qs, d, dmin = split_fields(blocks, [16, 64, 2, 2])
             sb = scale_bytes.to(torch.int32)
             sc, m = sb & 0xF, sb >> 4
-            codes = _unpack_crumbs(qs)
+            codes = unpack_bit_fields(qs, 2, 32)
         else:
             sizes = [2, 2, 12, 128] if self.bits == 4 else [2, 2, 12, 32, 128]
             d, dmin, scale_bytes, *planes = split_fields(blocks, sizes)
             sc, m = unpack_scale_min_k4(scale_bytes)
-            codes = _unpack_nibble_pairs(planes[-1])
+            codes = unpack_bit_fields(planes[-1], 4, 32)
             if self.bits == 5:
-                codes = codes + 16 * _unpack_q5_high_bits(planes[0])
+                codes = codes + 16 * unpack_bit_fields(planes[0], 1, 32)
         sub_d = read_fp16_field(d) * sc.float()
         sub_dm = read_fp16_field(dmin) * m.float()
         return codes, sub_d, sub_dm
@@ -374,51 +304,22 @@ class GgufKQuantAffine(GgufFormat):
         return self._values(codes.to(torch.int32), enc.scales["sub_d"], enc.scales["sub_dm"], enc.shape)
 
 
-Q2_K = register_format(
-    GgufKQuantAffine(
-        "q2_k",
-        KQuantAffineSpec(
-            ggml_type=10,
-            bits=2,
-            type_size=84,
-            sub_block=16,
-            rmin=-0.5,
-            nstep=15,
-            use_mad=True,
-            rms_weights=False,
-            scale_levels=15,
-        ),
-    )
-)
-Q4_K = register_format(
-    GgufKQuantAffine(
-        "q4_k",
-        KQuantAffineSpec(
-            ggml_type=12,
-            bits=4,
-            type_size=144,
-            sub_block=32,
-            rmin=-1.0,
-            nstep=20,
-            use_mad=False,
-            rms_weights=True,
-            scale_levels=63,
-        ),
-    )
-)
-Q5_K = register_format(
-    GgufKQuantAffine(
-        "q5_k",
-        KQuantAffineSpec(
-            ggml_type=13,
-            bits=5,
-            type_size=176,
-            sub_block=32,
-            rmin=-0.5,
-            nstep=15,
-            use_mad=False,
-            rms_weights=True,
-            scale_levels=63,
-        ),
-    )
-)
+class _SubBlockFit(TypedDict):
+    """How the sub-blocks of a type are cut, fitted by make_qkx2_quants and their scales and mins stored."""
+
+    sub_block: int
+    use_mad: bool
+    rms_weights: bool
+    scale_levels: int
+
+
+# Q2_K: 16 x 16, absolute error with weights |x|, 4-bit scales and mins. Q4_K and Q5_K: 8 x 32, squared error with
+# weights rms + |x|, 6-bit scales and mins.
+_Q2_K_FIT = _SubBlockFit(sub_block=16, use_mad=True, rms_weights=False, scale_levels=15)
+_Q4_K_FIT = _SubBlockFit(sub_block=32, use_mad=False, rms_weights=True, scale_levels=63)
+_SPECS = {
+    "q2_k": KQuantAffineSpec(ggml_type=10, bits=2, type_size=84, rmin=-0.5, nstep=15, **_Q2_K_FIT),
+    "q4_k": KQuantAffineSpec(ggml_type=12, bits=4, type_size=144, rmin=-1.0, nstep=20, **_Q4_K_FIT),
+    "q5_k": KQuantAffineSpec(ggml_type=13, bits=5, type_size=176, rmin=-0.5, nstep=15, **_Q4_K_FIT),
+}
+Q2_K, Q4_K, Q5_K = (register_format(GgufKQuantAffine(name, spec)) for name, spec in _SPECS.items())

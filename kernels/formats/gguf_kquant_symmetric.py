@@ -37,11 +37,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import UnsupportedInputError
 from ..numerics import div_rn, nearest_int, sqrt_rn
-from .base import Encoding, QuantizedTensor, RoundingCells
-from .cells import integer_grid_cells
-from .gguf_common import QK_K, GgufFormat, fp16_field, read_fp16_field, split_fields
+from .base import Encoding, QuantizedTensor
+from .gguf_common import QK_K, fp16_field, pack_bit_fields, read_fp16_field, split_fields, unpack_bit_fields
+from .kquant_common import KQuantFormat, KQuantSpec, seq_sum, sub_block_columns
 from .registry import register_format
 
 __all__ = [
@@ -56,18 +55,16 @@ __all__ = [
 SUB_BLOCK = 16  # both types: 16 sub-blocks of 16 weights
 N_SUB = QK_K // SUB_BLOCK
 GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml's GROUP_MAX_EPS (1e-15f), exactly as a float32
-_NEAREST_INT_LIMIT = 4194303.0  # nearest_int's magic-number trick is exact only up to here (asserted in debug C)
-_CHUNK_ELEMENTS = 1 << 18  # weights per encoding chunk: keeps the searches' working set in cache
 _Q3_SWEEPS = 5  # make_q3_quants tries at most 5 coordinate-descent sweeps
 
 
 @dataclass(frozen=True)
-class KQuantSymmetricSpec:
-    """What distinguishes Q3_K and Q6_K in ggml's reference quantizers."""
+class KQuantSymmetricSpec(KQuantSpec):
+    """What distinguishes Q3_K and Q6_K in ggml's reference quantizers.
 
-    ggml_type: int
-    bits: int  # 3 or 6: codes L in [0, 2**bits - 1], value d * sc * (L - 2**(bits-1))
-    type_size: int
+    bits is 3 or 6: codes L in [0, 2**bits - 1] stand for the value d * sc * (L - 2**(bits-1)).
+    """
+
     scale_levels: int  # the largest sub-block scale maps to -scale_levels: 32 (6-bit scales) or 128 (int8 scales)
 
     @property
@@ -76,16 +73,9 @@ class KQuantSymmetricSpec:
         return 1 << (self.bits - 1)
 
     @property
-    def qmax(self) -> int:
-        return (1 << self.bits) - 1
-
-
-def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of t (n, ...) over its first axis in the C order: ((0 + t0) + t1) + ..., one rounding per addition."""
-    acc = t[0] + 0.0  # C starts from +0.0: a -0.0 first term becomes +0.0
-    for i in range(1, t.shape[0]):
-        acc.add_(t[i])
-    return acc
+    def sub_block(self) -> int:
+        """Elements per sub-block: 16 for both types."""
+        return SUB_BLOCK
 
 
 def _first_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +147,7 @@ def make_qx_quants(
             lf = lv.float()
             torch.mul(wx, lf, out=terms[:, 0])
             torch.mul(torch.mul(w, lf, out=terms[:, 1]), lf, out=terms[:, 1])
-            sumlx, suml2 = _seq_sum(terms)
+            sumlx, suml2 = seq_sum(terms)
             return sumlx, suml2
 
         sumlx, suml2 = sums(l0)
@@ -204,8 +194,8 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool = True) -> tuple[to
         w = x * x
         wx = w * x
         lf = lv.float()
-        sumlx = _seq_sum(wx * lf)
-        suml2 = _seq_sum((w * lf) * lf)
+        sumlx = seq_sum(wx * lf)
+        suml2 = seq_sum((w * lf) * lf)
         for _ in range(_Q3_SWEEPS):
             for i in range(x.shape[0]):
                 li = lf[i]
@@ -233,65 +223,15 @@ def pack_q3_k_scales(stored: torch.Tensor) -> torch.Tensor:
     bits 2q, 2q + 1 (q = 0..3), as quantize_row_q3_K_ref writes them and dequantize_row_q3_K's aux shuffle reads them.
     """
     s = stored.to(torch.int32)
-    low = (s[..., :8] & 0xF) | ((s[..., 8:] & 0xF) << 4)
-    high = (s >> 4).reshape(*s.shape[:-1], 4, 4)  # [q, k] = scale 4q + k
-    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)
-    return torch.cat([low, (high << shifts).sum(dim=-2)], dim=-1).to(torch.uint8)
+    return torch.cat([pack_bit_fields(s, 4, 8), pack_bit_fields(s >> 4, 2, 4)], dim=-1)
 
 
 def unpack_q3_k_scales(raw: torch.Tensor) -> torch.Tensor:
     """The 12-byte field (..., 12) -> stored scales (..., 16) int32 in [0, 63] (subtract 32 for sc)."""
-    b = raw.to(torch.int32)
-    low = torch.cat([b[..., :8] & 0xF, b[..., :8] >> 4], dim=-1)
-    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)
-    high = ((b[..., 8:12].unsqueeze(-2) >> shifts) & 3).reshape(*raw.shape[:-1], 16)
-    return low | (high << 4)
+    return unpack_bit_fields(raw[..., :8], 4, 8) | (unpack_bit_fields(raw[..., 8:12], 2, 4) << 4)
 
 
-def _pack_q3_planes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q3_K codes (..., 256) in [0, 7] -> (hmask (..., 32), qs (..., 64)).
-
-    hmask: bit k of byte m is bit 2 of code 32k + m. qs: in each half of 128, byte l = sum_k (code[32k + l] & 3) << 2k.
-    """
-    c = codes.to(torch.int32)
-    shifts = torch.arange(8, dtype=torch.int32).view(8, 1)
-    hmask = (((c >> 2) & 1).reshape(*c.shape[:-1], 8, 32) << shifts).sum(dim=-2)
-    crumbs = (c & 3).reshape(*c.shape[:-1], 2, 4, 32)
-    qs = (crumbs << (2 * shifts[:4])).sum(dim=-2).reshape(*c.shape[:-1], 64)
-    return hmask.to(torch.uint8), qs.to(torch.uint8)
-
-
-def _unpack_q3_planes(hmask: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.int32).view(8, 1)
-    high = ((hmask.to(torch.int32).unsqueeze(-2) >> shifts) & 1).reshape(*hmask.shape[:-1], QK_K)
-    q = qs.to(torch.int32).reshape(*qs.shape[:-1], 2, 1, 32)
-    low = ((q >> (2 * shifts[:4])) & 3).reshape(*qs.shape[:-1], QK_K)
-    return low | (high << 2)
-
-
-def _pack_q6_planes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q6_K codes (..., 256) in [0, 63] -> (ql (..., 128), qh (..., 64)).
-
-    In each half of 128 (codes c[0..127]): ql[l] = c[l] & 15 | (c[l + 64] & 15) << 4, ql[l + 32] = c[l + 32] & 15 |
-    (c[l + 96] & 15) << 4, qh[l] = sum_k (c[32k + l] >> 4) << 2k, for l < 32.
-    """
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], 2, 4, 32)
-    low = c & 0xF
-    ql = torch.cat([low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], dim=-1)
-    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)
-    qh = ((c >> 4) << shifts).sum(dim=-2)
-    return ql.reshape(*codes.shape[:-1], 128).to(torch.uint8), qh.reshape(*codes.shape[:-1], 64).to(torch.uint8)
-
-
-def _unpack_q6_planes(ql: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
-    q = ql.to(torch.int32).reshape(*ql.shape[:-1], 2, 2, 32)  # [half, first/second 32 bytes, l]
-    low = torch.stack([q[..., 0, :] & 0xF, q[..., 1, :] & 0xF, q[..., 0, :] >> 4, q[..., 1, :] >> 4], dim=-2)
-    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(4, 1)
-    high = (qh.to(torch.int32).reshape(*qh.shape[:-1], 2, 1, 32) >> shifts) & 3
-    return (low | (high << 4)).reshape(*ql.shape[:-1], QK_K)
-
-
-class GgufKQuantSymmetric(GgufFormat):
+class GgufKQuantSymmetric(KQuantFormat):
     """Q3_K / Q6_K: per 256 weights, a half-precision d, 16 quantized signed sub-block scales sc, and codes.
 
     Code space: L in [0, 2h - 1] (h = 4 for Q3_K, 32 for Q6_K), the value stored in the file; it dequantizes to
@@ -305,40 +245,18 @@ class GgufKQuantSymmetric(GgufFormat):
     12-byte field; Q6_K: the 16 int8 scales as bytes), sub_scale (int8 sc) and sub_d (float32 fp16(d) * sc).
     """
 
-    family = "gguf-kquant"
-    block_size = QK_K
+    spec: KQuantSymmetricSpec
 
     def __init__(self, name: str, spec: KQuantSymmetricSpec) -> None:
-        self.name = name
-        self.spec = spec
-        self.ggml_type = spec.ggml_type
-        self.bits = spec.bits
-        self.type_size = spec.type_size
         scale_kind = "6-bit" if spec.scale_levels == 32 else "8-bit"
-        self.description = (
+        super().__init__(
+            name,
+            spec,
             f"GGUF {name.upper()}: 256-weight super-blocks of 16 x 16, {spec.bits}-bit codes with {scale_kind} "
-            "signed sub-block scales"
+            "signed sub-block scales",
         )
 
     # ---------------------------------------------------------------- encode
-
-    def _encode(self, x: torch.Tensor) -> Encoding:
-        ne0 = x.shape[-1]
-        x2 = x.reshape(-1, ne0)
-        rows_per_chunk = max(1, _CHUNK_ELEMENTS // ne0)
-        parts = [self._encode_rows(x2[r : r + rows_per_chunk]) for r in range(0, x2.shape[0], rows_per_chunk)]
-        cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        h = self.spec.offset
-        # Cells on l = L - h, whose grid coordinate x / sub_d is the exact quotient C rounds (adding h could round).
-        cells = integer_grid_cells(cat.pop("u"), cat.pop("nearest") - h, -h, h - 1)
-        shape = x.shape
-        cells = RoundingCells(
-            lower=(cells.lower + h).view(shape),
-            upper=(cells.upper + h).view(shape),
-            position=cells.position.view(shape),
-            nearest=(cells.nearest + h).view(shape),
-        )
-        return Encoding(self.name, shape, cells, cat)
 
     def _sub_block_search(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.spec.bits == 3:
@@ -347,11 +265,9 @@ class GgufKQuantSymmetric(GgufFormat):
 
     def _encode_rows(self, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         spec = self.spec
-        h = spec.offset
         rows, ne0 = x2.shape
         nb = ne0 // QK_K
-        xs = x2.reshape(rows, nb, N_SUB, SUB_BLOCK)
-        xt = xs.reshape(-1, SUB_BLOCK).t().contiguous()  # (16, S): element i of every sub-block is contiguous
+        xs, xt = sub_block_columns(x2, SUB_BLOCK)
         scales, lt = self._sub_block_search(xt)
         scales = scales.view(rows, nb, N_SUB)
         search_codes = lt.t().reshape(rows, nb, N_SUB, SUB_BLOCK)
@@ -378,18 +294,8 @@ class GgufKQuantSymmetric(GgufFormat):
         sub_d = d.float().unsqueeze(-1) * sc.float()
 
         u = xs / sub_d.unsqueeze(-1)
-        nearest = nearest_int(u).clamp_(-h, h - 1) + h
-        skipped = (sub_d == 0).unsqueeze(-1)  # C: `if (!d) continue;` keeps the search's codes (NaN d is not skipped)
-        nearest = torch.where(skipped, search_codes, nearest)
-        if empty is not None:
-            skipped = skipped | empty.view(rows, nb, 1, 1)
-            nearest = torch.where(empty.view(rows, nb, 1, 1), torch.zeros_like(nearest), nearest)
-        # Where nearest_int's trick does not hold, or the grid is degenerate, the cell collapses onto the code C wrote.
-        degenerate = skipped | ~(u.abs() <= _NEAREST_INT_LIMIT)
-        u = torch.where(degenerate, (nearest - h).float(), u)
-        return {
-            "u": u.reshape(rows, ne0),
-            "nearest": nearest.reshape(rows, ne0),
+        zeroed = None if empty is None else empty.view(rows, nb, 1, 1)
+        return self._round_on_final_grid(u, sub_d, search_codes, zeroed) | {
             "d": d,
             "scale_bytes": scale_bytes,
             "sub_scale": sc.to(torch.int8),
@@ -398,31 +304,30 @@ class GgufKQuantSymmetric(GgufFormat):
 
     # ---------------------------------------------------------------- pack / dequantize
 
-    def _pack(self, enc: Encoding, codes: torch.Tensor) -> QuantizedTensor:
-        qmax = self.spec.qmax
-        if bool((codes < 0).any()) or bool((codes > qmax).any()):
-            raise UnsupportedInputError(f"{self.name} codes must lie in [0, {qmax}]")
-        ne0 = enc.shape[-1]
-        c = codes.reshape(-1, ne0 // QK_K, QK_K)
+    def _fields(self, enc: Encoding, codes: torch.Tensor) -> list[torch.Tensor]:
+        """The byte fields of Q3_K and Q6_K, in file order (see pack_bit_fields for the runs).
+
+        Q3_K: hmask (32 bytes: bit k of byte m is bit 2 of code 32k + m), qs (64: in each half of 128, byte l holds
+        bits 0-1 of codes l, l + 32, l + 64, l + 96), the 12-byte scales, d. Q6_K: ql (128: in each half of 128, byte
+        l < 64 holds the low nibbles of codes l and l + 64), qh (64: bits 4-5, as Q3_K's qs), the 16 int8 scales, d.
+        """
         d = fp16_field(enc.scales["d"].unsqueeze(-1))
         if self.bits == 3:
-            hmask, qs = _pack_q3_planes(c)
-            fields = [hmask, qs, enc.scales["scale_bytes"], d]
+            planes = [pack_bit_fields(codes >> 2, 1, 32), pack_bit_fields(codes, 2, 32)]
         else:
-            ql, qh = _pack_q6_planes(c)
-            fields = [ql, qh, enc.scales["scale_bytes"], d]
-        return self.container(enc, fields)
+            planes = [pack_bit_fields(codes, 4, 64), pack_bit_fields(codes >> 4, 2, 32)]
+        return [*planes, enc.scales["scale_bytes"], d]
 
     def _read(self, q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (rows, nb, 256) int32, sub_d (rows, nb, 16) float32) of a packed tensor."""
         blocks = self.blocks_of(q)
         if self.bits == 3:
             hmask, qs, scale_bytes, d = split_fields(blocks, [32, 64, 12, 2])
-            codes = _unpack_q3_planes(hmask, qs)
+            codes = unpack_bit_fields(qs, 2, 32) | (unpack_bit_fields(hmask, 1, 32) << 2)
             sc = unpack_q3_k_scales(scale_bytes) - 32
         else:
             ql, qh, scale_bytes, d = split_fields(blocks, [128, 64, 16, 2])
-            codes = _unpack_q6_planes(ql, qh)
+            codes = unpack_bit_fields(ql, 4, 64) | (unpack_bit_fields(qh, 2, 32) << 4)
             sc = scale_bytes.contiguous().view(torch.int8).to(torch.int32)
         return codes, read_fp16_field(d) * sc.float()
 
