@@ -1,0 +1,86 @@
+"""One entry point for quantizing (and hardening) a tensor: a fused Triton kernel on a GPU, the reference elsewhere.
+
+Both paths produce the same bytes for the same input, format, tensor name and seed (the tests prove it under
+TRITON_INTERPRET=1 on a CPU, and on CUDA where a GPU is present): the scales are the standard quantizer's, and a
+hardened code is drawn from the same Philox stream, indexed by the element's global (row, column).
+
+Backend choice: ``backend="auto"`` (default) takes Triton for CUDA tensors when Triton is installed and covers the
+format's family, the reference otherwise. ``"triton"`` forces the kernels (on a CPU tensor this only works under
+TRITON_INTERPRET=1, for tests) and refuses when they cannot run; ``"reference"`` forces the plain-torch path.
+The environment variable QCBGUARD_BACKEND sets the default for ``"auto"`` calls (``triton`` or ``reference``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import UnsupportedInputError
+from .formats.base import Format, QuantizedTensor
+from .hardening.harden import stochastic_codes
+from .hardening.seed import DeploymentSeed
+from .triton import quantize_triton, supports, triton_available
+
+__all__ = ["BACKENDS", "pick_backend", "quantize_packed"]
+
+BACKENDS = ("auto", "triton", "reference")
+_ENV = "QCBGUARD_BACKEND"
+_COUNTER_LIMIT = 2**32
+
+
+def pick_backend(x: torch.Tensor, fmt: Format, backend: str = "auto") -> str:
+    """'triton' or 'reference' for this tensor and format; a forced Triton that cannot run is refused."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{_ENV}={backend!r} is not one of {BACKENDS}")
+    if backend == "reference":
+        return "reference"
+    usable = triton_available() and supports(fmt)
+    if backend == "triton":
+        if not triton_available():
+            raise UnsupportedInputError("backend 'triton' asked for, but the triton package is not installed")
+        if not supports(fmt):
+            raise UnsupportedInputError(
+                f"no Triton kernel covers {fmt.name} (family {fmt.family}); use backend='reference'"
+            )
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UnsupportedInputError(
+                "backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 (the interpreter); move the tensor to a GPU"
+            )
+        return "triton"
+    return "triton" if (x.is_cuda and usable) else "reference"
+
+
+def quantize_packed(
+    x: torch.Tensor,
+    fmt: Format,
+    name: str = "tensor",
+    seed: DeploymentSeed | None = None,
+    *,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    backend: str = "auto",
+) -> QuantizedTensor:
+    """Quantize x in fmt to its native packed layout: round-to-nearest when seed is None, else hardened.
+
+    Hardened codes are the upper code of each element's cell with probability equal to its position, drawn from
+    Philox keyed by ``seed.key_for(name)`` at counter (col + col_offset, row + row_offset, 0, 0): a shard placed by
+    its offsets gets exactly the codes of the same elements of the whole tensor. Output tensors live on x's device.
+    """
+    if row_offset < 0 or col_offset < 0:
+        raise ValueError(f"row_offset and col_offset must be >= 0, got {row_offset}, {col_offset}")
+    chosen = pick_backend(x, fmt, backend)
+    key = None if seed is None else seed.key_for(name)
+    if chosen == "reference":
+        enc = fmt.encode(x, name)
+        codes = None if key is None else stochastic_codes(enc, key, row_offset, col_offset)
+        return fmt.pack(enc, codes)
+    fmt.validate(x, name)
+    cols = x.shape[-1] if x.dim() else 1
+    if (x.numel() // cols) + row_offset > _COUNTER_LIMIT or cols + col_offset > _COUNTER_LIMIT:
+        raise ValueError("tensor coordinates must stay below 2**32 (Philox counters are 32-bit)")
+    return quantize_triton(fmt, x, key, row_offset, col_offset)
