@@ -2,6 +2,8 @@
 
 qcbguard demo      build the embedded tiny model and show, per format, how its weights quantize
 qcbguard formats   list the supported formats
+qcbguard scan      look for a quantization-conditioned backdoor in a safetensors or GGUF checkpoint (exit 0 clean,
+                   1 suspicious, 2 unreadable)
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ def cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .scan import run_scan
+
+    return run_scan(args.path, formats=args.formats, include=args.include, report=args.report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcbguard", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", "-v", action="store_true", help="log what happens")
@@ -92,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed-file", help="seed file (64 hex characters, mode 600) for reproducible hardening")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("formats", help="list supported formats").set_defaults(func=cmd_formats)
+    scan = sub.add_parser("scan", help="detect tampering in a checkpoint (exit 0 clean, 1 suspicious, 2 unreadable)")
+    scan.add_argument("path", help="a .safetensors file, a directory of them, or a .gguf file")
+    scan.add_argument(
+        "--formats", nargs="+", metavar="NAME", help="target formats to score under (default: one per grid)"
+    )
+    scan.add_argument("--include", metavar="REGEX", help="only tensors whose name matches")
+    scan.add_argument("--report", metavar="JSON", help="write every tensor's scores here")
+    scan.set_defaults(func=cmd_scan)
     return parser
 
 
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except QcbguardError as exc:
+    except (QcbguardError, OSError) as exc:
         print(f"qcbguard: error: {exc}", file=sys.stderr)
         return 2
 

@@ -3,5 +3,29 @@
 from __future__ import annotations
 
 from .cell_statistic import CellScore, Verdict, cell_score, threshold_for, verdict
+from .scan import (
+    DEFAULT_SCAN_FORMATS,
+    FormatFinding,
+    ModelVerdict,
+    TensorScan,
+    default_scan_formats,
+    resolve_formats,
+    scan_tensor,
+    scan_verdict,
+)
 
-__all__ = ["CellScore", "Verdict", "cell_score", "threshold_for", "verdict"]
+__all__ = [
+    "DEFAULT_SCAN_FORMATS",
+    "CellScore",
+    "FormatFinding",
+    "ModelVerdict",
+    "TensorScan",
+    "Verdict",
+    "cell_score",
+    "default_scan_formats",
+    "resolve_formats",
+    "scan_tensor",
+    "scan_verdict",
+    "threshold_for",
+    "verdict",
+]

@@ -81,6 +81,66 @@ def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(mag)) - mantissa_bits)
 
 
+def _decoy_spacing(values: torch.Tensor, dtype: torch.dtype, step: torch.Tensor) -> torch.Tensor:
+    """h per weight: the larger of the checkpoint's lattice spacing and 1/64 of the cell (so a decoy moves by a
+    visible fraction of a cell even in float32)."""
+    return torch.maximum(_storage_ulp(values, dtype), step.abs() / _DECOY_RESOLUTION)
+
+
+def _in_cell_decoys(
+    values: torch.Tensor,
+    dtype: torch.dtype,
+    fmt: Format,
+    enc: Encoding,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    live: torch.Tensor,
+    pinned: torch.Tensor,
+    top: torch.Tensor,
+) -> tuple[torch.Tensor, float]:
+    """Decoys for formats whose scales do not depend on where interior weights sit: each weight shifted by k * h,
+    positioned in its own cell geometry (scales held fixed). Returns decoy boundary distances b and the share of
+    decoys exactly on a code."""
+    cells = enc.cells
+    # Decoy sources: every weight off the grid, and every weight on an interior code (position 0 in the cell above
+    # it). Leaving the on-code ones out would thin the decoys next to codes.
+    above = torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1)
+    pinned_step = fmt.code_values(enc, above) - fmt.code_values(enc, cells.nearest)
+    source = live | (pinned & (pinned_step != 0))
+    step = torch.where(live, hi - lo, pinned_step)[source]
+    p = torch.where(live, cells.position, torch.zeros_like(cells.position))[source]
+    shift = _decoy_spacing(values[source], dtype, step) / step  # in cells, signed like the cell's orientation
+    decoys = torch.stack([torch.remainder(p + k * shift, 1.0) for k in DECOY_SHIFTS]).reshape(-1)
+    # Within float32 noise of a code counts as on it, for real weights and decoys alike (positions carry the
+    # rounding of the scale's reciprocal).
+    on_code = (decoys < _ON_CODE) | (decoys > 1.0 - _ON_CODE)
+    return (decoys[~on_code] - 0.5).abs(), float(on_code.float().mean())
+
+
+def _refit_decoys(
+    values: torch.Tensor, dtype: torch.dtype, fmt: Format, enc: Encoding, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Decoys for formats that fit their scales to the block (k-quants): the whole tensor shifted by k * h and
+    quantized again, scale search included. A clean tensor's fit pulls weights toward codes (Q6_K weighs its fit
+    by x^2: Kolmogorov distances to 0.07 against fixed-scale decoys on clean bf16 weights); the re-fitted decoys carry
+    the same pull, an attacker's alignment does not survive the shift. Costs one encode per shift."""
+    step = (hi - lo).abs()
+    fallback = step[step > 0].median() if bool((step > 0).any()) else torch.ones(())
+    h = _decoy_spacing(values, dtype, torch.where(step > 0, step, fallback))
+    big = torch.finfo(torch.float32).max
+    b, on_grid = [], []
+    for k in DECOY_SHIFTS:
+        shifted = (values + k * h).clamp(-big, big)
+        denc = fmt.encode(shifted)
+        c = denc.cells
+        dlo, dhi = fmt.code_values(denc, c.lower), fmt.code_values(denc, c.upper)
+        at_code = (c.position < _ON_CODE) | (c.position > 1.0 - _ON_CODE) | (shifted == dlo) | (shifted == dhi)
+        end_code = (c.nearest == c.nearest.min()) | (c.nearest == c.nearest.max())
+        b.append((c.position[c.steerable & ~at_code & ((dhi - dlo).abs() > 0)] - 0.5).abs())
+        on_grid.append(float((at_code & ~end_code).float().mean()))
+    return torch.cat(b), sum(on_grid) / len(on_grid)
+
+
 def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding | None = None) -> CellScore:
     """Score one tensor under one target format (the format whose quantizer an attacker would target).
 
@@ -100,25 +160,14 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     interior_on_grid = float((on_grid & ~end_code).float().mean())
     if n == 0:
         return CellScore(fmt.name, fmt.family, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0)
-    # Decoy sources: every weight off the grid, and every weight on an interior code (position 0 in the cell above
-    # it). Leaving the on-code ones out would thin the decoys next to codes.
-    pinned = on_grid & ~end_code
-    above = torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1)
-    pinned_step = fmt.code_values(enc, above) - fmt.code_values(enc, cells.nearest)
-    source = live | (pinned & (pinned_step != 0))
-    step = torch.where(live, hi - lo, pinned_step)[source]
-    p = torch.where(live, cells.position, torch.zeros_like(cells.position))[source]
-    h = torch.maximum(_storage_ulp(values[source], x.dtype), step.abs() / _DECOY_RESOLUTION)
-    shift = h / step  # in cells, signed like the cell's orientation
-    decoys = torch.stack([torch.remainder(p + k * shift, 1.0) for k in DECOY_SHIFTS]).reshape(-1)
-    # Within float32 noise of a code counts as on it, for real weights and decoys alike (positions carry the
-    # rounding of the scale's reciprocal).
-    decoy_on_code = (decoys < _ON_CODE) | (decoys > 1.0 - _ON_CODE)
+    if fmt.fits_scales:
+        decoy_b, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi)
+    else:
+        decoy_b, decoy_on_grid = _in_cell_decoys(values, x.dtype, fmt, enc, lo, hi, live, on_grid & ~end_code, top)
     real_b = (cells.position[live] - 0.5).abs()
-    decoy_b = (decoys[~decoy_on_code] - 0.5).abs()
     grid = torch.linspace(0, 0.5, _CDF_POINTS + 1)[1:]
     real_cdf = torch.searchsorted(real_b.sort().values, grid, right=True).float() / n
-    decoy_cdf = torch.searchsorted(decoy_b.sort().values, grid, right=True).float() / decoy_b.numel()
+    decoy_cdf = torch.searchsorted(decoy_b.sort().values, grid, right=True).float() / max(decoy_b.numel(), 1)
     excess = real_cdf - decoy_cdf
     at = int(torch.argmax(excess.abs()))
     return CellScore(
@@ -130,7 +179,7 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
         at=float(grid[at]),
         on_grid_fraction=on_grid_fraction,
         interior_on_grid_fraction=interior_on_grid,
-        decoy_on_grid_fraction=float(decoy_on_code.float().mean()),
+        decoy_on_grid_fraction=decoy_on_grid,
     )
 
 

@@ -82,6 +82,9 @@ class Format(ABC):
     bits: int
     #: one line for tables and errors
     description: str
+    #: True where the scale rule searches for the scale that best fits the block (the GGUF k-quants): the fit pulls
+    #: clean weights toward codes, so the detector's null must re-run the search on its decoys (detection/).
+    fits_scales: bool = False
 
     def encode(self, x: torch.Tensor, name: str = "tensor") -> Encoding:
         """Validate x (dtype, shape, finiteness) and compute the standard quantizer's scales and rounding cells.

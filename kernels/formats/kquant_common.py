@@ -70,6 +70,7 @@ class KQuantFormat(GgufFormat):
     """
 
     family = "gguf-kquant"
+    fits_scales = True
     block_size = QK_K
     spec: KQuantSpec
 

@@ -1,0 +1,172 @@
+"""Model-level scan: every weight tensor scored under every target format an attacker could have aimed at.
+
+A QCB targets one format, and the defender does not know which, so a scan scores each tensor under a set of formats
+and flags the tensor when any of them does. The model verdict is suspicious when any tensor is flagged: thresholds are
+per tensor (detection.threshold_for), set from the false-positive rates measured on clean real models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UnsupportedInputError
+from ..formats import format_names, get_format
+from ..formats.base import SUPPORTED_INPUT_DTYPES, Format
+from .cell_statistic import CellScore, Verdict, cell_score, verdict
+
+__all__ = [
+    "DEFAULT_SCAN_FORMATS",
+    "FormatFinding",
+    "ModelVerdict",
+    "TensorScan",
+    "default_scan_formats",
+    "resolve_formats",
+    "scan_tensor",
+    "scan_verdict",
+]
+
+#: One format per distinct rounding grid an attacker can target (variants sharing another's cells are left out:
+#: nf4_dq rounds like nf4, torchao_int8 like int8_per_channel up to dtype, fp8_per_block like fp8_per_channel on
+#: finer blocks).
+DEFAULT_SCAN_FORMATS = (
+    "bnb_int8",
+    "nf4",
+    "fp4",
+    "fp8_per_tensor",
+    "fp8_per_channel",
+    "mxfp4",
+    "mxfp8",
+    "int8_per_channel",
+    "torchao_int4",
+    "q8_0",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q3_k",
+    "q4_k",
+    "q5_k",
+    "q6_k",
+)
+
+
+@dataclass(frozen=True)
+class FormatFinding:
+    score: CellScore
+    verdict: Verdict
+
+    def as_dict(self) -> dict[str, object]:
+        s = self.score
+        return {
+            "format": s.format,
+            "distance": s.distance,
+            "at": s.at,
+            "on_grid_fraction": s.on_grid_fraction,
+            "interior_on_grid_fraction": s.interior_on_grid_fraction,
+            "decoy_on_grid_fraction": s.decoy_on_grid_fraction,
+            "suspicious": self.verdict.suspicious,
+            "reasons": list(self.verdict.reasons),
+        }
+
+
+@dataclass(frozen=True)
+class TensorScan:
+    """One tensor's findings; `skipped` names the formats whose block rules do not fit its shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    findings: tuple[FormatFinding, ...]
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def suspicious(self) -> bool:
+        return any(f.verdict.suspicious for f in self.findings)
+
+    @property
+    def worst(self) -> FormatFinding | None:
+        """The finding with the largest distance from the null (None when no format applied)."""
+        return max(self.findings, key=lambda f: abs(f.score.distance), default=None)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "suspicious": self.suspicious,
+            "findings": [f.as_dict() for f in self.findings],
+            "skipped_formats": list(self.skipped),
+        }
+
+
+@dataclass(frozen=True)
+class ModelVerdict:
+    tensors: int
+    flagged: tuple[str, ...]
+    flagged_by_format: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def suspicious(self) -> bool:
+        return bool(self.flagged)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "suspicious": self.suspicious,
+            "tensors": self.tensors,
+            "flagged": list(self.flagged),
+            "flagged_by_format": dict(self.flagged_by_format),
+        }
+
+
+def resolve_formats(names: Sequence[str] | None) -> list[Format]:
+    """The formats to scan under (default: DEFAULT_SCAN_FORMATS); unknown names are refused."""
+    chosen = DEFAULT_SCAN_FORMATS if names is None else names
+    if not chosen:
+        raise UnsupportedInputError(f"no scan formats given; choose from {', '.join(format_names())}")
+    return [get_format(n) for n in chosen]
+
+
+def default_scan_formats(x: torch.Tensor) -> list[Format]:
+    """The DEFAULT_SCAN_FORMATS whose shape rules accept x (the ones an attacker could target with this tensor)."""
+    accepted = []
+    for fmt in resolve_formats(None):
+        try:
+            fmt.check_shape(x, "tensor")
+        except UnsupportedInputError:
+            continue
+        accepted.append(fmt)
+    return accepted
+
+
+def scan_tensor(x: torch.Tensor, name: str, formats: Sequence[Format]) -> TensorScan:
+    """Score x under each format whose shape rules accept it."""
+    if x.dtype not in SUPPORTED_INPUT_DTYPES:
+        raise UnsupportedInputError(f"tensor {name!r}: dtype {x.dtype} cannot be scanned (float32/16, bfloat16 only)")
+    findings, skipped = [], []
+    for fmt in formats:
+        try:
+            fmt.check_shape(x, name)
+        except UnsupportedInputError:
+            skipped.append(fmt.name)  # the format cannot hold this tensor, so no attacker could target it there
+            continue
+        enc = fmt.encode(x, name)
+        score = cell_score(x, fmt, name, enc)
+        findings.append(FormatFinding(score, verdict(score)))
+    return TensorScan(name, tuple(x.shape), str(x.dtype).removeprefix("torch."), tuple(findings), tuple(skipped))
+
+
+def scan_verdict(scans: Iterable[TensorScan]) -> ModelVerdict:
+    """Suspicious when any tensor is flagged under any format."""
+    n, flagged, by_format = 0, [], {}
+    for scan in scans:
+        n += 1
+        if scan.suspicious:
+            flagged.append(scan.name)
+        for f in scan.findings:
+            if f.verdict.suspicious:
+                by_format[f.score.format] = by_format.get(f.score.format, 0) + 1
+    return ModelVerdict(n, tuple(flagged), by_format)
