@@ -16,7 +16,7 @@ import time
 import torch
 
 from qcbguard_kernels import QcbguardError, format_names, get_format
-from qcbguard_kernels.hardening import DeploymentSeed, harden_tensor
+from qcbguard_kernels.hardening import DeploymentSeed, harden_encoding
 
 from .tiny_model import build_tiny_llama, linear_weight_names
 
@@ -53,8 +53,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         originals, rtn, hardened = [], [], []
         start = time.perf_counter()
         for n in names:
-            packed, report = harden_tensor(model[n], fmt, n, seed)
             enc = fmt.encode(model[n], n)
+            packed, report = harden_encoding(model[n], enc, fmt, n, seed)
             nbytes += packed.nbytes()
             changed += report.codes_changed
             near += int(((enc.cells.position - 0.5).abs() < _NEAR_BOUNDARY).sum())

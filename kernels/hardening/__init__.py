@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import ALGORITHM_VERSION, HardeningConfig
-from .harden import SuspiciousTensorError, TensorReport, harden_tensor, stochastic_codes
+from .harden import SuspiciousTensorError, TensorReport, harden_encoding, harden_tensor, stochastic_codes
 from .rng import philox4x32, tensor_key, uniform24
 from .seed import DeploymentSeed, SeedFileError
 
@@ -14,6 +14,7 @@ __all__ = [
     "SeedFileError",
     "SuspiciousTensorError",
     "TensorReport",
+    "harden_encoding",
     "harden_tensor",
     "philox4x32",
     "stochastic_codes",

@@ -21,7 +21,7 @@ from .config import HardeningConfig
 from .rng import philox4x32, uniform24
 from .seed import DeploymentSeed
 
-__all__ = ["SuspiciousTensorError", "TensorReport", "harden_tensor", "stochastic_codes"]
+__all__ = ["SuspiciousTensorError", "TensorReport", "harden_encoding", "harden_tensor", "stochastic_codes"]
 
 
 class SuspiciousTensorError(QcbguardError):
@@ -91,9 +91,29 @@ def harden_tensor(
     the full tensor, so that every tensor-parallel rank draws what a single rank would for the same element.
     The detector runs first: under on_suspicious="refuse" a flagged tensor raises SuspiciousTensorError.
     """
-    config = config or HardeningConfig()
     start = time.perf_counter()
     enc = fmt.encode(x, name)
+    return harden_encoding(x, enc, fmt, name, seed, config, row_offset=row_offset, col_offset=col_offset, started=start)
+
+
+def harden_encoding(
+    x: torch.Tensor,
+    enc: Encoding,
+    fmt: Format,
+    name: str,
+    seed: DeploymentSeed,
+    config: HardeningConfig | None = None,
+    *,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    started: float | None = None,
+) -> tuple[QuantizedTensor, TensorReport]:
+    """harden_tensor for a caller that already holds enc = fmt.encode(x, name) (and wants it: RTN values, cells).
+
+    `started` is the perf_counter() reading the report's seconds count from (default: now, encoding not counted).
+    """
+    config = config or HardeningConfig()
+    start = time.perf_counter() if started is None else started
     score = cell_score(x, fmt, name, enc)
     judged = verdict(score, threshold=config.detector_threshold)
     if judged.suspicious and config.on_suspicious == "refuse":
