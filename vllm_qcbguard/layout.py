@@ -38,6 +38,8 @@ def layer_geometry(layer: Any, rows: int) -> ShardGeometry:
         return ShardGeometry.whole(rows)
     if kind == "RowParallelLinear" or "RowParallel" in kind:
         return ShardGeometry((RowRun(0, rows, 0),), tp_rank * int(layer.input_size_per_partition))
+    if "ColumnParallel" not in kind and kind != "QKVParallelLinear":
+        raise ValueError(f"qcbguard does not know the tensor-parallel layout of {kind} at tp_size {tp_size}")
     local_sizes = [int(s) for s in layer.output_partition_sizes]
     if kind == "QKVParallelLinear":
         kv_rank = tp_rank // int(layer.num_kv_head_replicas)
@@ -48,10 +50,8 @@ def layer_geometry(layer: Any, rows: int) -> ShardGeometry:
             int(layer.total_num_kv_heads) * v_head,
         ]
         return ShardGeometry(_runs(global_sizes, local_sizes, [tp_rank, kv_rank, kv_rank]))
-    if "ColumnParallel" in kind:
-        global_sizes = [int(s) for s in getattr(layer, "output_sizes", None) or [layer.output_size]]
-        return ShardGeometry(_runs(global_sizes, local_sizes, [tp_rank] * len(local_sizes)))
-    raise ValueError(f"qcbguard does not know the tensor-parallel layout of {kind} at tp_size {tp_size}")
+    global_sizes = [int(s) for s in getattr(layer, "output_sizes", None) or [layer.output_size]]
+    return ShardGeometry(_runs(global_sizes, local_sizes, [tp_rank] * len(local_sizes)))
 
 
 def layer_type(prefix: str) -> str:

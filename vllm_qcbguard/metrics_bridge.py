@@ -46,12 +46,12 @@ class TextfileDirCollector(Collector):
             except OSError:
                 continue  # replaced between listing and reading: the next scrape sees the new file
             for family in text_string_to_metric_families(text):
-                if not family.name.startswith("qcbguard"):
-                    continue
+                if not family.name.startswith("qcbguard") or family.name.endswith("_created"):
+                    continue  # per-process creation times do not add up
                 families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
                 for sample in family.samples:
                     if sample.name.endswith("_created"):
-                        continue  # per-process creation times do not add up
+                        continue
                     key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
                     if family.type == "info":
                         values[key] = 1.0
