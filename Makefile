@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qcbguard-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean prometheus
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ $(STAMP): pyproject.toml setup.py
 demo: $(STAMP)
 	$(VENV)/bin/qcbguard demo
 
-test: $(STAMP)
+# A real Prometheus server and promtool for the monitoring tests (Debian's package; root or sudo).
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q prometheus >/dev/null
+
+test: $(STAMP) prometheus
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
