@@ -31,6 +31,7 @@ from benchmarks.qcb.harness import (
     ATTACK_VALID_Q_MIN,
     HarnessConfig,
     attack_details,
+    der_summary,
     markdown_table,
     prepare,
     run_format,
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(prepared, rows, config))
     print()
     print(attack_details(rows))
+    print()
+    print("# DER-style summary (definitions: benchmarks/qcb/harness.py der_summary)")
+    print(der_summary(rows))
     print()
     print(f"# {time.process_time() - cpu:.0f} s CPU, {time.perf_counter() - wall:.0f} s wall")
     return 0

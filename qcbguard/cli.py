@@ -73,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         "RTN/hard dB: SQNR of round-to-nearest and of hardened codes; changed: codes hardening moved off "
         f"round-to-nearest; near-tie: weights within {_NEAR_BOUNDARY:.0%} of a cell of a rounding boundary; "
-        "detector: largest cell-position distance (flag above 0.02; 0.05 for k-quants)."
+        "detector: largest cell-position distance (flagged above 0.02)."
     )
     return 0
 

@@ -453,3 +453,42 @@ def attack_details(rows: list[FormatResult]) -> str:
                 f"{att.mean_box_width_cells:.2f} | {_pct(fp.asr)} / {_pct(rtn.asr)} | {_draws(hardened)} |"
             )
     return "\n".join(lines)
+
+
+def _gain(attacked_asr: float, defended_asr: float, clean_asr: float) -> float | None:
+    """Share of the backdoor's effect a deployment removes: 1 = as clean as the clean model quantized, 0 = none."""
+    effect = attacked_asr - clean_asr
+    if effect <= 0:
+        return None
+    return min(max((attacked_asr - defended_asr) / effect, 0.0), 1.0)
+
+
+def der_summary(rows: list[FormatResult]) -> str:
+    """A DER-style summary per format (Defense Effectiveness Ratio), every term written out in the header lines.
+
+    security gain SG = (ASR_rtn - ASR_hardened) / (ASR_rtn - ASR_clean_rtn), clipped to [0, 1], mean over seeds:
+        the share of the attack's quantized effect that qcbguard removes (1: back to the clean model's ASR);
+        SG_adaptive is the same for the adaptive attacker's best effort against qcbguard (n/a where that attacker
+        no longer makes a valid QCB: its full-precision model already misbehaves);
+    utility kept UK = accuracy of the clean model hardened (mean over seeds) / accuracy of the clean model RTN;
+    DER = min(SG, SG_adaptive) * UK; cost = clean-model accuracy points lost to hardening (RTN - hardened).
+    """
+    lines = [
+        "| format | SG | SG adaptive | UK | DER | cost (accuracy points) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        clean = r.clean_rtn.asr
+        sg = _gain(r.rtn.asr, r.hardened.asr_mean, clean) if r.valid else None
+        a = r.adaptive_sr
+        sg_a = _gain(a.rtn.asr, a.hardened.asr_mean, clean) if a is not None and a.valid else None
+        uk = r.clean_hardened.accuracy_mean / r.clean_rtn.accuracy if r.clean_rtn.accuracy > 0 else None
+        worst = min((g for g in (sg, sg_a) if g is not None), default=None)
+        der = worst * uk if worst is not None and uk is not None else None
+        cost = 100 * (r.clean_rtn.accuracy - r.clean_hardened.accuracy_mean)
+
+        def f(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.3f}"
+
+        lines.append(f"| `{r.format}` | {f(sg)} | {f(sg_a)} | {f(uk)} | {f(der)} | {cost:.1f} |")
+    return "\n".join(lines)
