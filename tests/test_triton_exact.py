@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.inputs import standard_cases
 from tests.triton_checks import DEVICE, DTYPES, awkward_input, same_packed
 
 pytest.importorskip("triton")
@@ -26,10 +27,17 @@ DEPLOYMENT = DeploymentSeed(bytes(range(7, 39)))
 
 # format -> (rows, cols) shapes, the block length the cases are built on, and qmax for integer tie rows
 CASES: dict[str, tuple[list[tuple[int, int]], int, int | None]] = {
-    "bnb_int8": ([(1, 40), (3, 17)], 1, None),
+    "bnb_int8": ([(2, 17)], 1, None),
     "int8_per_channel": ([(3, 96)], 32, 127),
     "torchao_int8": ([(1, 33)], 1, None),
-    "torchao_int4": ([(3, 256)], 128, 15),
+    "torchao_int4": ([(1, 256)], 128, 15),
+    "nf4": ([(3, 64), (17, 5)], 1, None),
+    "fp4": ([(2, 96)], 32, None),
+    "nf4_dq": ([(5, 70)], 70, None),
+    "fp8_per_channel": ([(3, 40)], 40, None),
+    "fp8_per_block": ([(11, 136)], 8, None),  # 132 x 136: four 128x128 blocks, three of them partial
+    "mxfp8": ([(3, 64)], 32, None),
+    "mxfp4": ([(3, 64)], 32, None),
 }
 
 
@@ -49,3 +57,23 @@ def test_triton_matches_reference(name):
         for dtype in DTYPES:
             x = awkward_input(rows, cols, block, dtype, SEED, qmax)
             _check(name, x, f"{name} {rows}x{cols} {dtype}")
+
+
+def test_fp8_per_tensor_matches_reference_case_by_case():
+    """One scale for the whole tensor: each awkward case is its own tensor (stacked, the largest would rule)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for case, x in standard_cases(2, 48, 16, SEED).items():
+            if bool(torch.isfinite(x.to(dtype)).all()):
+                _check("fp8_per_tensor", x.to(dtype), f"fp8_per_tensor {case} {dtype}")
+
+
+def test_mxfp8_scale_exponent_next_to_powers_of_two():
+    """float32 blocks whose amax / 448 lies a few ulp above a power of two: torch's float32 log2 rounds those to the
+    integer, and the kernel's bit-level ceil(log2) must say the same (and differ where the rounding does not reach)."""
+    k = torch.arange(-30, 10, dtype=torch.float64).repeat_interleave(8)
+    j = torch.arange(8, dtype=torch.float64).repeat(40)
+    amax = (448.0 * torch.pow(2.0, k) * (1 + j * 2.0**-23)).float()
+    g = torch.Generator().manual_seed(SEED)
+    x = (torch.rand(amax.numel(), 32, generator=g) * 2 - 1) * amax.unsqueeze(1)
+    x[:, 5] = amax
+    _check("mxfp8", x.reshape(20, 512), "mxfp8 near powers of two")

@@ -37,7 +37,7 @@ def awkward_input(
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """Any tensor as its raw bytes (float8 and other 1-byte floats compare bit for bit, -0.0 included)."""
-    return t.detach().cpu().contiguous().view(torch.uint8)
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
 def same_packed(ours: QuantizedTensor, ref: QuantizedTensor, what: str) -> None:
@@ -52,9 +52,13 @@ def same_packed(ours: QuantizedTensor, ref: QuantizedTensor, what: str) -> None:
         )
         a, b = byte_view(mine), byte_view(theirs)
         if not torch.equal(a, b):
-            bad = (a != b).reshape(mine.shape[0] if mine.dim() else 1, -1).any(-1) if mine.dim() else a != b
-            first = int((a != b).nonzero()[0, 0]) if a.dim() else 0
+            rows_a, rows_b = (
+                a.reshape(max(mine.shape[0], 1) if mine.dim() else 1, -1),
+                b.reshape(max(theirs.shape[0], 1) if theirs.dim() else 1, -1),
+            )
+            bad = (rows_a != rows_b).any(-1)
+            first = int(bad.nonzero()[0, 0])
             raise AssertionError(
-                f"{what} {name}: {int(bad.sum())} of {bad.numel()} rows differ; first differing byte row {first}: "
-                f"ours {a[first].flatten()[:32].tolist()} reference {b[first].flatten()[:32].tolist()}"
+                f"{what} {name}: {int(bad.sum())} of {bad.numel()} rows differ; first differing row {first}: "
+                f"ours {rows_a[first][:32].tolist()} reference {rows_b[first][:32].tolist()}"
             )

@@ -22,6 +22,8 @@ __all__ = ["TRITON_FAMILIES", "quantize_triton", "supports", "triton_available"]
 #: packing family -> (module, launcher) of its kernel
 TRITON_FAMILIES: dict[str, tuple[str, str]] = {
     "absmax-int": ("absmax_int", "quantize_absmax_int"),
+    "codebook-4bit": ("codebook4", "quantize_codebook4"),
+    "fp8-mx": ("fp8_mx", "quantize_fp8_mx"),
 }
 
 

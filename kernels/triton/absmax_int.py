@@ -44,7 +44,7 @@ RULE_VLLM = 1
 RULE_TORCHAO = 2
 RULE_INT4 = 3
 
-_INV_127 = float(torch.tensor(1.0 / 127.0, dtype=torch.float32))  # vLLM on CUDA: amax * float32(1/127)
+INV_127 = tl.constexpr(float(torch.tensor(1.0 / 127.0, dtype=torch.float32)))  # vLLM on CUDA: amax * float32(1/127)
 _TORCHAO_EPS = float(torch.finfo(torch.float32).eps)
 
 
@@ -121,7 +121,7 @@ def absmax_int_kernel(
         tl.store(scale_ptr + row, amax)
     elif RULE == 1:
         if DTYPE == 0:
-            scale = amax * 0.007874015718698502  # float32(1/127), as CUDA divides a float32 by a Python scalar
+            scale = amax * INV_127  # as CUDA divides a float32 by a Python scalar
         else:
             scale = round_to(tl.math.div_rn(amax, 127.0), DTYPE)
         tl.store(scale_ptr + row, scale)
