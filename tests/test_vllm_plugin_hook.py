@@ -270,4 +270,6 @@ def test_metrics_from_several_processes_add_up(tmp_path):
     assert f"qcbguard_elements_total{{{labels}}} 2048.0" in text
     assert f"qcbguard_detector_distance_count{{{labels}}} 2.0" in text
     assert text.count("qcbguard_info{") == 1 and f'seed_fingerprint="{SEED.fingerprint}"' in text
+    (info,) = [line for line in text.splitlines() if line.startswith("qcbguard_info{")]
+    assert info.endswith(" 1.0")
     assert "_created" not in text

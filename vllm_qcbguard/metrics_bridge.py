@@ -53,8 +53,8 @@ class TextfileDirCollector(Collector):
                     if sample.name.endswith("_created"):
                         continue
                     key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
-                    if family.type == "info":
-                        values[key] = 1.0
+                    if family.type == "info" or family.name.endswith("_info"):
+                        values[key] = 1.0  # the text format carries an info metric as a gauge of 1
                     else:
                         values[key] = values.get(key, 0.0) + sample.value
         for (family_name, sample_name, labels), value in values.items():
