@@ -1,0 +1,298 @@
+"""Quantize a full-precision GGUF file the way llama-quantize does, with every rounding hardened.
+
+The output has llama-quantize's layout (writer.py), per-tensor types (mixtures.py) and scales (the format registry's
+bit-exact references). With hardening off the file is byte-identical to llama-quantize's; with it on, each quantized
+tensor keeps the standard quantizer's scales and takes codes drawn by harden_tensor, and three metadata keys record
+the algorithm, the seed's public fingerprint and the qcbguard version (never the seed).
+
+Streaming: one tensor at a time, in row chunks of at most CHUNK_ELEMENTS weights (GGUF formats quantize rows
+independently and the hardening draws depend only on each weight's global (row, col), so chunking changes no byte).
+The output goes to a temporary file in the target directory, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qcbguard_kernels import UnsupportedInputError
+from qcbguard_kernels import __version__ as kernels_version
+from qcbguard_kernels.hardening import ALGORITHM_VERSION, DeploymentSeed, HardeningConfig, TensorReport, harden_tensor
+
+from .constants import FULL_PRECISION_TYPES, ValueType
+from .mixtures import Mixture, ModelInfo, TensorPlan, category, mixture, output_order, plan_types
+from .reader import GgufFile
+from .tensors import from_float, read_rows, registry_format
+from .writer import GgufWriter, OutputTensor, encode_kv
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "HARDENING_KEYS",
+    "QuantizeOptions",
+    "QuantizeResult",
+    "RequantizeError",
+    "model_info",
+    "plan_file",
+    "quantize_file",
+]
+
+CHUNK_ELEMENTS = 1 << 23
+#: keys llama-quantize rewrites (removed from their place, quantization_version and file_type appended last)
+REWRITTEN_KEYS = ("general.quantization_version", "general.file_type")
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+GGML_QNT_VERSION = 2
+HARDENING_KEYS = ("qcbguard.algorithm", "qcbguard.seed_fingerprint", "qcbguard.version")
+
+WEAKER_REQUANTIZE = (
+    "re-quantizing from a quantized file's dequantized values is weaker: its codes were already chosen by "
+    "round-to-nearest, so a backdoor planted for that quantizer is baked into the values and hardening cannot "
+    "remove it; quantize from the full-precision (F32/F16/BF16) checkpoint instead"
+)
+
+
+class RequantizeError(UnsupportedInputError):
+    """The input is already quantized and re-quantizing was not asked for."""
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    output_type: str
+    #: False: plain round-to-nearest, byte-identical to llama-quantize (no qcbguard keys)
+    harden: bool = True
+    config: HardeningConfig = field(default_factory=HardeningConfig)
+    allow_requantize: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    mixture: Mixture
+    plans: list[TensorPlan]
+    #: per rewritten tensor (hardened or detect-only): the hardening report
+    reports: dict[str, TensorReport]
+    seconds: dict[str, float]
+    seed_fingerprint: str | None
+    elapsed: float
+
+    def as_dict(self) -> dict[str, object]:
+        tensors = []
+        for p in self.plans:
+            entry: dict[str, object] = {
+                "name": p.name,
+                "source_type": p.source.name,
+                "type": p.target.name,
+                "rewritten": p.rewrite,
+                "fallback_from": p.chosen.name if p.fell_back else None,
+                "seconds": round(self.seconds.get(p.name, 0.0), 6),
+            }
+            rep = self.reports.get(p.name)
+            if rep is not None:
+                entry.update(
+                    codes_changed=rep.codes_changed,
+                    elements=rep.elements,
+                    mean_change_steps=rep.mean_change_steps,
+                    max_change_steps=rep.max_change_steps,
+                    detector_distance=rep.detector_distance,
+                    suspicious=rep.suspicious,
+                    reasons=list(rep.reasons),
+                )
+            tensors.append(entry)
+        return {
+            "output": str(self.output),
+            "output_type": self.mixture.name,
+            "hardened": self.seed_fingerprint is not None,
+            "algorithm": ALGORITHM_VERSION if self.seed_fingerprint else None,
+            "seed_fingerprint": self.seed_fingerprint,
+            "seconds": round(self.elapsed, 3),
+            "tensors": tensors,
+        }
+
+
+def model_info(f: GgufFile) -> ModelInfo:
+    """The hyper-parameters the type rules read, from `<arch>.*` metadata (defaults as llama.cpp's loader)."""
+    arch = f.value("general.architecture")
+    if not isinstance(arch, str):
+        raise UnsupportedInputError("general.architecture is missing: not a llama.cpp model file")
+
+    def first(key: str, default: int) -> int:
+        v = f.value(f"{arch}.{key}", default)
+        if isinstance(v, list):
+            v = v[0] if v else default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise UnsupportedInputError(f"{arch}.{key} must be an integer, got {v!r}")
+        return v
+
+    n_layer = first("block_count", 0)
+    n_head = first("attention.head_count", 0)
+    return ModelInfo(
+        arch=arch,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=first("attention.head_count_kv", n_head),
+        n_expert=first("expert_count", 0),
+    )
+
+
+def plan_file(f: GgufFile, mix: Mixture, allow_requantize: bool = False) -> list[TensorPlan]:
+    """Each tensor's output type, in llama-quantize's output order; refuses what cannot be produced exactly."""
+    if int(f.value("split.count", 1) or 1) > 1:
+        raise UnsupportedInputError("split GGUF input is not supported; merge it first (llama-gguf-split --merge)")
+    order = output_order([t.name for t in f.tensors])
+    tensors = [(n, f.by_name[n].ne, f.by_name[n].type) for n in order]
+    plans = plan_types(tensors, mix, model_info(f))
+    for p in plans:
+        if not p.rewrite and not (p.quantizable and p.source.quantized):
+            continue
+        if p.source.quantized and p.quantizable and not allow_requantize:
+            raise RequantizeError(
+                f"tensor {p.name!r} is already quantized ({p.source.name}); pass --allow-requantize to re-quantize "
+                f"anyway ({WEAKER_REQUANTIZE})"
+            )
+        if p.source.name not in FULL_PRECISION_TYPES:
+            registry_format(p.source)  # raises for types we cannot dequantize
+        if p.target.name not in FULL_PRECISION_TYPES:
+            registry_format(p.target)
+    return plans
+
+
+def _kv_pairs(f: GgufFile, mix: Mixture, seed: DeploymentSeed | None) -> list[bytes]:
+    pairs = [f.raw_kv(k) for k in f.kv if k not in REWRITTEN_KEYS and k not in SPLIT_KEYS]
+    pairs.append(encode_kv("general.quantization_version", ValueType.UINT32, GGML_QNT_VERSION))
+    pairs.append(encode_kv("general.file_type", ValueType.UINT32, mix.file_type))
+    if seed is not None:
+        pairs.append(encode_kv("qcbguard.algorithm", ValueType.STRING, ALGORITHM_VERSION))
+        pairs.append(encode_kv("qcbguard.seed_fingerprint", ValueType.STRING, seed.fingerprint))
+        pairs.append(encode_kv("qcbguard.version", ValueType.STRING, kernels_version))
+    return pairs
+
+
+def _merge(parts: list[TensorReport]) -> TensorReport:
+    """One report for a tensor hardened in row chunks (counts add, means weight by elements, extremes take max)."""
+    if len(parts) == 1:
+        return parts[0]
+    n = sum(p.elements for p in parts)
+    reasons: list[str] = []
+    for p in parts:
+        reasons.extend(r for r in p.reasons if r not in reasons)
+    return TensorReport(
+        name=parts[0].name,
+        format=parts[0].format,
+        mode=parts[0].mode,
+        elements=n,
+        steerable=sum(p.steerable for p in parts),
+        codes_changed=sum(p.codes_changed for p in parts),
+        mean_change_steps=sum(p.mean_change_steps * p.elements for p in parts) / n,
+        max_change_steps=max(p.max_change_steps for p in parts),
+        detector_distance=max(p.detector_distance for p in parts),
+        on_grid_fraction=sum(p.on_grid_fraction * p.elements for p in parts) / n,
+        suspicious=any(p.suspicious for p in parts),
+        reasons=tuple(reasons),
+        seconds=sum(p.seconds for p in parts),
+    )
+
+
+def _check_target(dst: Path, src: Path) -> None:
+    parent = dst.parent
+    if not parent.is_dir():
+        raise UnsupportedInputError(f"output directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UnsupportedInputError(f"output directory {str(parent)!r} is not writable")
+    if dst.exists() and dst.is_dir():
+        raise UnsupportedInputError(f"output {str(dst)!r} is a directory")
+    if dst.exists() and src.exists() and os.path.samefile(dst, src):
+        raise UnsupportedInputError("output and input are the same file")
+
+
+def quantize_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    options: QuantizeOptions,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> QuantizeResult:
+    """Quantize src into dst (written to a temporary file beside dst, renamed at the end). Raises QcbguardError
+    (a ValueError) on bad input and OSError on I/O failure; dst is untouched in both cases."""
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    mix = mixture(options.output_type)
+    _check_target(dst, src)
+    if options.threads is not None:
+        if options.threads < 1:
+            raise UnsupportedInputError(f"--threads must be at least 1, got {options.threads}")
+        torch.set_num_threads(options.threads)
+    with GgufFile(src) as f:
+        plans = plan_file(f, mix, options.allow_requantize)
+        hardening = options.harden and options.config.mode == "harden"
+        seed = None
+        if options.harden:
+            seed = (
+                DeploymentSeed.from_file(options.config.seed_file)
+                if options.config.seed_file
+                else DeploymentSeed.fresh()
+            )
+        outputs = [OutputTensor(p.name, p.ne, p.target) for p in plans]
+        reports: dict[str, TensorReport] = {}
+        seconds: dict[str, float] = {}
+        fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                writer = GgufWriter(out, _kv_pairs(f, mix, seed if hardening else None), outputs, f.alignment)
+                for i, p in enumerate(plans):
+                    if progress is not None:
+                        progress(i, len(plans), p.name)
+                    t0 = time.perf_counter()
+                    info = f.by_name[p.name]
+                    chunk = max(1, CHUNK_ELEMENTS // info.ne[0])
+                    parts = []
+                    for r0 in range(0, info.n_rows, chunk):
+                        r1 = min(info.n_rows, r0 + chunk)
+                        if not p.rewrite:
+                            writer.write_rows(f.tensor_bytes(info, r0, r1))
+                            continue
+                        x = read_rows(f, info, r0, r1)
+                        if p.target.name in FULL_PRECISION_TYPES:
+                            writer.write_rows(from_float(x, p.target))
+                            continue
+                        fmt = registry_format(p.target)
+                        if options.harden:
+                            packed, rep = harden_tensor(x, fmt, p.name, seed, options.config, row_offset=r0)  # type: ignore[arg-type]
+                            parts.append(rep)
+                        else:
+                            packed = fmt.quantize(x, p.name)
+                        writer.write_rows(packed.tensors["blocks"].numpy())
+                    if parts:
+                        reports[p.name] = _merge(parts)
+                    seconds[p.name] = time.perf_counter() - t0
+                writer.finish()
+                out.flush()
+                os.fsync(out.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    if progress is not None:
+        progress(len(plans), len(plans), "")
+    return QuantizeResult(
+        output=dst,
+        mixture=mix,
+        plans=plans,
+        reports=reports,
+        seconds=seconds,
+        seed_fingerprint=seed.fingerprint if hardening and seed is not None else None,
+        elapsed=time.perf_counter() - start,
+    )
+
+
+def layer_type(name: str) -> str:
+    """The metrics' layer_type label: llama-quantize's category of the tensor."""
+    return category(name)

@@ -1,0 +1,156 @@
+"""`qcbguard-gguf scan FILE.gguf`: the tamper detector over every weight of a GGUF file.
+
+Full-precision weights (F32, F16, BF16) are scored against the GGUF formats llama-quantize could round them to
+(qcbguard_kernels.detection.scan): a quantization-conditioned backdoor parks weights inside the cells of one of those
+quantizers, which shows as cell positions piled up away from where clean weights sit. Already-quantized tensors are
+reported as not scannable: their full-precision values are gone, and with them the evidence; scan the checkpoint the
+file was quantized from. Tensors llama-quantize never quantizes (norms, 1-D tensors, routers) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .constants import FULL_PRECISION_TYPES
+from .mixtures import allows_quantization, category
+from .reader import GgufFile
+from .tensors import read_rows
+
+__all__ = ["ScanResult", "add_scan_parser", "scan_file"]
+
+#: tensors larger than this are scored on evenly spaced row chunks of this many weights (detector cost stays bounded)
+SCAN_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class ScanResult:
+    path: Path
+    scanned: list[Any] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, reason)
+    verdict: Any = None
+
+    @property
+    def suspicious(self) -> bool:
+        return bool(self.verdict is not None and self.verdict.suspicious)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "file": str(self.path),
+            "suspicious": self.suspicious,
+            "summary": self.verdict.summary if self.verdict is not None else {},
+            "flagged": list(self.verdict.flagged) if self.verdict is not None else [],
+            "tensors": [_scan_entry(s) for s in self.scanned],
+            "skipped": [{"name": n, "type": t, "reason": r} for n, t, r in self.skipped],
+        }
+
+
+def _scan_entry(scan: Any) -> dict[str, object]:
+    entry: dict[str, object] = {"name": scan.name, "shape": list(scan.shape), "suspicious": bool(scan.suspicious)}
+    results = {}
+    for fmt_name, (score, judged) in scan.results.items():
+        results[fmt_name] = {
+            "distance": float(score.distance),
+            "on_grid_fraction": float(score.on_grid_fraction),
+            "suspicious": bool(judged.suspicious),
+            "reasons": list(judged.reasons),
+        }
+    entry["formats"] = results
+    return entry
+
+
+def scan_file(path: str | Path, all_formats: bool = False) -> ScanResult:
+    """Score every quantizable full-precision tensor of the file; see the module docstring."""
+    from qcbguard_kernels.detection.scan import default_scan_formats, scan_tensor, scan_verdict
+
+    result = ScanResult(Path(path))
+    with GgufFile(path) as f:
+        for info in f.tensors:
+            if not allows_quantization(info.name, info.ne):
+                result.skipped.append((info.name, info.type.name, "never quantized by llama-quantize"))
+                continue
+            if info.type.name not in FULL_PRECISION_TYPES:
+                reason = (
+                    "already quantized: the full-precision values are gone; scan the checkpoint it came from"
+                    if info.type.quantized
+                    else f"{info.type.name} is not a weight type"
+                )
+                result.skipped.append((info.name, info.type.name, reason))
+                continue
+            rows = info.n_rows
+            take = min(rows, max(1, SCAN_CHUNK_ELEMENTS // info.ne[0]))
+            x = read_rows(f, info, 0, take) if take == rows else _spread_rows(f, info, take)
+            formats = default_scan_formats(x)
+            if not all_formats:
+                formats = [fmt for fmt in formats if fmt.family.startswith("gguf")]
+            if not formats:
+                result.skipped.append((info.name, info.type.name, "no GGUF format accepts its shape"))
+                continue
+            result.scanned.append(scan_tensor(x, info.name, formats))
+    result.verdict = scan_verdict(result.scanned)
+    return result
+
+
+def _spread_rows(f: GgufFile, info: Any, take: int) -> Any:
+    """`take` rows spread over the tensor, in blocks of 16 contiguous rows."""
+    import torch
+
+    block = 16
+    starts = torch.linspace(0, info.n_rows - block, max(1, take // block)).long().tolist()
+    return torch.cat([read_rows(f, info, s, s + block) for s in starts])
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .cli import _check_output_dir, _write_json
+
+    _check_output_dir(args.report, "report")
+    _check_output_dir(args.metrics_file, "metrics file")
+    result = scan_file(args.input, all_formats=args.all_formats)
+    if args.report:
+        _write_json(args.report, result.as_dict())
+    if args.metrics_file:
+        _write_metrics(result, args)
+    n_flagged = len(result.verdict.flagged) if result.verdict is not None else 0
+    print(
+        f"{args.input}: {len(result.scanned)} tensors scanned, {len(result.skipped)} skipped, "
+        f"{n_flagged} flagged: {'SUSPICIOUS' if result.suspicious else 'clean'}"
+    )
+    for name in list(result.verdict.flagged)[:20] if result.verdict is not None else []:
+        print(f"  flagged: {name}")
+    return 1 if result.suspicious else 0
+
+
+def _write_metrics(result: ScanResult, args: argparse.Namespace) -> None:
+    from qcbguard.metrics import QcbguardMetrics, write_textfile
+
+    metrics = QcbguardMetrics()
+    metrics.set_info(adapter="gguf-scan", mode="scan", seed_fingerprint="none")
+    model = Path(args.input).stem
+    for scan in result.scanned:
+        for fmt_name, (score, judged) in scan.results.items():
+            labels = {"model": model, "layer_type": category(scan.name), "format": fmt_name, "mode": "scan"}
+            metrics.detector_distance.labels(**labels).observe(abs(float(score.distance)))
+            metrics.flagged.labels(**labels).inc(int(judged.suspicious))
+            metrics.tensors.labels(**labels).inc()
+    for name, _, reason in result.skipped:
+        metrics.record_skipped(model=model, layer_type=category(name), reason=reason.split(":")[0])
+    write_textfile(metrics, args.metrics_file)
+
+
+def add_scan_parser(sub: Any) -> None:
+    s = sub.add_parser("scan", help="run the tamper detector over a GGUF file's weights")
+    s.add_argument("input", help="GGUF file (full precision, or quantized: reports what it can)")
+    s.add_argument("--report", help="write the per-tensor JSON report here")
+    s.add_argument("--metrics-file", help="write Prometheus metrics here (node_exporter textfile format)")
+    s.add_argument("--all-formats", action="store_true", help="score every registry format, not only GGUF's")
+    s.add_argument("-v", "--verbose", action="store_true")
+    s.set_defaults(func=cmd_scan)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .cli import main
+
+    sys.exit(main(["scan", *sys.argv[1:]]))
