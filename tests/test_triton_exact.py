@@ -38,6 +38,11 @@ CASES: dict[str, tuple[list[tuple[int, int]], int, int | None]] = {
     "fp8_per_block": ([(11, 136)], 8, None),  # 132 x 136: four 128x128 blocks, three of them partial
     "mxfp8": ([(3, 64)], 32, None),
     "mxfp4": ([(3, 64)], 32, None),
+    "q8_0": ([(3, 96)], 32, 127),
+    "q4_0": ([(2, 64)], 32, None),
+    "q4_1": ([(1, 96)], 32, None),
+    "q5_0": ([(2, 32)], 32, None),
+    "q5_1": ([(1, 64)], 32, None),
 }
 
 
@@ -77,3 +82,21 @@ def test_mxfp8_scale_exponent_next_to_powers_of_two():
     x = (torch.rand(amax.numel(), 32, generator=g) * 2 - 1) * amax.unsqueeze(1)
     x[:, 5] = amax
     _check("mxfp8", x.reshape(20, 512), "mxfp8 near powers of two")
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q4_1", "q5_1"])
+def test_gguf_legacy_ties_match_reference(name):
+    """Blocks whose scale is 1/8 exactly, every other element on a k + 0.5 grid point: ggml's truncating casts decide
+    each tie, and the kernel must decide it the same way (hardened: a tie sits at position 0.5)."""
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(SEED)
+    k = torch.randint(0, fmt.qmax, (4, 64), generator=g).float()
+    if fmt.affine:
+        x = (k + 0.5) / 8
+        x.view(4, -1, 32)[..., 0] = 0.0
+        x.view(4, -1, 32)[..., 1] = fmt.qmax / 8
+    else:
+        half = 1 << (fmt.bits - 1)
+        x = (k - half + 0.5) / 8
+        x.view(4, -1, 32)[..., 3] = -half / 8
+    _check(name, x, f"{name} ties")

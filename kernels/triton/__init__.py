@@ -24,6 +24,7 @@ TRITON_FAMILIES: dict[str, tuple[str, str]] = {
     "absmax-int": ("absmax_int", "quantize_absmax_int"),
     "codebook-4bit": ("codebook4", "quantize_codebook4"),
     "fp8-mx": ("fp8_mx", "quantize_fp8_mx"),
+    "gguf-legacy": ("gguf_legacy", "quantize_gguf_legacy"),
 }
 
 

@@ -123,13 +123,18 @@ def codebook4_kernel(
     tl.store(absmax_ptr + block, stored, mask=block < nblocks)
 
 
-def _tables(fmt: Format, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(sorted grid, midpoints, nibble of each entry for v <= 0, for v > 0) on the device, and the nibble of 0.0."""
-    grid = fmt.grid.to(device)
-    mids = fmt._midpoints.to(device)
-    low = fmt._nibble_low.to(torch.int32).to(device)
-    high = fmt._nibble_high.to(torch.int32).to(device)
-    return grid, mids, low, high
+def _tables(fmt: Format, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(sorted grid, midpoints, nibble of each entry for v <= 0, for v > 0, nibble of 0.0), from the format's table.
+
+    A value stored twice (FP4's zero) has its first storage index for v <= 0 and its last for v > 0, as in bnb.
+    """
+    grid = fmt.grid
+    storage = [torch.nonzero(fmt.code == g).flatten() for g in grid]
+    low = torch.stack([s[0] for s in storage]).to(torch.int32)
+    high = torch.stack([s[-1] for s in storage]).to(torch.int32)
+    mids = (grid[:-1] + grid[1:]) / 2
+    zero = int(low[int(torch.searchsorted(grid, torch.tensor(0.0)))])
+    return grid.to(device), mids.to(device), low.to(device), high.to(device), zero
 
 
 def quantize_codebook4(
@@ -141,8 +146,7 @@ def quantize_codebook4(
     src = x.contiguous().reshape(-1)
     src = src.view(torch.int16) if x.dtype == torch.bfloat16 else src
     nblocks = -(-n // _BLOCK)
-    grid, mids, low, high = _tables(fmt, x.device)
-    zero_nibble = int(fmt._nibble_low[int(torch.searchsorted(fmt.grid, torch.tensor(0.0)))])
+    grid, mids, low, high, zero_nibble = _tables(fmt, x.device)
     packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     blocks = 16
