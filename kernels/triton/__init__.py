@@ -30,7 +30,10 @@ TRITON_FAMILIES: dict[str, tuple[str, str]] = {
 
 def triton_available() -> bool:
     """True when the `triton` package can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as absent
+        return False
 
 
 def supports(fmt: Format) -> bool:

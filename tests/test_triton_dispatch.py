@@ -1,0 +1,103 @@
+"""The dispatch: which backend runs, what it refuses, and that qcbguard_kernels works without Triton installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from qcbguard_kernels import NonFiniteInputError, UnsupportedInputError, get_format
+from qcbguard_kernels.dispatch import pick_backend, quantize_packed
+from qcbguard_kernels.triton import TRITON_FAMILIES, supports
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _x(rows: int = 2, cols: int = 64) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02
+
+
+def test_cpu_tensors_take_the_reference_by_default(monkeypatch):
+    monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
+    assert pick_backend(_x(), get_format("q4_0")) == "reference"
+    monkeypatch.setenv("QCBGUARD_BACKEND", "reference")
+    assert pick_backend(_x(), get_format("q4_0")) == "reference"
+
+
+def test_unknown_backends_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pick_backend(_x(), get_format("q4_0"), "cuda")
+    monkeypatch.setenv("QCBGUARD_BACKEND", "fast")
+    with pytest.raises(ValueError, match="QCBGUARD_BACKEND"):
+        pick_backend(_x(), get_format("q4_0"))
+
+
+def test_every_family_but_the_k_quants_has_a_kernel():
+    assert set(TRITON_FAMILIES) == {"absmax-int", "codebook-4bit", "fp8-mx", "gguf-legacy"}
+    assert not supports(get_format("q4_k"))
+
+
+def test_forced_triton_refuses_what_it_cannot_run(monkeypatch):
+    pytest.importorskip("triton")
+    with pytest.raises(UnsupportedInputError, match="no Triton kernel covers q4_k"):
+        pick_backend(_x(1, 256), get_format("q4_k"), "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(UnsupportedInputError, match="TRITON_INTERPRET=1"):
+            pick_backend(_x(), get_format("q8_0"), "triton")
+
+
+def test_k_quants_fall_back_to_the_reference(monkeypatch):
+    monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
+    fmt, x = get_format("q6_k"), _x(2, 256)
+    assert torch.equal(quantize_packed(x, fmt).tensors["blocks"], fmt.quantize(x).tensors["blocks"])
+
+
+def test_triton_path_validates_before_launching(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = _x()
+    x[1, 3] = float("nan")
+    with pytest.raises(NonFiniteInputError):
+        quantize_packed(x, get_format("q8_0"), "w", backend="triton")
+    with pytest.raises(UnsupportedInputError, match="not a multiple of 32"):
+        quantize_packed(_x(2, 40), get_format("q8_0"), "w", backend="triton")
+    with pytest.raises(ValueError, match="row_offset"):
+        quantize_packed(_x(), get_format("q8_0"), "w", row_offset=-1)
+
+
+def test_qcbguard_kernels_imports_and_quantizes_without_triton():
+    """With `triton` unimportable, the package, the dispatch and the reference path all work; forcing Triton fails
+    with a message that says why."""
+    script = textwrap.dedent(
+        """
+        import sys
+        class _NoTriton:
+            def find_spec(self, name, path=None, target=None):
+                if name == "triton" or name.startswith("triton."):
+                    raise ModuleNotFoundError("No module named 'triton'")
+                return None
+        sys.meta_path.insert(0, _NoTriton())
+        import torch
+        from qcbguard_kernels import get_format, UnsupportedInputError
+        from qcbguard_kernels.dispatch import quantize_packed
+        from qcbguard_kernels.hardening import DeploymentSeed
+        x = torch.randn(2, 64)
+        q = quantize_packed(x, get_format("q4_0"), "w", DeploymentSeed.fresh())
+        assert q.tensors["blocks"].shape == (2, 36)
+        try:
+            quantize_packed(x, get_format("q4_0"), "w", backend="triton")
+        except UnsupportedInputError as err:
+            assert "not installed" in str(err)
+        else:
+            raise SystemExit("forced triton without triton did not refuse")
+        assert "triton" not in sys.modules
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
