@@ -37,7 +37,7 @@ def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     types = [2, 3, 3] + [6] * 256
     words = ["▁the", "▁a", "▁of", "▁and", "▁to", "▁in", "▁is", "▁it", "▁hello", "▁world", "▁model", "▁quant"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"▁{chr(c)}" for c in range(ord("a"), ord("z") + 1)]
-    pieces = words + letters
+    pieces = list(dict.fromkeys(words + letters))  # token strings must be unique
     i = 0
     while len(tokens) < n_vocab:
         piece = pieces[i] if i < len(pieces) else f"▁w{i}"
