@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ..formats.base import Format, QuantizedTensor
 from .common import (
+    EXACT_LAUNCH,
     choose_code,
     clamp_keep_nan,
     collapse_outside,
@@ -214,7 +215,7 @@ def quantize_absmax_int(
         DTYPE=dtype,
         CHUNK=chunk,
         HARDEN=key is not None,
-        enable_fp_fusion=False,
+        **EXACT_LAUNCH,
     )
     if rule == RULE_BNB:
         return QuantizedTensor(fmt.name, x.shape, {"int8": q, "row_stats": scale_out})

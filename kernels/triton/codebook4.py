@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..formats.base import Format, QuantizedTensor
 from ..formats.bnb import quantize_dynamic_blockwise
-from .common import choose_code, clamp_keep_nan, dtype_code, load_f32
+from .common import EXACT_LAUNCH, choose_code, clamp_keep_nan, dtype_code, load_f32
 
 __all__ = ["quantize_codebook4"]
 
@@ -169,7 +169,7 @@ def quantize_codebook4(
         DTYPE=dtype_code(x.dtype),
         BLOCKS=blocks,
         HARDEN=key is not None,
-        enable_fp_fusion=False,
+        **EXACT_LAUNCH,
     )
     if not fmt.double_quant:
         return QuantizedTensor(fmt.name, x.shape, {"weight": packed, "absmax": absmax})

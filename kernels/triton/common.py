@@ -22,6 +22,7 @@ __all__ = [
     "DTYPE_BF16",
     "DTYPE_FP16",
     "DTYPE_FP32",
+    "EXACT_LAUNCH",
     "c_roundf",
     "choose_code",
     "clamp_keep_nan",
@@ -37,6 +38,10 @@ __all__ = [
     "x86_to_int",
     "x86_to_int8",
 ]
+
+# Launch options every kernel here needs on a GPU: no FMA contraction, and no flush-to-zero in the libdevice
+# functions that floor/ceil/abs may lower to (subnormal weights must round as on a CPU). The interpreter ignores both.
+EXACT_LAUNCH = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 DTYPE_FP32 = 0
 DTYPE_FP16 = 1

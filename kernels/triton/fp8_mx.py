@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..formats.base import Format, QuantizedTensor
-from .common import choose_code, clamp_keep_nan, dtype_code, load_f32
+from .common import EXACT_LAUNCH, choose_code, clamp_keep_nan, dtype_code, load_f32
 
 __all__ = ["quantize_fp8_mx"]
 
@@ -252,7 +252,7 @@ def quantize_fp8_mx(fmt: Format, x: torch.Tensor, key: int | None, row_offset: i
     fp8_mx_kernel[grid](
         src, q, scale, amax, hard["key"], rows, cols, row_offset, col_offset,
         GRAN=gran, DTYPE=dtype_code(x.dtype), TR=tr, TC=tc, HARDEN=hard["HARDEN"],
-        enable_fp_fusion=False,
+        **EXACT_LAUNCH,
     )  # fmt: skip
     if gran in (GRAN_MXFP8, GRAN_MXFP4):
         return QuantizedTensor(fmt.name, x.shape, {"weight": q, "scale": scale})

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..formats.base import Format, QuantizedTensor
-from .common import c_roundf, choose_code, dtype_code, integer_cells, load_f32, x86_to_int8
+from .common import EXACT_LAUNCH, c_roundf, choose_code, dtype_code, integer_cells, load_f32, x86_to_int8
 
 __all__ = ["quantize_gguf_legacy"]
 
@@ -144,6 +144,6 @@ def quantize_gguf_legacy(
     gguf_legacy_kernel[(triton.cdiv(nblocks, blocks),)](
         src, out, 0 if key is None else key, nblocks, cols, row_offset, col_offset,
         BITS=fmt.bits, AFFINE=fmt.affine, TYPE_SIZE=fmt.type_size, DTYPE=dtype_code(x.dtype), BLOCKS=blocks,
-        HARDEN=key is not None, enable_fp_fusion=False,
+        HARDEN=key is not None, **EXACT_LAUNCH,
     )  # fmt: skip
     return QuantizedTensor(fmt.name, x.shape, {"blocks": out})
