@@ -91,3 +91,36 @@ def test_unknown_setting_stops_startup(llama, tmp_path):
     done = run_probe(llama, "fp8_per_channel", {"seed_flie": "x"}, tmp_path / "probe.pt")
     assert done.returncode == 3
     assert "unknown qcbguard setting(s) seed_flie" in done.stderr
+
+
+def test_register_is_idempotent_and_adds_the_flag(monkeypatch, tmp_path):
+    """The entry point runs in every process and may run twice in one: each wrapper is applied once, and the flags
+    reach vLLM's own parser and its engine arguments."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.model_executor.layers.quantization import torchao
+    from vllm.model_executor.layers.quantization.online import fp8
+    from vllm.model_executor.model_loader import base_loader
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_qcbguard import register
+    from vllm_qcbguard.compat import is_wrapped
+
+    monkeypatch.setenv("QCBGUARD_METRICS_DIR", str(tmp_path))
+    register()
+    register()
+    wrapped = [
+        fp8._fp8_quant_per_channel,
+        fp8.Fp8PtpcOnlineLinearMethod.process_weights_after_loading,
+        torchao.torchao_quantize_param_data,
+        torchao.TorchAOLinearMethod.process_weights_after_loading,
+        base_loader.process_weights_after_loading,
+    ]
+    for fn in wrapped:
+        assert is_wrapped(fn) and not is_wrapped(fn.__wrapped__), fn
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(
+        ["--model", "m", "--quantization-hook", "qcbguard", "--quantization-hook-config", '{"mode": "detect-only"}']
+    )
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.additional_config["qcbguard"] == {"mode": "detect-only"}
+    assert AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"])).additional_config.get("qcbguard") is None
