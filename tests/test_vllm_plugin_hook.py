@@ -273,3 +273,38 @@ def test_metrics_from_several_processes_add_up(tmp_path):
     (info,) = [line for line in text.splitlines() if line.startswith("qcbguard_info{")]
     assert info.endswith(" 1.0")
     assert "_created" not in text
+
+
+def _box_attacked(w: torch.Tensor, fmt) -> torch.Tensor:
+    """Every weight moved next to the rounding boundary on its round-to-nearest side (a QCB box pushed to its edge)."""
+    enc = fmt.encode(w, "w")
+    cells = enc.cells
+    lo = fmt.code_values(enc, cells.lower)
+    hi = fmt.code_values(enc, cells.upper)
+    p = torch.where(cells.nearest == cells.lower, 0.45, 0.55)
+    return torch.where(cells.lower == cells.upper, w.float(), lo + p * (hi - lo))
+
+
+def test_detect_only_keeps_vllm_codes_and_refuse_stops_on_a_tampered_tensor():
+    fmt = get_format("fp8_per_channel")
+    w = _weight(64, 256, 9).float()
+    plain = fmt.quantize(w)
+    vllm = {"weight": plain.tensors["weight"], "scale": plain.tensors["scale"]}
+    state = _state(mode="detect-only")
+    job = LayerJob(state, torch.nn.Linear(1, 1), "Fp8PtpcOnlineLinearMethod", fmt, "model.layers.0.mlp.up.weight")
+    kept = harden_against_vllm(job, w, vllm)
+    assert torch.equal(kept.tensors["weight"].view(torch.uint8), plain.tensors["weight"].view(torch.uint8))
+    assert state.reports[0].mode == "detect-only" and state.reports[0].codes_changed == 0
+
+    attacked = _box_attacked(w, fmt)
+    tampered = fmt.quantize(attacked)
+    vllm = {"weight": tampered.tensors["weight"], "scale": tampered.tensors["scale"]}
+    state = _state()
+    job = LayerJob(state, torch.nn.Linear(1, 1), "Fp8PtpcOnlineLinearMethod", fmt, "model.layers.0.mlp.up.weight")
+    harden_against_vllm(job, attacked, vllm)
+    assert state.reports[0].suspicious
+    labels = 'format="fp8_per_channel",layer_type="mlp.up.weight",mode="harden",model="m"'
+    assert f"qcbguard_tensors_flagged_total{{{labels}}} 1.0" in generate_latest(state.metrics.registry).decode()
+    job = LayerJob(_state(on_suspicious="refuse"), torch.nn.Linear(1, 1), "M", fmt, "model.layers.0.mlp.up.weight")
+    with pytest.raises(QcbguardError, match="looks tampered"):
+        harden_against_vllm(job, attacked, vllm)
