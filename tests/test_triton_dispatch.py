@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from qcbguard_kernels import NonFiniteInputError, UnsupportedInputError, get_format
+from qcbguard_kernels import NonFiniteInputError, UnsupportedInputError, format_names, get_format
 from qcbguard_kernels.dispatch import pick_backend, quantize_packed
 from qcbguard_kernels.triton import TRITON_FAMILIES, supports
 
@@ -35,9 +35,10 @@ def test_unknown_backends_are_refused(monkeypatch):
         pick_backend(_x(), get_format("q4_0"))
 
 
-def test_every_family_but_the_k_quants_has_a_kernel():
-    assert set(TRITON_FAMILIES) == {"absmax-int", "codebook-4bit", "fp8-mx", "gguf-legacy"}
-    assert not supports(get_format("q4_k"))
+def test_every_format_but_four_k_quants_has_a_kernel():
+    assert set(TRITON_FAMILIES) == {"absmax-int", "codebook-4bit", "fp8-mx", "gguf-legacy", "gguf-kquant"}
+    missing = {name for name in format_names() if not supports(get_format(name))}
+    assert missing == {"q2_k", "q3_k", "q4_k", "q5_k"}
 
 
 def test_forced_triton_refuses_what_it_cannot_run(monkeypatch):

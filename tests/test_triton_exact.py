@@ -100,3 +100,10 @@ def test_gguf_legacy_ties_match_reference(name):
         x = (k - half + 0.5) / 8
         x.view(4, -1, 32)[..., 3] = -half / 8
     _check(name, x, f"{name} ties")
+
+
+def test_q6_k_matches_reference():
+    """Q6_K's scale search (19 candidate scales, C-order sums) and its bit planes, on every awkward case stacked into
+    one 256-column tensor per dtype (the interpreter runs one super-block per program: kept small)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        _check("q6_k", awkward_input(1, 256, 16, dtype, SEED), f"q6_k {dtype}")

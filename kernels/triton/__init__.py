@@ -25,7 +25,10 @@ TRITON_FAMILIES: dict[str, tuple[str, str]] = {
     "codebook-4bit": ("codebook4", "quantize_codebook4"),
     "fp8-mx": ("fp8_mx", "quantize_fp8_mx"),
     "gguf-legacy": ("gguf_legacy", "quantize_gguf_legacy"),
+    "gguf-kquant": ("gguf_kquant", "quantize_gguf_kquant"),
 }
+#: families whose kernel covers only some formats (the others dispatch to the reference)
+_PARTIAL: dict[str, frozenset[str]] = {"gguf-kquant": frozenset({"q6_k"})}
 
 
 def triton_available() -> bool:
@@ -38,7 +41,9 @@ def triton_available() -> bool:
 
 def supports(fmt: Format) -> bool:
     """True when a Triton kernel covers this format."""
-    return fmt.family in TRITON_FAMILIES
+    if fmt.family not in TRITON_FAMILIES:
+        return False
+    return fmt.name in _PARTIAL.get(fmt.family, frozenset({fmt.name}))
 
 
 def quantize_triton(
