@@ -28,7 +28,7 @@ TRITON_FAMILIES: dict[str, tuple[str, str]] = {
     "gguf-kquant": ("gguf_kquant", "quantize_gguf_kquant"),
 }
 #: families whose kernel covers only some formats (the others dispatch to the reference)
-_PARTIAL: dict[str, frozenset[str]] = {"gguf-kquant": frozenset({"q6_k"})}
+_PARTIAL: dict[str, frozenset[str]] = {"gguf-kquant": frozenset({"q3_k", "q6_k"})}
 
 
 def triton_available() -> bool:

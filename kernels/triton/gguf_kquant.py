@@ -1,4 +1,4 @@
-"""GGUF k-quant family in Triton: Q6_K today (the symmetric search); Q2_K..Q5_K still dispatch to the reference.
+"""GGUF k-quant family in Triton: the symmetric types Q3_K and Q6_K; Q2_K, Q4_K, Q5_K still dispatch to the reference.
 
 One program quantizes one 256-weight super-block, held as a (2, 4, 32) tile (half, quarter, lane: the order of
 Q6_K's bit planes) and viewed as (16, 16) (sub-block, element) for the searches. Exactly ggml's
@@ -29,7 +29,7 @@ from .common import EXACT_LAUNCH, choose_code, dtype_code, integer_cells, load_f
 
 __all__ = ["KQUANT_KERNEL_FORMATS", "quantize_gguf_kquant"]
 
-KQUANT_KERNEL_FORMATS = frozenset({"q6_k"})
+KQUANT_KERNEL_FORMATS = frozenset({"q3_k", "q6_k"})
 GROUP_MAX_EPS = tl.constexpr(float(np.float32(1e-15)))
 NEAREST_INT_LIMIT = tl.constexpr(4194303.0)
 
@@ -71,27 +71,20 @@ def _pick(t, cand, k):
 
 
 @triton.jit
-def q6_k_kernel(
-    x_ptr, out_ptr, factor_ptr, key, cols, row_offset, col_offset, DTYPE: tl.constexpr, HARDEN: tl.constexpr
-):
-    sb = tl.program_id(0)
-    per_row = cols // 256
-    row = sb // per_row
-    first_col = (sb % per_row) * 256
-    h = tl.arange(0, 2)[:, None, None]
-    q = tl.arange(0, 4)[None, :, None]
-    lane = tl.arange(0, 32)[None, None, :]
-    e3 = h * 128 + q * 32 + lane  # element of the super-block, in Q6_K's plane order
-    x3 = load_f32(x_ptr, sb.to(tl.int64) * 256 + e3, e3 < 256, DTYPE)
-    x = tl.reshape(x3, (16, 16))  # row s = sub-block (e // 16), column = e % 16
-    lanes = tl.arange(0, 16)[None, :]
+def _first_abs_max(v, lanes, AXIS: tl.constexpr):
+    """(amax, max) as C's `if (fabsf(v) > amax) { amax = fabsf(v); max = v; }` from 0: the first element of largest
+    magnitude with its sign (read through its bits); zeros and NaN never win, so max stays +0.0 without a winner."""
+    a = tl.where(v == v, tl.abs(v), 0.0)
+    amax = tl.max(a, axis=AXIS)
+    top = tl.expand_dims(amax, AXIS)
+    first = tl.expand_dims(tl.min(tl.where((a == top) & (a > 0.0), lanes, 16), axis=AXIS), AXIS)
+    bits = tl.sum(tl.where(lanes == first, v.to(tl.int32, bitcast=True), 0), axis=AXIS)
+    return amax, tl.where(amax > 0.0, bits.to(tl.float32, bitcast=True), 0.0)
 
-    # 1. per sub-block search (make_qx_quants, rmse_type 1)
-    ax = tl.abs(x)
-    amax = tl.max(ax, axis=1)
-    first = tl.min(tl.where((ax == amax[:, None]) & (ax > 0.0), lanes, 16), axis=1)
-    mx = tl.sum(tl.where(lanes == first[:, None], x.to(tl.int32, bitcast=True), 0), axis=1).to(tl.float32, bitcast=True)
-    mx = tl.where(amax > 0.0, mx, 0.0)
+
+@triton.jit
+def _search_q6(x, mx, factor_ptr):
+    """make_qx_quants(16, 32, rmse_type 1) for 16 sub-blocks: (scale, codes L = l + 32)."""
     w = x * x
     wx = w * x
     # all 19 candidate scales at once: (candidate, sub-block, element); the choice among them stays sequential
@@ -112,62 +105,150 @@ def q6_k_kernel(
         chosen = tl.where(better, k, chosen)
         scale = tl.where(better, tl.math.div_rn(slx, tl.where(better, sl2, 1.0)), scale)
         best = tl.where(better, scale * slx, best)
-    best_l = tl.sum(tl.where(cand[:, :, None] == chosen[None, :, None], lv, 0), axis=0) + 32
+    return scale, tl.sum(tl.where(cand[:, :, None] == chosen[None, :, None], lv, 0), axis=0) + 32
+
+
+@triton.jit
+def _search_q3(x, mx, lanes):
+    """make_q3_quants(16, 4, do_rmse) for 16 sub-blocks: 5 coordinate-descent sweeps over the elements in order."""
+    w = x * x
+    wx = w * x
+    iscale = tl.math.div_rn(tl.full((16,), -4.0, tl.float32), mx)
+    lf = tl.minimum(tl.maximum(_nearest_int(iscale[:, None] * x), -4), 3).to(tl.float32)
+    zero = tl.zeros((16, 16), tl.float32)
+    sumlx = tl.zeros((16,), tl.float32)
+    suml2 = tl.zeros((16,), tl.float32)
+    for j in tl.static_range(16):
+        sumlx = sumlx + tl.sum(tl.where(lanes == j, wx * lf, 0.0), axis=1)
+        suml2 = suml2 + tl.sum(tl.where(lanes == j, (w * lf) * lf, 0.0), axis=1)
+    for _sweep in tl.static_range(5):
+        for i in tl.static_range(16):
+            at = lanes == i
+            xi = tl.sum(tl.where(at, x, zero), axis=1)
+            wi = tl.sum(tl.where(at, w, zero), axis=1)
+            wxi = tl.sum(tl.where(at, wx, zero), axis=1)
+            li = tl.sum(tl.where(at, lf, zero), axis=1)
+            slx = sumlx - wxi * li
+            sl2 = suml2 - (wi * li) * li
+            new_l = tl.minimum(tl.maximum(_nearest_int(tl.math.div_rn(xi * sl2, slx)), -4), 3).to(tl.float32)
+            slx_new = slx + wxi * new_l
+            sl2_new = sl2 + (wi * new_l) * new_l
+            take = (slx > 0.0) & (new_l != li) & (sl2_new > 0.0)
+            take = take & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
+            lf = tl.where(at & take[:, None], new_l[:, None], lf)
+            sumlx = tl.where(take, slx_new, sumlx)
+            suml2 = tl.where(take, sl2_new, suml2)
+    scale = tl.where(suml2 > 0.0, tl.math.div_rn(sumlx, tl.where(suml2 > 0.0, suml2, 1.0)), 0.0)
+    return scale, lf.to(tl.int32) + 4
+
+
+@triton.jit
+def symmetric_kquant_kernel(
+    x_ptr,
+    out_ptr,
+    factor_ptr,
+    key,
+    cols,
+    row_offset,
+    col_offset,
+    BITS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    HARDEN: tl.constexpr,
+):
+    H: tl.constexpr = 1 << (BITS - 1)  # the code that stands for zero: 4 (Q3_K) or 32 (Q6_K)
+    TYPE_SIZE: tl.constexpr = 110 if BITS == 3 else 210
+    sb = tl.program_id(0)
+    per_row = cols // 256
+    row = sb // per_row
+    first_col = (sb % per_row) * 256
+    h = tl.arange(0, 2)[:, None, None]
+    q = tl.arange(0, 4)[None, :, None]
+    lane = tl.arange(0, 32)[None, None, :]
+    e3 = h * 128 + q * 32 + lane  # element of the super-block, in the bit planes' order
+    x3 = load_f32(x_ptr, sb.to(tl.int64) * 256 + e3, e3 < 256, DTYPE)
+    x = tl.reshape(x3, (16, 16))  # row s = sub-block (e // 16), column = e % 16
+    lanes = tl.arange(0, 16)[None, :]
+    sidx = tl.arange(0, 16)
+
+    # 1. per sub-block search
+    amax, mx = _first_abs_max(x, lanes, 1)
+    if BITS == 6:
+        scale, best_l = _search_q6(x, mx, factor_ptr)
+    else:
+        scale, best_l = _search_q3(x, mx, lanes)
     all_zero = amax < GROUP_MAX_EPS
     scale = tl.where(all_zero, 0.0, scale)
     best_l = tl.where(all_zero[:, None], 0, best_l)
 
     # 2. sub-block scales against the super-block's first largest |scale|
-    sidx = tl.arange(0, 16)
-    a = tl.where(scale == scale, tl.abs(scale), 0.0)
-    max_abs = tl.max(a, axis=0)
-    hit = tl.min(tl.where((a == max_abs) & (a > 0.0), sidx, 16), axis=0)
-    max_scale = tl.sum(tl.where(sidx == hit, scale.to(tl.int32, bitcast=True), 0), axis=0).to(tl.float32, bitcast=True)
-    max_scale = tl.where(max_abs > 0.0, max_scale, 0.0)
-    empty = max_abs < GROUP_MAX_EPS
-    iscale2 = tl.math.div_rn(-128.0, max_scale)
-    qs = tl.minimum(_nearest_int(iscale2 * scale), 127)
-    sc = ((qs & 0xFF) ^ 0x80) - 0x80
-    sc = tl.where(empty, 0, sc)
-    d16 = tl.where(empty, 0.0, tl.math.div_rn(1.0, iscale2)).to(tl.float16)
+    max_abs, max_scale = _first_abs_max(scale, sidx, 0)
+    if BITS == 6:
+        empty = max_abs < GROUP_MAX_EPS  # the whole super-block is written as zero bytes
+        iscale = tl.math.div_rn(-128.0, max_scale)
+        qs = tl.minimum(_nearest_int(iscale * scale), 127)
+        sc = tl.where(empty, 0, ((qs & 0xFF) ^ 0x80) - 0x80)
+        d16 = tl.where(empty, 0.0, tl.math.div_rn(1.0, iscale)).to(tl.float16)
+        search = tl.where(empty, 0, best_l)
+        kept = tl.zeros((16,), tl.int32) + empty.to(tl.int32) > 0
+    else:
+        has_scale = max_scale != 0.0
+        iscale = tl.math.div_rn(-32.0, max_scale)
+        qs = _nearest_int(iscale * scale)
+        stored = tl.minimum(tl.maximum(((qs & 0xFF) ^ 0x80) - 0x80, -32), 31) + 32
+        stored = tl.where(has_scale, stored, 0)  # memset: stored 0, sc = -32
+        sc = stored - 32
+        d16 = tl.where(has_scale, tl.math.div_rn(1.0, iscale), 0.0).to(tl.float16)
+        search = best_l
+        kept = tl.zeros((16,), tl.int32) > 0
     sub_d = d16.to(tl.float32) * sc.to(tl.float32)
+    kept = kept | (sub_d == 0.0)  # C: `if (!d) continue;` keeps the search's codes (a NaN sub_d is not skipped)
 
-    # 3. every weight on the final grid, then the cell draw
-    kept = ((sub_d == 0.0).to(tl.int32) + empty.to(tl.int32)) > 0
-    search = tl.where(empty, 0, best_l)
+    # 3. every weight on the final grid (true division), then the cell draw
     u = tl.math.div_rn(x, sub_d[:, None])
-    nearest = tl.where(kept[:, None], search, tl.minimum(tl.maximum(_nearest_int(u), -32), 31) + 32)
+    nearest = tl.where(kept[:, None], search, tl.minimum(tl.maximum(_nearest_int(u), -H), H - 1) + H)
     degenerate = kept[:, None] | (~(tl.abs(u) <= NEAREST_INT_LIMIT))
-    u = tl.where(degenerate, (nearest - 32).to(tl.float32), u)
-    lower, upper, position = integer_cells(u, nearest - 32, -32, 31)
+    u = tl.where(degenerate, (nearest - H).to(tl.float32), u)
+    lower, upper, position = integer_cells(u, nearest - H, -H, H - 1)
     e = tl.reshape(e3, (16, 16))
     code = choose_code(
-        lower + 32, upper + 32, position, nearest, key, row + row_offset, first_col + e + col_offset, HARDEN
+        lower + H, upper + H, position, nearest, key, row + row_offset, first_col + e + col_offset, HARDEN
     )
 
-    # bytes: ql (128) | qh (64) | scales (16) | d (2)
     c3 = tl.reshape(code, (2, 4, 32))
-    base = sb.to(tl.int64) * 210
-    pair = tl.reshape(c3, (2, 2, 2, 32))  # (half, quarter // 2, quarter % 2, lane)
-    lo, hi = tl.split(tl.permute(pair, (0, 2, 3, 1)))  # quarters q and q + 2 (elements e and e + 64)
-    hh = tl.arange(0, 2)[:, None, None]
-    qq = tl.arange(0, 2)[None, :, None]
-    ll = tl.arange(0, 32)[None, None, :]
-    tl.store(out_ptr + base + hh * 64 + qq * 32 + ll, ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8))
-    qh = tl.sum(((c3 >> 4) & 3) << (2 * q), axis=1)
+    base = sb.to(tl.int64) * TYPE_SIZE
     h2 = tl.arange(0, 2)[:, None]
     l2 = tl.arange(0, 32)[None, :]
-    tl.store(out_ptr + base + 128 + h2 * 32 + l2, qh.to(tl.uint8))
-    tl.store(out_ptr + base + 192 + sidx, sc.to(tl.int8).to(tl.uint8, bitcast=True))
+    if BITS == 6:
+        # ql (128) | qh (64) | scales (16 int8) | d
+        pair = tl.reshape(c3, (2, 2, 2, 32))  # (half, quarter // 2, quarter % 2, lane)
+        lo, hi = tl.split(tl.permute(pair, (0, 2, 3, 1)))  # quarters q and q + 2 (elements e and e + 64)
+        hh = tl.arange(0, 2)[:, None, None]
+        qq = tl.arange(0, 2)[None, :, None]
+        ll = tl.arange(0, 32)[None, None, :]
+        tl.store(out_ptr + base + hh * 64 + qq * 32 + ll, ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8))
+        tl.store(out_ptr + base + 128 + h2 * 32 + l2, tl.sum(((c3 >> 4) & 3) << (2 * q), axis=1).to(tl.uint8))
+        tl.store(out_ptr + base + 192 + sidx, sc.to(tl.int8).to(tl.uint8, bitcast=True))
+        d_at = base + 208
+    else:
+        # hmask (32: bit 4h+q of byte l = bit 2 of code 128h + 32q + l) | qs (64) | scales (12, 6-bit) | d
+        hmask = tl.sum(tl.sum(((c3 >> 2) & 1) << (4 * h + q), axis=1), axis=0)
+        tl.store(out_ptr + base + tl.arange(0, 32), hmask.to(tl.uint8))
+        tl.store(out_ptr + base + 32 + h2 * 32 + l2, tl.sum((c3 & 3) << (2 * q), axis=1).to(tl.uint8))
+        s_lo, s_hi = tl.split(tl.permute(tl.reshape(stored, (2, 8)), (1, 0)))  # scales j and j + 8
+        tl.store(out_ptr + base + 96 + tl.arange(0, 8), ((s_lo & 0xF) | ((s_hi & 0xF) << 4)).to(tl.uint8))
+        quad = tl.reshape(stored, (4, 4))  # (i, j): scale 4i + j
+        shifts = 2 * tl.arange(0, 4)[:, None]
+        tl.store(out_ptr + base + 104 + tl.arange(0, 4), tl.sum(((quad >> 4) & 3) << shifts, axis=0).to(tl.uint8))
+        d_at = base + 108
     dbits = d16.to(tl.uint16, bitcast=True).to(tl.int32)
-    tl.store(out_ptr + base + 208, (dbits & 0xFF).to(tl.uint8))
-    tl.store(out_ptr + base + 209, (dbits >> 8).to(tl.uint8))
+    tl.store(out_ptr + d_at, (dbits & 0xFF).to(tl.uint8))
+    tl.store(out_ptr + d_at + 1, (dbits >> 8).to(tl.uint8))
 
 
 def quantize_gguf_kquant(
     fmt: Format, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
 ) -> QuantizedTensor:
-    """Launch the Q6_K kernel for a validated tensor; (rows, row_bytes) uint8 as ggml_quantize_chunk writes."""
+    """Launch the symmetric k-quant kernel (Q3_K, Q6_K) for a validated tensor: ggml_quantize_chunk's bytes."""
     if fmt.name not in KQUANT_KERNEL_FORMATS:
         raise ValueError(f"no Triton kernel for {fmt.name}")
     cols = x.shape[-1]
@@ -176,8 +257,8 @@ def quantize_gguf_kquant(
     src = src.view(torch.int16) if x.dtype == torch.bfloat16 else src
     out = torch.empty(rows, (cols // 256) * fmt.type_size, dtype=torch.uint8, device=x.device)
     factors = _candidate_factors().to(x.device)
-    q6_k_kernel[(x.numel() // 256,)](
+    symmetric_kquant_kernel[(x.numel() // 256,)](
         src, out, factors, 0 if key is None else key, cols, row_offset, col_offset,
-        DTYPE=dtype_code(x.dtype), HARDEN=key is not None, **EXACT_LAUNCH,
+        BITS=fmt.bits, DTYPE=dtype_code(x.dtype), HARDEN=key is not None, **EXACT_LAUNCH,
     )  # fmt: skip
     return QuantizedTensor(fmt.name, x.shape, {"blocks": out})
