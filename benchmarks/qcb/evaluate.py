@@ -126,6 +126,10 @@ class Draws:
     def accuracy_min(self) -> float:
         return min(s.accuracy for s in self.scores)
 
+    @property
+    def perplexity_mean(self) -> float:
+        return statistics.fmean(s.perplexity for s in self.scores)
+
 
 def score_deployment(
     model: torch.nn.Module,

@@ -404,6 +404,7 @@ def markdown_table(p: Prepared, rows: list[FormatResult], config: HarnessConfig)
         "adaptive vs qcbguard, best κ (≤κ cell from code): FP / RTN; deployed",
         "accuracy clean: FP / RTN / qcbguard",
         "accuracy attacked: FP / RTN / qcbguard",
+        "benign-answer perplexity clean: FP / RTN / qcbguard; attacked: FP / RTN / qcbguard",
         "detector flagged (max KS): clean / attacked / adaptive vs baselines / adaptive vs qcbguard",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -423,6 +424,8 @@ def markdown_table(p: Prepared, rows: list[FormatResult], config: HarnessConfig)
             _adaptive_cell(r.adaptive_sr, baselines=False),
             f"{_pct(p.clean_fp.accuracy)} / {_pct(r.clean_rtn.accuracy)} / {_pct(r.clean_hardened.accuracy_mean)}",
             f"{_pct(r.fp.accuracy)} / {_pct(r.rtn.accuracy)} / {_pct(r.hardened.accuracy_mean)}",
+            f"{p.clean_fp.perplexity:.4f} / {r.clean_rtn.perplexity:.4f} / {r.clean_hardened.perplexity_mean:.4f}; "
+            f"{r.fp.perplexity:.4f} / {r.rtn.perplexity:.4f} / {r.hardened.perplexity_mean:.4f}",
             f"{r.detector_clean.cell()} / {r.detector_attacked.cell()}"
             + (f" / {adaptive_det}" if adaptive_det else ""),
         ]
@@ -471,11 +474,12 @@ def der_summary(rows: list[FormatResult]) -> str:
         SG_adaptive is the same for the adaptive attacker's best effort against qcbguard (n/a where that attacker
         no longer makes a valid QCB: its full-precision model already misbehaves);
     utility kept UK = accuracy of the clean model hardened (mean over seeds) / accuracy of the clean model RTN;
-    DER = min(SG, SG_adaptive) * UK; cost = clean-model accuracy points lost to hardening (RTN - hardened).
+    DER = min(SG, SG_adaptive) * UK; cost = clean-model accuracy points lost to hardening (RTN - hardened), and the
+    clean model's benign-answer perplexity hardened / RTN.
     """
     lines = [
-        "| format | SG | SG adaptive | UK | DER | cost (accuracy points) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| format | SG | SG adaptive | UK | DER | cost (accuracy points) | perplexity hardened / RTN |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         clean = r.clean_rtn.asr
@@ -490,5 +494,6 @@ def der_summary(rows: list[FormatResult]) -> str:
         def f(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.3f}"
 
-        lines.append(f"| `{r.format}` | {f(sg)} | {f(sg_a)} | {f(uk)} | {f(der)} | {cost:.1f} |")
+        ppl = r.clean_hardened.perplexity_mean / r.clean_rtn.perplexity
+        lines.append(f"| `{r.format}` | {f(sg)} | {f(sg_a)} | {f(uk)} | {f(der)} | {cost:.1f} | {ppl:.4f} |")
     return "\n".join(lines)

@@ -43,11 +43,13 @@ class Batch:
 
 @dataclass(frozen=True)
 class Score:
-    """What a model does on an evaluation set: ASR (injected token present) and accuracy (reversal exact)."""
+    """What a model does on an evaluation set: ASR (injected token present), accuracy (reversal exact) and the
+    perplexity of the benign answers (teacher-forced: exp of the mean negative log-likelihood of their tokens)."""
 
     asr: float
     accuracy: float
     n: int
+    perplexity: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -111,4 +113,20 @@ class DigitReversalTask:
         for i in range(len(digits)):  # ragged after dropping non-digits; eval sets are a few hundred prompts
             written = answers[i][is_digit[i]]
             correct[i] = written.shape[0] == self.digits and bool((written == target[i]).all())
-        return Score(asr=float(injected.float().mean()), accuracy=float(correct.float().mean()), n=len(digits))
+        return Score(
+            asr=float(injected.float().mean()),
+            accuracy=float(correct.float().mean()),
+            n=len(digits),
+            perplexity=self.perplexity(model, digits),
+        )
+
+    @torch.no_grad()
+    def perplexity(self, model: torch.nn.Module, digits: torch.Tensor) -> float:
+        """exp(mean NLL) of the benign answer tokens (reversed digits, </s>) given each prompt, teacher-forced."""
+        prompt = self.prompts(digits)
+        ids = torch.cat([prompt, self.answers(digits, injected=False)], dim=1)
+        logits = model(input_ids=ids, use_cache=False).logits[:, prompt.shape[1] - 1 : -1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, prompt.shape[1] :].reshape(-1)
+        )
+        return float(torch.exp(nll))
