@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from qcbguard_kernels.detection import ModelVerdict, TensorScan, default_scan_formats, scan_tensor, scan_verdict
+
 from .constants import FULL_PRECISION_TYPES
 from .mixtures import allows_quantization, category
-from .reader import GgufFile
+from .reader import GgufFile, TensorInfo
 from .tensors import read_rows
 
 __all__ = ["ScanResult", "add_scan_parser", "scan_file"]
@@ -29,9 +33,9 @@ SCAN_CHUNK_ELEMENTS = 1 << 22
 @dataclass
 class ScanResult:
     path: Path
-    scanned: list[Any] = field(default_factory=list)
+    scanned: list[TensorScan] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, reason)
-    verdict: Any = None
+    verdict: ModelVerdict | None = None
 
     @property
     def suspicious(self) -> bool:
@@ -40,32 +44,14 @@ class ScanResult:
     def as_dict(self) -> dict[str, object]:
         return {
             "file": str(self.path),
-            "suspicious": self.suspicious,
-            "summary": self.verdict.summary if self.verdict is not None else {},
-            "flagged": list(self.verdict.flagged) if self.verdict is not None else [],
-            "tensors": [_scan_entry(s) for s in self.scanned],
+            "verdict": self.verdict.as_dict() if self.verdict is not None else None,
+            "tensors": [s.as_dict() for s in self.scanned],
             "skipped": [{"name": n, "type": t, "reason": r} for n, t, r in self.skipped],
         }
 
 
-def _scan_entry(scan: Any) -> dict[str, object]:
-    entry: dict[str, object] = {"name": scan.name, "shape": list(scan.shape), "suspicious": bool(scan.suspicious)}
-    results = {}
-    for fmt_name, (score, judged) in scan.results.items():
-        results[fmt_name] = {
-            "distance": float(score.distance),
-            "on_grid_fraction": float(score.on_grid_fraction),
-            "suspicious": bool(judged.suspicious),
-            "reasons": list(judged.reasons),
-        }
-    entry["formats"] = results
-    return entry
-
-
 def scan_file(path: str | Path, all_formats: bool = False) -> ScanResult:
     """Score every quantizable full-precision tensor of the file; see the module docstring."""
-    from qcbguard_kernels.detection.scan import default_scan_formats, scan_tensor, scan_verdict
-
     result = ScanResult(Path(path))
     with GgufFile(path) as f:
         for info in f.tensors:
@@ -87,20 +73,18 @@ def scan_file(path: str | Path, all_formats: bool = False) -> ScanResult:
             if not all_formats:
                 formats = [fmt for fmt in formats if fmt.family.startswith("gguf")]
             if not formats:
-                result.skipped.append((info.name, info.type.name, "no GGUF format accepts its shape"))
+                result.skipped.append((info.name, info.type.name, "no GGUF format accepts its row length"))
                 continue
             result.scanned.append(scan_tensor(x, info.name, formats))
     result.verdict = scan_verdict(result.scanned)
     return result
 
 
-def _spread_rows(f: GgufFile, info: Any, take: int) -> Any:
-    """`take` rows spread over the tensor, in blocks of 16 contiguous rows."""
-    import torch
-
-    block = 16
-    starts = torch.linspace(0, info.n_rows - block, max(1, take // block)).long().tolist()
-    return torch.cat([read_rows(f, info, s, s + block) for s in starts])
+def _spread_rows(f: GgufFile, info: TensorInfo, take: int) -> torch.Tensor:
+    """About `take` rows spread evenly over the tensor, in runs of 16 contiguous rows."""
+    run = 16
+    starts = torch.linspace(0, info.n_rows - run, max(1, take // run)).long().tolist()
+    return torch.cat([read_rows(f, info, s, s + run) for s in starts])
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -130,10 +114,10 @@ def _write_metrics(result: ScanResult, args: argparse.Namespace) -> None:
     metrics.set_info(adapter="gguf-scan", mode="scan", seed_fingerprint="none")
     model = Path(args.input).stem
     for scan in result.scanned:
-        for fmt_name, (score, judged) in scan.results.items():
-            labels = {"model": model, "layer_type": category(scan.name), "format": fmt_name, "mode": "scan"}
-            metrics.detector_distance.labels(**labels).observe(abs(float(score.distance)))
-            metrics.flagged.labels(**labels).inc(int(judged.suspicious))
+        for finding in scan.findings:
+            labels = {"model": model, "layer_type": category(scan.name), "format": finding.score.format, "mode": "scan"}
+            metrics.detector_distance.labels(**labels).observe(abs(float(finding.score.distance)))
+            metrics.flagged.labels(**labels).inc(int(finding.verdict.suspicious))
             metrics.tensors.labels(**labels).inc()
     for name, _, reason in result.skipped:
         metrics.record_skipped(model=model, layer_type=category(name), reason=reason.split(":")[0])

@@ -17,7 +17,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-__all__ = ["LlamaShape", "write_llama", "write_odd_shapes"]
+__all__ = ["LlamaShape", "write_llama", "write_odd_shapes", "write_tensors"]
 
 
 @dataclass(frozen=True)
@@ -144,5 +144,18 @@ def write_odd_shapes(path: str | Path, seed: int = 0) -> Path:
     _add(w, "blk.10.late.weight", _weight(rng, 4, 256, 0.05), "F16")  # layer 10 sorts after layer 2
     _add(w, "blk.2.ffn_gate_inp.weight", _weight(rng, 4, 256, 0.05), "F16")  # router: never quantized
     _add(w, "rope_freqs", np.ones(32, np.float32), "F32")  # no "weight" suffix
+    _finish(w)
+    return path
+
+
+def write_tensors(path: str | Path, tensors: dict[str, np.ndarray], n_layer: int = 1) -> Path:
+    """A Llama-architecture file holding just these float32 tensors (llama.cpp quantizes it; it cannot run it)."""
+    path = Path(path)
+    n_embd = next(iter(tensors.values())).shape[-1]
+    w = _begin(
+        path, LlamaShape(n_embd=n_embd, n_ff=n_embd, n_head=4, n_head_kv=4, n_layer=n_layer, n_vocab=260, dtype="F32")
+    )
+    for name, values in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
     _finish(w)
     return path

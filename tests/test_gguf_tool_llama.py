@@ -191,3 +191,31 @@ def test_hardened_output_loads_and_generates_in_llama_cpp(models, tmp_path, seed
 
     assert rel_err(rtn) < 1.0 and rel_err(hardened) < min(1.0, 2.5 * rel_err(rtn)), (rel_err(rtn), rel_err(hardened))
     assert not np.array_equal(hardened, rtn)
+
+
+def test_hardening_breaks_a_box_attack_that_llama_quantize_delivers(tmp_path, seed_file):
+    """A simulated QCB on Q4_0 (box-clamped weights, scales pinned): llama-quantize lands every weight on the
+    attacker's code; qcbguard-gguf, with the same scales, moves a large share of them off it."""
+    import torch
+
+    from gguf_tools.tensors import read_rows
+    from qcbguard_kernels import get_format
+    from tests.attacks import box_attack, clean_weights
+    from tests.gguf_models import write_tensors
+    from tests.inputs import fresh_seed
+
+    seed = fresh_seed()
+    attacked, malicious = box_attack(clean_weights(seed), "q4_0", 0.05, 32, seed)
+    src = write_tensors(tmp_path / "attacked.gguf", {"blk.0.ffn_up.weight": attacked.numpy()})
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    llama_quantize(src, ref, "Q4_0")
+    quantize_file(src, ours, QuantizeOptions("Q4_0", config=HardeningConfig(seed_file=str(seed_file))))
+    fmt = get_format("q4_0")
+    target = fmt.code_values(fmt.encode(attacked), malicious)
+    with GgufFile(ref) as r, GgufFile(ours) as h:
+        info = r.by_name["blk.0.ffn_up.weight"]
+        delivered = read_rows(r, info, 0, info.n_rows)
+        hardened = read_rows(h, h.by_name["blk.0.ffn_up.weight"], 0, info.n_rows)
+    assert torch.equal(delivered, target)  # the attack is present in llama-quantize's output, bit for bit
+    kept = float((hardened == target).float().mean())
+    assert kept < 0.8, (kept, seed)  # box-clamped weights sit near cell edges: the draws undo much of the steering

@@ -1,0 +1,84 @@
+"""`qcbguard-gguf scan`: the detector over a GGUF file, on a simulated QCB (box-clamped Q4_0 weights) and clean ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gguf_tools.cli import main
+from tests.attacks import box_attack, clean_weights
+from tests.gguf_models import write_tensors
+from tests.inputs import fresh_seed
+
+SEED = fresh_seed()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def attacked_file(tmp_path_factory):
+    clean = clean_weights(SEED)
+    attacked, _ = box_attack(clean_weights(SEED + 1), "q4_0", 0.05, 32, SEED)
+    path = tmp_path_factory.mktemp("scan") / "attacked-f32.gguf"
+    return write_tensors(
+        path,
+        {
+            "blk.0.attn_q.weight": clean.numpy(),
+            "blk.0.ffn_up.weight": attacked.numpy(),
+            "blk.0.attn_norm.weight": torch.ones(1024).numpy(),
+        },
+    )
+
+
+def test_scan_flags_the_box_attacked_tensor_only(attacked_file, tmp_path, capsys):
+    report, metrics = tmp_path / "scan.json", tmp_path / "scan.prom"
+    rc = main(["scan", str(attacked_file), "--report", str(report), "--metrics-file", str(metrics)])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "SUSPICIOUS" in out and "blk.0.ffn_up.weight" in out
+    rep = json.loads(report.read_text())
+    assert rep["verdict"]["flagged"] == ["blk.0.ffn_up.weight"], (rep["verdict"], SEED)
+    assert rep["verdict"]["flagged_by_format"].get("q4_0", 0) == 1
+    by_name = {t["name"]: t for t in rep["tensors"]}
+    assert not by_name["blk.0.attn_q.weight"]["suspicious"]
+    assert {f["format"] for f in by_name["blk.0.attn_q.weight"]["findings"]} >= {"q4_0", "q8_0", "q4_k", "q6_k"}
+    assert rep["skipped"] == [
+        {"name": "blk.0.attn_norm.weight", "type": "F32", "reason": "never quantized by llama-quantize"}
+    ]
+    text = metrics.read_text()
+    assert (
+        'qcbguard_tensors_flagged_total{format="q4_0",layer_type="ffn_up",mode="scan",model="attacked-f32"} 1.0' in text
+    )
+
+
+def test_scan_of_a_quantized_file_says_what_it_cannot_see(attacked_file, tmp_path, capsys):
+    q8 = tmp_path / "q8.gguf"
+    assert main(["quantize", str(attacked_file), str(q8), "Q8_0", "--no-harden", "-q"]) == 0
+    report = tmp_path / "scan.json"
+    assert main(["scan", str(q8), "--report", str(report)]) == 0
+    assert "0 tensors scanned" in capsys.readouterr().out
+    skipped = {s["name"]: s["reason"] for s in json.loads(report.read_text())["skipped"]}
+    assert skipped["blk.0.ffn_up.weight"].startswith("already quantized")
+
+
+def test_scan_refuses_a_malformed_file(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 16)
+    assert main(["scan", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith("qcbguard-gguf: error:")
+
+
+def test_quantize_refuses_a_flagged_tensor_when_told_to(attacked_file, tmp_path, capsys):
+    target = tmp_path / "q4.gguf"
+    assert main(["quantize", str(attacked_file), str(target), "Q4_0", "--on-suspicious", "refuse", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "blk.0.ffn_up.weight" in err and "tampered" in err
+    assert list(tmp_path.iterdir()) == []
