@@ -2,6 +2,7 @@
 
     qcbguard-gguf quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M [--no-harden] [--seed-file F] ...
     qcbguard-gguf scan model.gguf [--report scan.json] [--metrics-file scan.prom]
+    qcbguard-gguf dequantize model-Q4_1.gguf model-f16.gguf   (a full-precision stand-in for tests and benchmarks)
 
 Every input is validated before anything is written; outputs go to a temporary file beside the target and are
 renamed into place when complete. Bad input or a failed write: one line on stderr, exit code 2, no output left.
@@ -122,6 +123,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dequantize(args: argparse.Namespace) -> int:
+    from .dequantize import dequantize_file
+
+    _check_output_dir(args.output, "output")
+    dequantize_file(args.input, args.output, args.type)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcbguard-gguf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .scan import add_scan_parser
 
     add_scan_parser(sub)
+
+    d = sub.add_parser("dequantize", help="write a quantized GGUF file's values as F16 (a full-precision stand-in)")
+    d.add_argument("input")
+    d.add_argument("output")
+    d.add_argument("--type", choices=("F16", "F32"), default="F16")
+    d.add_argument("-v", "--verbose", action="store_true")
+    d.set_defaults(func=cmd_dequantize)
     return parser
 
 

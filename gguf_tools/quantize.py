@@ -29,7 +29,7 @@ from .constants import FULL_PRECISION_TYPES, ValueType
 from .mixtures import Mixture, ModelInfo, TensorPlan, category, mixture, output_order, plan_types
 from .reader import GgufFile
 from .tensors import from_float, read_rows, registry_format
-from .writer import GgufWriter, OutputTensor, encode_kv
+from .writer import GgufWriter, OutputTensor, encode_kv, publish
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -273,10 +273,7 @@ def quantize_file(
                 writer.finish()
                 out.flush()
                 os.fsync(out.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, dst)
+            publish(tmp, dst)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -9,9 +9,11 @@ padding to the alignment after the infos, and after every tensor, the last one i
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -19,7 +21,7 @@ import numpy as np
 from .constants import GGUF_MAGIC, GgmlType, ValueType
 from .reader import ggml_n_dims
 
-__all__ = ["GgufWriter", "OutputTensor", "encode_kv"]
+__all__ = ["GgufWriter", "OutputTensor", "encode_kv", "publish"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,11 @@ class GgufWriter:
         if self._next != len(self.tensors):
             missing = self.tensors[self._next].name
             raise ValueError(f"output incomplete: tensor {missing!r} and later ones were not written")
+
+
+def publish(tmp: Path, dst: Path) -> None:
+    """Give the finished temporary file the mode a plain open() would (0666 less the umask) and rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, dst)

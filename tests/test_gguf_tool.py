@@ -371,3 +371,21 @@ def test_threads_option_sets_torch_threads(model_dir, tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_dequantize_writes_the_decoded_values_as_f16(model_dir, tmp_path):
+    from gguf_tools.tensors import read_rows
+
+    q = tmp_path / "q5_1.gguf"
+    assert _run("quantize", str(model_dir / "llama-f16.gguf"), str(q), "Q5_1", "--no-harden", "-q") == 0
+    f16 = tmp_path / "f16.gguf"
+    assert _run("dequantize", str(q), str(f16)) == 0
+    with GgufFile(q) as a, GgufFile(f16) as b:
+        assert b.value("general.file_type") == 1
+        for t in a.tensors:
+            u = b.by_name[t.name]
+            assert u.type.name == ("F16" if t.type.quantized else t.type.name)
+            decoded = read_rows(a, t, 0, t.n_rows)
+            assert torch.equal(
+                read_rows(b, u, 0, u.n_rows).float(), decoded.half().float() if t.type.quantized else decoded.float()
+            )
