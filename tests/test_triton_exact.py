@@ -110,3 +110,15 @@ def test_symmetric_k_quants_match_reference(name):
     # Q3_K's 80 sequential descent steps are slow in the interpreter: float32 only there (bf16/fp16 checked by hand)
     for dtype in (torch.float32,) if name == "q3_k" else (torch.float32, torch.bfloat16):
         _check(name, awkward_input(1, 256, 16, dtype, SEED), f"{name} {dtype}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["q2_k", "q4_k", "q5_k"])
+def test_affine_k_quants_match_reference(name):
+    """make_qkx2_quants (16 or 21 sequential candidates, four C-order sums each), the 4-/6-bit scale and min
+    quantization and the bit planes. The interpreter needs about a second per super-block here, so the input is three
+    super-blocks: normal weights, one mixing -0.0 and zero sub-blocks, one half subnormal and half float32 extremes."""
+    cases = standard_cases(1, 256, 16, SEED)
+    mixed = torch.cat([cases["subnormal"][:, :128], cases["largest_finite"][:, 128:]], dim=1)
+    x = torch.cat([cases["normal"], cases["negative_zero_blocks"], mixed])
+    _check(name, x, f"{name} float32")

@@ -27,8 +27,6 @@ TRITON_FAMILIES: dict[str, tuple[str, str]] = {
     "gguf-legacy": ("gguf_legacy", "quantize_gguf_legacy"),
     "gguf-kquant": ("gguf_kquant", "quantize_gguf_kquant"),
 }
-#: families whose kernel covers only some formats (the others dispatch to the reference)
-_PARTIAL: dict[str, frozenset[str]] = {"gguf-kquant": frozenset({"q3_k", "q6_k"})}
 
 
 def triton_available() -> bool:
@@ -41,9 +39,7 @@ def triton_available() -> bool:
 
 def supports(fmt: Format) -> bool:
     """True when a Triton kernel covers this format."""
-    if fmt.family not in TRITON_FAMILIES:
-        return False
-    return fmt.name in _PARTIAL.get(fmt.family, frozenset({fmt.name}))
+    return fmt.family in TRITON_FAMILIES
 
 
 def quantize_triton(

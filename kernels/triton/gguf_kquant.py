@@ -27,9 +27,8 @@ import triton.language as tl
 from ..formats.base import Format, QuantizedTensor
 from .common import EXACT_LAUNCH, choose_code, dtype_code, integer_cells, load_f32
 
-__all__ = ["KQUANT_KERNEL_FORMATS", "quantize_gguf_kquant"]
+__all__ = ["quantize_gguf_kquant"]
 
-KQUANT_KERNEL_FORMATS = frozenset({"q3_k", "q6_k"})
 GROUP_MAX_EPS = tl.constexpr(float(np.float32(1e-15)))
 NEAREST_INT_LIMIT = tl.constexpr(4194303.0)
 
@@ -248,17 +247,228 @@ def symmetric_kquant_kernel(
 def quantize_gguf_kquant(
     fmt: Format, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
 ) -> QuantizedTensor:
-    """Launch the symmetric k-quant kernel (Q3_K, Q6_K) for a validated tensor: ggml_quantize_chunk's bytes."""
-    if fmt.name not in KQUANT_KERNEL_FORMATS:
-        raise ValueError(f"no Triton kernel for {fmt.name}")
+    """Launch the k-quant kernel of fmt's family for a validated tensor: ggml_quantize_chunk's bytes."""
     cols = x.shape[-1]
     rows = x.numel() // cols
     src = x.contiguous().reshape(-1)
     src = src.view(torch.int16) if x.dtype == torch.bfloat16 else src
     out = torch.empty(rows, (cols // 256) * fmt.type_size, dtype=torch.uint8, device=x.device)
-    factors = _candidate_factors().to(x.device)
-    symmetric_kquant_kernel[(x.numel() // 256,)](
-        src, out, factors, 0 if key is None else key, cols, row_offset, col_offset,
+    if fmt.name in ("q3_k", "q6_k"):
+        kernel, factors = symmetric_kquant_kernel, _candidate_factors()
+    else:
+        spec = fmt.spec
+        kernel, factors = affine_kquant_kernel, _qkx2_factors(spec.rmin, spec.nstep, spec.nmax)
+    kernel[(x.numel() // 256,)](
+        src, out, factors.to(x.device), 0 if key is None else key, cols, row_offset, col_offset,
         BITS=fmt.bits, DTYPE=dtype_code(x.dtype), HARDEN=key is not None, **EXACT_LAUNCH,
     )  # fmt: skip
     return QuantizedTensor(fmt.name, x.shape, {"blocks": out})
+
+
+# ---------------------------------------------------------------- affine k-quants: Q2_K, Q4_K, Q5_K
+
+
+def _qkx2_factors(rmin: float, nstep: int, nmax: int) -> torch.Tensor:
+    """make_qkx2_quants' numerators (rmin + 0.1f * is) + nmax for is = 0..nstep, each op rounded to float32 as in C."""
+    f32 = np.float32
+    values = [float((f32(rmin) + f32(0.1) * f32(s)) + f32(nmax)) for s in range(nstep + 1)]
+    return torch.tensor(values + [0.0] * (32 - len(values)), dtype=torch.float32)
+
+
+@triton.jit
+def _col(t, lanes, j):
+    """Column j of a (sub-block, element) tile, exactly (the other lanes add +0.0)."""
+    return tl.sum(tl.where(lanes == j, t, 0.0), axis=1)
+
+
+@triton.jit
+def _seq_sum(t, lanes, SUB: tl.constexpr, NSUB: tl.constexpr):
+    """Sum over each row in C order from +0.0: ((0 + t0) + t1) + ..."""
+    acc = tl.zeros((NSUB,), tl.float32)
+    for j in tl.static_range(SUB):
+        acc = acc + _col(t, lanes, j)
+    return acc
+
+
+@triton.jit
+def _seq_sum3(a, b, c, lanes, SUB: tl.constexpr, NSUB: tl.constexpr):
+    """Three C-order row sums in one pass: the terms ride in one (sub-block, element, 2, 2) tile, so each column is
+    extracted once for all three (the fourth slot is a zero pad)."""
+    t = tl.join(tl.join(a, b), tl.join(c, tl.zeros_like(c)))
+    pick = lanes[:, :, None, None]
+    acc = tl.zeros((NSUB, 2, 2), tl.float32)
+    for j in tl.static_range(SUB):
+        acc = acc + tl.sum(tl.where(pick == j, t, 0.0), axis=1)
+    ab, cd = tl.split(acc)
+    sa, sb = tl.split(ab)
+    sc, _ = tl.split(cd)
+    return sa, sb, sc
+
+
+@triton.jit
+def _weighted_error(w, x, lf, scale, the_min, lanes, SUB: tl.constexpr, NSUB: tl.constexpr, USE_MAD: tl.constexpr):
+    diff = (scale[:, None] * lf + the_min[:, None]) - x
+    if USE_MAD:
+        diff = tl.abs(diff)
+    else:
+        diff = diff * diff
+    return _seq_sum(w * diff, lanes, SUB, NSUB)
+
+
+@triton.jit
+def _running_max(v):
+    """C's `if (v > m) m = v` from m = 0 over a vector: NaN never wins, the result is >= +0."""
+    return tl.max(tl.where(v > 0.0, v, 0.0), axis=0)
+
+
+@triton.jit
+def affine_kquant_kernel(
+    x_ptr,
+    out_ptr,
+    factor_ptr,
+    key,
+    cols,
+    row_offset,
+    col_offset,
+    BITS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    HARDEN: tl.constexpr,
+):
+    NMAX: tl.constexpr = (1 << BITS) - 1
+    SUB: tl.constexpr = 16 if BITS == 2 else 32
+    NSUB: tl.constexpr = 256 // SUB
+    A: tl.constexpr = 2 if BITS == 2 else 4  # the (A, B, 32) load tile: the bit planes' order
+    B: tl.constexpr = 8 // A
+    NSTEP: tl.constexpr = 20 if BITS == 4 else 15
+    TYPE_SIZE: tl.constexpr = 84 if BITS == 2 else (144 if BITS == 4 else 176)
+    sb = tl.program_id(0)
+    per_row = cols // 256
+    row = sb // per_row
+    first_col = (sb % per_row) * 256
+    ia = tl.arange(0, A)[:, None, None]
+    ib = tl.arange(0, B)[None, :, None]
+    lane = tl.arange(0, 32)[None, None, :]
+    e3 = ia * (B * 32) + ib * 32 + lane
+    x3 = load_f32(x_ptr, sb.to(tl.int64) * 256 + e3, e3 < 256, DTYPE)
+    x = tl.reshape(x3, (NSUB, SUB))  # row s = sub-block, column = element within it
+    lanes = tl.arange(0, SUB)[None, :]
+
+    # weights: |x| (Q2_K) or sqrt(sum x^2 / 32) + |x| (Q4_K, Q5_K)
+    if BITS == 2:
+        w = tl.abs(x)
+    else:
+        av_x = tl.math.sqrt_rn(tl.math.div_rn(_seq_sum(x * x, lanes, SUB, NSUB), 32.0))
+        w = av_x[:, None] + tl.abs(x)
+
+    # 1. make_qkx2_quants per sub-block
+    x0 = _col(x, lanes, 0)
+    w0 = _col(w, lanes, 0)
+    sum_w = w0
+    sum_x = w0 * x0
+    for j in tl.static_range(1, SUB):
+        wj = _col(w, lanes, j)
+        sum_w = sum_w + wj
+        sum_x = sum_x + wj * _col(x, lanes, j)
+    xbits = x.to(tl.int32, bitcast=True)
+    lo = tl.min(x, axis=1)
+    hi = tl.max(x, axis=1)
+    first_lo = tl.min(tl.where(x == lo[:, None], lanes, SUB), axis=1)
+    first_hi = tl.min(tl.where(x == hi[:, None], lanes, SUB), axis=1)
+    mn = tl.sum(tl.where(lanes == first_lo[:, None], xbits, 0), axis=1).to(tl.float32, bitcast=True)
+    mx = tl.sum(tl.where(lanes == first_hi[:, None], xbits, 0), axis=1).to(tl.float32, bitcast=True)
+    mn = tl.where(mn > 0.0, 0.0, mn)
+    flat = mx == mn
+    iscale = tl.math.div_rn(tl.zeros((NSUB,), tl.float32) + NMAX, mx - mn)
+    scale = tl.math.div_rn(tl.zeros((NSUB,), tl.float32) + 1.0, iscale)
+    best_l = tl.minimum(tl.maximum(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0), NMAX)
+    best_error = _weighted_error(w, x, best_l.to(tl.float32), scale, mn, lanes, SUB, NSUB, BITS == 2)
+    cur_min = mn
+    for step in tl.static_range(NSTEP + 1):
+        iscale = tl.math.div_rn(tl.zeros((NSUB,), tl.float32) + tl.load(factor_ptr + step), mx - cur_min)
+        laux = tl.minimum(tl.maximum(_nearest_int(iscale[:, None] * (x - cur_min[:, None])), 0), NMAX)
+        lf = laux.to(tl.float32)
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = _seq_sum3(wl, wl * lf, wl * x, lanes, SUB, NSUB)
+        big_d = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = tl.math.div_rn(sum_w * sum_xl - sum_x * sum_l, big_d)
+        this_min = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, big_d)
+        clamp_min = this_min > 0.0
+        this_min = tl.where(clamp_min, 0.0, this_min)
+        this_scale = tl.where(clamp_min, tl.math.div_rn(sum_xl, sum_l2), this_scale)
+        cur_error = _weighted_error(w, x, lf, this_scale, this_min, lanes, SUB, NSUB, BITS == 2)
+        better = (big_d > 0.0) & (cur_error < best_error)
+        best_l = tl.where(better[:, None], laux, best_l)
+        best_error = tl.where(better, cur_error, best_error)
+        scale = tl.where(better, this_scale, scale)
+        cur_min = tl.where(better, this_min, cur_min)
+    scale = tl.where(flat, 0.0, scale)
+    mins = tl.where(flat, -mn, -cur_min)
+    best_l = tl.where(flat[:, None], 0, best_l)
+
+    # 2. sub-block scales and mins against the super-block's largest
+    max_scale = _running_max(scale)
+    max_min = _running_max(mins)
+    if BITS == 2:
+        has_scale = max_scale > 0.0
+        has_min = max_min > 0.0
+        ls = _nearest_int(tl.math.div_rn(15.0, max_scale) * scale) & 0xFF
+        byte = tl.where(has_scale, ls, 0)
+        lm = _nearest_int(tl.math.div_rn(15.0, max_min) * mins)
+        byte = tl.where(has_min, byte | ((lm << 4) & 0xFF), byte)
+        d16 = tl.where(has_scale, tl.math.div_rn(max_scale, 15.0), 0.0).to(tl.float16)
+        dmin16 = tl.where(has_min, tl.math.div_rn(max_min, 15.0), 0.0).to(tl.float16)
+        ls = byte & 0xF
+        lm = byte >> 4
+    else:
+        inv_scale = tl.where(max_scale > 0.0, tl.math.div_rn(63.0, max_scale), 0.0)
+        inv_min = tl.where(max_min > 0.0, tl.math.div_rn(63.0, max_min), 0.0)
+        ls = tl.minimum(_nearest_int(inv_scale * scale) & 0xFF, 63)  # uint8_t: wraps before MIN(63, .)
+        lm = tl.minimum(_nearest_int(inv_min * mins) & 0xFF, 63)
+        d16 = tl.math.div_rn(max_scale, 63.0).to(tl.float16)
+        dmin16 = tl.math.div_rn(max_min, 63.0).to(tl.float16)
+    sub_d = d16.to(tl.float32) * ls.to(tl.float32)
+    sub_dm = dmin16.to(tl.float32) * lm.to(tl.float32)
+
+    # 3. every weight on the final grid: q = clamp(nearest_int((x + dm) / d), 0, nmax), then the cell draw
+    kept = sub_d == 0.0  # C: `if (!d) continue;` keeps the search's codes
+    u = tl.math.div_rn(x + sub_dm[:, None], sub_d[:, None])
+    nearest = tl.where(kept[:, None], best_l, tl.minimum(tl.maximum(_nearest_int(u), 0), NMAX))
+    degenerate = kept[:, None] | (~(tl.abs(u) <= NEAREST_INT_LIMIT))
+    u = tl.where(degenerate, nearest.to(tl.float32), u)
+    lower, upper, position = integer_cells(u, nearest, 0, NMAX)
+    e = tl.reshape(e3, (NSUB, SUB))
+    code = choose_code(lower, upper, position, nearest, key, row + row_offset, first_col + e + col_offset, HARDEN)
+
+    c3 = tl.reshape(code, (A, B, 32))
+    base = sb.to(tl.int64) * TYPE_SIZE
+    l32 = tl.arange(0, 32)
+    if BITS == 2:
+        # scales (16: sc | m << 4) | qs (64: codes 128h + 32i + l in bits 2i of byte 32h + l) | d | dmin
+        tl.store(out_ptr + base + tl.arange(0, 16), byte.to(tl.uint8))
+        qs = tl.sum((c3 & 3) << (2 * ib), axis=1)
+        tl.store(out_ptr + base + 16 + tl.arange(0, 2)[:, None] * 32 + l32[None, :], qs.to(tl.uint8))
+        d_at = base + 80
+    else:
+        # d | dmin | scales and mins (12, get_scale_min_k4) | Q5_K qh (32) | qs (128)
+        s_lo, s_hi = tl.split(tl.permute(tl.reshape(ls, (2, 4)), (1, 0)))  # scales j and j + 4
+        m_lo, m_hi = tl.split(tl.permute(tl.reshape(lm, (2, 4)), (1, 0)))
+        j4 = tl.arange(0, 4)
+        tl.store(out_ptr + base + 4 + j4, (s_lo | ((s_hi >> 4) << 6)).to(tl.uint8))
+        tl.store(out_ptr + base + 8 + j4, (m_lo | ((m_hi >> 4) << 6)).to(tl.uint8))
+        tl.store(out_ptr + base + 12 + j4, ((s_hi & 0xF) | ((m_hi & 0xF) << 4)).to(tl.uint8))
+        qs_at = base + 16
+        if BITS == 5:
+            k8 = tl.arange(0, 8)[:, None]
+            qh = tl.sum(((tl.reshape(code, (8, 32)) >> 4) & 1) << k8, axis=0)
+            tl.store(out_ptr + base + 16 + l32, qh.to(tl.uint8))
+            qs_at = base + 48
+        lo4, hi4 = tl.split(tl.permute(c3, (0, 2, 1)))  # codes 64g + l and 64g + 32 + l
+        g4 = tl.arange(0, 4)[:, None]
+        tl.store(out_ptr + qs_at + g4 * 32 + l32[None, :], ((lo4 & 0xF) | ((hi4 & 0xF) << 4)).to(tl.uint8))
+        d_at = base
+    dbits = d16.to(tl.uint16, bitcast=True).to(tl.int32)
+    tl.store(out_ptr + d_at, (dbits & 0xFF).to(tl.uint8))
+    tl.store(out_ptr + d_at + 1, (dbits >> 8).to(tl.uint8))
+    mbits = dmin16.to(tl.uint16, bitcast=True).to(tl.int32)
+    tl.store(out_ptr + d_at + 2, (mbits & 0xFF).to(tl.uint8))
+    tl.store(out_ptr + d_at + 3, (mbits >> 8).to(tl.uint8))
