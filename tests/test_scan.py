@@ -99,3 +99,18 @@ def test_unreadable_input_exits_2_with_one_line(checkpoints, capsys, make, messa
 def test_unknown_format_is_refused(checkpoints, capsys):
     assert main(["scan", str(checkpoints["clean"]), "--formats", "nf5"]) == 2
     assert "unknown quantization format 'nf5'" in capsys.readouterr().err
+
+
+def test_gguf_files_go_through_the_gguf_tools_scan(tmp_path, capsys):
+    """`qcbguard scan model.gguf` is `qcbguard-gguf scan`: same verdict, same exit codes."""
+    from tests.gguf_models import LlamaShape, write_llama
+
+    path = write_llama(tmp_path / "tiny-f16.gguf", LlamaShape(n_layer=1))
+    report = tmp_path / "scan.json"
+    assert main(["scan", str(path), "--report", str(report)]) == 0
+    assert json.loads(report.read_text())
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(["scan", str(truncated)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
