@@ -1,23 +1,20 @@
-"""What the Triton exactness tests share: the interpreter switch, device choice, inputs and byte comparisons.
+"""What the Triton exactness tests share: device choice, inputs and byte comparisons.
 
-Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (set here before any kernel is defined);
-with one, the same tests run the compiled kernels on CUDA and compare with the reference on the CPU.
+Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py sets it before anything
+imports triton); with one, the same tests run the compiled kernels on CUDA and compare with the reference on the CPU.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from qcbguard_kernels.formats.base import QuantizedTensor  # noqa: E402
-from tests.inputs import integer_tie_rows, standard_cases  # noqa: E402
+from qcbguard_kernels.formats.base import QuantizedTensor
+from tests.inputs import integer_tie_rows, standard_cases
 
 __all__ = ["DEVICE", "DTYPES", "ON_GPU", "awkward_input", "byte_view", "same_packed"]
+
+ON_GPU = torch.cuda.is_available()
+
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
