@@ -6,7 +6,8 @@ For each format, on a Llama-3-8B-shaped bf16 weight (random normal), one run mea
   hardened  our fused kernel, hardening on (scales + Philox draw + packing in one pass)
   plain     the same kernel with hardening off (round-to-nearest)
   standard  the quantizer users run today: torch's e4m3 cast with vLLM's scale rule (fp8), bitsandbytes on CUDA
-            (bnb formats, when installed), our plain-torch reference on the GPU otherwise (GGUF, MX, torchao rules)
+            (bnb formats, when installed), our plain-torch reference on the GPU otherwise (GGUF, MX, torchao rules;
+            on the CPU where a reference cannot run on CUDA tensors, and said so in the table)
   copy      a device-to-device copy of the weight's bytes (the bandwidth ceiling)
 and prints median time, GB/s (bytes read + written) and the ratios hardened/plain and hardened GB/s / copy GB/s.
 `--whole-model` also hardens every linear weight of a 32-layer Llama-3-8B shape (224 matrices) per format.
@@ -86,6 +87,11 @@ def _standard(name: str, x: torch.Tensor) -> tuple[str, Callable[[], object]]:
         except Exception:  # no CUDA build of bitsandbytes: fall through to our reference
             pass
     fmt = get_format(name)
+    try:
+        fmt.quantize(x[:8], "w")
+    except (RuntimeError, TypeError):  # a reference that builds CPU tensors inside: time it where it runs
+        cpu = x.cpu()
+        return "our torch reference, on the CPU", lambda: fmt.quantize(cpu, "w")
     return "our torch reference", lambda: fmt.quantize(x, "w")
 
 
@@ -93,7 +99,7 @@ def _row(name: str, x: torch.Tensor, seed: DeploymentSeed, copy_s: float) -> str
     fmt = get_format(name)
     read = x.numel() * x.element_size()
     if not supports(fmt):
-        return f"| {name} | (no kernel: k-quants use the reference) | | | | | | |"
+        return f"| {name} | (no Triton kernel) | | | | | |"
     fmt.validate(x, "w")
     key = seed.key_for("w")
     hard = quantize_triton(fmt, x, key)
