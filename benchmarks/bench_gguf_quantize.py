@@ -78,6 +78,7 @@ def main() -> int:
     src.add_argument("--synthetic", help="write a random Llama of N_EMBDxLAYERS first, e.g. 1024x8")
     ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--skip-hardened", action="store_true", help="time llama.cpp and --no-harden only")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
@@ -107,9 +108,21 @@ def main() -> int:
             t_plain, m_plain = run_child(
                 [*ours, str(inp), str(plain), type_name, "--no-harden", "-q", "--threads", str(args.threads)]
             )
-            t_hard, m_hard = run_child(
-                [*ours, str(inp), str(hard), type_name, "--seed-file", str(seed), "-q", "--threads", str(args.threads)]
-            )
+            t_hard = m_hard = float("nan")
+            if not args.skip_hardened:
+                t_hard, m_hard = run_child(
+                    [
+                        *ours,
+                        str(inp),
+                        str(hard),
+                        type_name,
+                        "--seed-file",
+                        str(seed),
+                        "-q",
+                        "--threads",
+                        str(args.threads),
+                    ]
+                )
             same = sha256(ref) == sha256(plain)
             print(
                 f"| {mix.name} | {t_ref:.2f} | {t_plain:.2f} | {t_hard:.2f} | {t_plain / t_ref:.1f}x | "
@@ -117,7 +130,7 @@ def main() -> int:
                 flush=True,
             )
             for p in (ref, plain, hard):
-                p.unlink()
+                p.unlink(missing_ok=True)
     return 0
 
 
