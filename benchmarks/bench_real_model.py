@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detect", action="store_true", help="score every linear weight with the detector")
     parser.add_argument("--no-ppl", action="store_true", help="detector only: no hardening, no perplexity")
     parser.add_argument("--detect-every", type=int, default=1, help="score the layers whose index is a multiple")
+    parser.add_argument("--skip-measured", action="store_true", help="keep perplexities already in --results")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--stride", type=int, default=512)
@@ -326,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_ppl:
             ppl = dict(prior_ppl)
             for rule, tensors in deq.items():
+                if args.skip_measured and rule in prior_ppl:
+                    continue
                 if rule != "rtn" and all(torch.equal(tensors[n], deq["rtn"][n]) for n in tensors):
                     ppl[rule] = ppl["rtn"]  # nothing to randomize (the weights sit on this format's grid)
                     log.info("  %s %s = rtn (identical weights)", fmt_name, rule)
