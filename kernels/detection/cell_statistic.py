@@ -36,13 +36,20 @@ _CDF_POINTS = 1024
 _DECOY_RESOLUTION = 64  # decoy shifts are at least step / 64
 _ON_CODE = 1e-5  # cells: a decoy this close to a code sits on it
 _THRESHOLD = 0.02
-# Every family shares one threshold since k-quants get re-fitted decoys (their clean distances dropped from up to
-# 0.072 to below 0.007); the table stays so that a family measured noisier on real models can be given its own.
+_GRID_ALIGNED = 0.9  # share of weights at a code (to storage precision) above which a tensor is already on a grid
+# One threshold, 0.02 of the weights, for every format since k-quants get re-fitted decoys (their clean distances
+# dropped from up to 0.072 to below 0.007), measured on SmolLM2-135M (70 tensors per format, clean max 0.006:
+# benchmarks/REAL_MODEL_RESULTS.md). The exception measured there: fp8_per_tensor on a checkpoint that already sits
+# on a 4-bit lattice (Q4_1 dequantized), where one per-tensor scale makes the positions lumpy: clean distances to
+# 0.036. Box attacks score far above (fp8_per_tensor in the efficacy harness: 0.44 to 0.61).
+_FORMAT_THRESHOLDS: dict[str, float] = {"fp8_per_tensor": 0.05}
 _FAMILY_THRESHOLDS: dict[str, float] = {}
 
 
-def threshold_for(family: str) -> float:
-    """The default detector threshold of a format family (a share of weights, in CDF units)."""
+def threshold_for(family: str, format_name: str | None = None) -> float:
+    """The default detector threshold of a format (a share of weights, in CDF units)."""
+    if format_name is not None and format_name in _FORMAT_THRESHOLDS:
+        return _FORMAT_THRESHOLDS[format_name]
     return _FAMILY_THRESHOLDS.get(family, _THRESHOLD)
 
 
@@ -52,7 +59,9 @@ class CellScore:
     gap `at` (in cells from a rounding boundary). `on_grid_fraction` counts weights exactly on a code,
     `interior_on_grid_fraction` only those on codes other than the grid's two end codes, and
     `decoy_on_grid_fraction` how often decoys land exactly on a code (lattice coincidences: bf16 weights under a
-    power-of-two scale hit fp8 codes one time in sixteen)."""
+    power-of-two scale hit fp8 codes one time in sixteen), and `near_code_fraction` the share of weights that are
+    their nearest code's value to the checkpoint's precision (within half an ulp of its dtype: what a dequantized
+    model re-rounded to bf16 holds), or clamped beyond the grid's ends."""
 
     format: str
     family: str
@@ -63,6 +72,16 @@ class CellScore:
     on_grid_fraction: float
     interior_on_grid_fraction: float
     decoy_on_grid_fraction: float
+    near_code_fraction: float = 0.0
+
+    @property
+    def grid_aligned(self) -> bool:
+        """Nearly every weight (90%) is a code's value to the checkpoint's precision: a model dequantized from this
+        format or trained for it (QAT), possibly re-rounded to bf16 or fp16, or re-encoded where a k-quant's scale
+        search does not return the scales it came from (the rest then sits off the new grid). Cell positions say
+        nothing about tampering there. An attacker cannot use this: weights within half a storage ulp of their
+        codes make the full-precision model the quantized one, the backdoor included."""
+        return self.near_code_fraction >= _GRID_ALIGNED
 
     @property
     def noise_floor(self) -> float:
@@ -80,14 +99,29 @@ def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of the checkpoint's dtype at each weight (the lattice its values were rounded to)."""
     finfo = torch.finfo(dtype)
     mantissa_bits = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
-    mag = x.abs().clamp(min=finfo.tiny)
-    return torch.exp2(torch.floor(torch.log2(mag)) - mantissa_bits)
+    mag = x.abs().clamp(min=finfo.tiny).float()
+    _, exponent = torch.frexp(mag)  # mag = m * 2**exponent, m in [0.5, 1): exact, unlike floor(log2(mag))
+    return torch.ldexp(torch.ones_like(mag), exponent - 1 - mantissa_bits)
 
 
 def _decoy_spacing(values: torch.Tensor, dtype: torch.dtype, step: torch.Tensor) -> torch.Tensor:
     """h per weight: the larger of the checkpoint's lattice spacing and 1/64 of the cell (so a decoy moves by a
     visible fraction of a cell even in float32)."""
     return torch.maximum(_storage_ulp(values, dtype), step.abs() / _DECOY_RESOLUTION)
+
+
+def _boundary_counts(position: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Histogram of b = |position - 0.5| over the kept elements, on the CDF grid: bin k holds the values in
+    ((k - 1) / (2 * _CDF_POINTS), k / (2 * _CDF_POINTS)]. A counting pass over masks (no sort, no gather):
+    ceil(b * 2 * _CDF_POINTS) is exact in float32 (power-of-two scaling); dropped elements go to a spill bin."""
+    index = torch.ceil((position - 0.5).abs() * (2 * _CDF_POINTS)).long().clamp_(0, _CDF_POINTS)
+    index = torch.where(keep, index, _CDF_POINTS + 1)
+    return torch.bincount(index.reshape(-1), minlength=_CDF_POINTS + 2)[: _CDF_POINTS + 1]
+
+
+def _cdf(counts: torch.Tensor) -> torch.Tensor:
+    """Share of the counted values at or below each grid point k / (2 * _CDF_POINTS), k = 1.._CDF_POINTS."""
+    return (counts.cumsum(0)[1:].double() / max(int(counts.sum()), 1)).float()
 
 
 def _in_cell_decoys(
@@ -102,22 +136,27 @@ def _in_cell_decoys(
     top: torch.Tensor,
 ) -> tuple[torch.Tensor, float]:
     """Decoys for formats whose scales do not depend on where interior weights sit: each weight shifted by k * h,
-    positioned in its own cell geometry (scales held fixed). Returns decoy boundary distances b and the share of
-    decoys exactly on a code."""
+    positioned in its own cell geometry (scales held fixed). Returns the decoys' boundary-distance histogram and the
+    share of decoys exactly on a code."""
     cells = enc.cells
     # Decoy sources: every weight off the grid, and every weight on an interior code (position 0 in the cell above
     # it). Leaving the on-code ones out would thin the decoys next to codes.
     above = torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1)
     pinned_step = fmt.code_values(enc, above) - fmt.code_values(enc, cells.nearest)
     source = live | (pinned & (pinned_step != 0))
-    step = torch.where(live, hi - lo, pinned_step)[source]
-    p = torch.where(live, cells.position, torch.zeros_like(cells.position))[source]
-    shift = _decoy_spacing(values[source], dtype, step) / step  # in cells, signed like the cell's orientation
-    decoys = torch.stack([torch.remainder(p + k * shift, 1.0) for k in DECOY_SHIFTS]).reshape(-1)
-    # Within float32 noise of a code counts as on it, for real weights and decoys alike (positions carry the
-    # rounding of the scale's reciprocal).
-    on_code = (decoys < _ON_CODE) | (decoys > 1.0 - _ON_CODE)
-    return (decoys[~on_code] - 0.5).abs(), float(on_code.float().mean())
+    step = torch.where(source, torch.where(live, hi - lo, pinned_step), 1.0)
+    p = torch.where(live, cells.position, torch.zeros_like(cells.position))
+    shift = _decoy_spacing(values, dtype, step) / step  # in cells, signed like the cell's orientation
+    counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
+    on_code_total = 0
+    for k in DECOY_SHIFTS:
+        decoy = torch.remainder(p + k * shift, 1.0)
+        # Within float32 noise of a code counts as on it, for real weights and decoys alike (positions carry the
+        # rounding of the scale's reciprocal).
+        on_code = (decoy < _ON_CODE) | (decoy > 1.0 - _ON_CODE)
+        counts += _boundary_counts(decoy, source & ~on_code)
+        on_code_total += int((on_code & source).sum())
+    return counts, on_code_total / max(len(DECOY_SHIFTS) * int(source.sum()), 1)
 
 
 def _refit_decoys(
@@ -131,7 +170,8 @@ def _refit_decoys(
     fallback = step[step > 0].median() if bool((step > 0).any()) else torch.ones(())
     h = _decoy_spacing(values, dtype, torch.where(step > 0, step, fallback))
     big = torch.finfo(torch.float32).max
-    b, on_grid = [], []
+    counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
+    on_grid = []
     for k in REFIT_SHIFTS:
         shifted = (values + k * h).clamp(-big, big)
         denc = fmt.encode(shifted)
@@ -139,9 +179,9 @@ def _refit_decoys(
         dlo, dhi = fmt.code_values(denc, c.lower), fmt.code_values(denc, c.upper)
         at_code = (c.position < _ON_CODE) | (c.position > 1.0 - _ON_CODE) | (shifted == dlo) | (shifted == dhi)
         end_code = (c.nearest == c.nearest.min()) | (c.nearest == c.nearest.max())
-        b.append((c.position[c.steerable & ~at_code & ((dhi - dlo).abs() > 0)] - 0.5).abs())
+        counts += _boundary_counts(c.position, c.steerable & ~at_code & ((dhi - dlo).abs() > 0))
         on_grid.append(float((at_code & ~end_code).float().mean()))
-    return torch.cat(b), sum(on_grid) / len(on_grid)
+    return counts, sum(on_grid) / len(on_grid)
 
 
 def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding | None = None) -> CellScore:
@@ -161,17 +201,19 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     n = int(live.sum())
     on_grid_fraction = float(on_grid.float().mean())
     interior_on_grid = float((on_grid & ~end_code).float().mean())
+    half_ulp = 0.5 * _storage_ulp(values, x.dtype)
+    near = on_grid | ~cells.steerable | ((values - fmt.code_values(enc, cells.nearest)).abs() <= half_ulp)
+    near_code = float(near.float().mean())
     if n == 0:
-        return CellScore(fmt.name, fmt.family, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0)
+        return CellScore(
+            fmt.name, fmt.family, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0, near_code
+        )
     if fmt.fits_scales:
-        decoy_b, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi)
+        decoy_counts, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi)
     else:
-        decoy_b, decoy_on_grid = _in_cell_decoys(values, x.dtype, fmt, enc, lo, hi, live, on_grid & ~end_code, top)
-    real_b = (cells.position[live] - 0.5).abs()
+        decoy_counts, decoy_on_grid = _in_cell_decoys(values, x.dtype, fmt, enc, lo, hi, live, on_grid & ~end_code, top)
     grid = torch.linspace(0, 0.5, _CDF_POINTS + 1)[1:]
-    real_cdf = torch.searchsorted(real_b.sort().values, grid, right=True).float() / n
-    decoy_cdf = torch.searchsorted(decoy_b.sort().values, grid, right=True).float() / max(decoy_b.numel(), 1)
-    excess = real_cdf - decoy_cdf
+    excess = _cdf(_boundary_counts(cells.position, live)) - _cdf(decoy_counts)
     at = int(torch.argmax(excess.abs()))
     return CellScore(
         format=fmt.name,
@@ -183,6 +225,7 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
         on_grid_fraction=on_grid_fraction,
         interior_on_grid_fraction=interior_on_grid,
         decoy_on_grid_fraction=decoy_on_grid,
+        near_code_fraction=near_code,
     )
 
 
@@ -191,9 +234,12 @@ def verdict(
 ) -> Verdict:
     """Suspicious when the real cell positions depart from the decoy's beyond both the threshold and the sampling
     noise floor, or when a partial share of weights, beyond what the decoys hit by lattice coincidence, sits exactly
-    on interior codes (all of them on codes is a dequantized model: not a backdoor)."""
+    on interior codes (all of them on codes is a dequantized model: not a backdoor). A grid-aligned tensor (see
+    CellScore.grid_aligned) is not judged."""
+    if score.grid_aligned:
+        return Verdict(False, ())
     reasons = []
-    threshold = threshold_for(score.family) if threshold is None else threshold
+    threshold = threshold_for(score.family, score.format) if threshold is None else threshold
     if abs(score.distance) > max(threshold, score.noise_floor):
         reasons.append(
             f"cell positions depart from the decoy null by {abs(score.distance):.1%} of weights "
