@@ -58,29 +58,33 @@ class TensorReport:
         return asdict(self)
 
 
-def _global_coordinates(shape: torch.Size, row_offset: int, col_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, col) of every element in the full tensor: leading dimensions flatten into rows, the last is columns."""
-    cols = shape[-1] if len(shape) else 1
-    rows = shape.numel() // cols
-    r = torch.arange(rows, dtype=torch.int64).unsqueeze(1) + row_offset
-    c = torch.arange(cols, dtype=torch.int64).unsqueeze(0) + col_offset
-    if int(r.max()) >= 2**32 or int(c.max()) >= 2**32:
-        raise ValueError("tensor coordinates must stay below 2**32 (Philox counters are 32-bit)")
-    return r, c
+#: elements drawn per Philox pass: ten rounds of a dozen int64 ops stay in cache (8x faster than one whole-tensor pass
+#: on 4M weights, measured); the draws depend only on the coordinates, so chunking changes no bit
+_PHILOX_CHUNK = 1 << 16
 
 
 def stochastic_codes(enc: Encoding, key: int, row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
     """Codes drawn per element: upper with probability `position`, from Philox(key, counter = (col, row, 0, 0)).
 
-    The 24-bit uniform u and the float32 position compare exactly, so P(upper) = position rounded to 2**-24 and the
-    draw for an element depends only on the key and its global coordinates (not on chunking, device or sharding).
+    Leading dimensions flatten into rows, the last is columns; (row, col) are global coordinates in the full tensor
+    (offsets place a shard). The 24-bit uniform u and the float32 position compare exactly, so P(upper) = position
+    rounded to 2**-24 and the draw for an element depends only on the key and its global coordinates (not on
+    chunking, device or sharding).
     """
     cells = enc.cells
-    r, c = _global_coordinates(enc.shape, row_offset, col_offset)
+    shape = enc.shape
+    cols = shape[-1] if len(shape) else 1
+    rows = shape.numel() // cols
+    if rows + row_offset > 2**32 or cols + col_offset > 2**32:
+        raise ValueError("tensor coordinates must stay below 2**32 (Philox counters are 32-bit)")
+    position = cells.position.reshape(-1)
+    upper = torch.empty(position.shape, dtype=torch.bool)
     zero = torch.zeros((), dtype=torch.int64)
-    bits, _, _, _ = philox4x32(key, c, r, zero, zero)
-    u = uniform24(bits).reshape(enc.shape)
-    return torch.where(u < cells.position, cells.upper, cells.lower)
+    for start in range(0, position.numel(), _PHILOX_CHUNK):
+        flat = torch.arange(start, min(start + _PHILOX_CHUNK, position.numel()), dtype=torch.int64)
+        bits, _, _, _ = philox4x32(key, flat % cols + col_offset, flat // cols + row_offset, zero, zero)
+        upper[start : start + flat.numel()] = uniform24(bits) < position[start : start + flat.numel()]
+    return torch.where(upper.reshape(shape), cells.upper, cells.lower)
 
 
 #: weights the detector scores per tensor: beyond this it reads a spread of whole rows (sampling noise of the
