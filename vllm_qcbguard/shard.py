@@ -15,13 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from qcbguard_kernels.detection import cell_score, verdict
 from qcbguard_kernels.formats.base import Encoding, Format, QuantizedTensor, RoundingCells
 from qcbguard_kernels.hardening import (
     DeploymentSeed,
     HardeningConfig,
-    SuspiciousTensorError,
     TensorReport,
+    harden_encoding,
     stochastic_codes,
 )
 
@@ -111,26 +110,7 @@ def harden_shard(
     start = time.perf_counter()
     geometry.check(x.shape[0], name)
     enc = fmt.encode(x, name) if row_amax is None else _pinned_encoding(fmt, x, name, row_amax)
-    score = cell_score(x, fmt, name, enc)
-    judged = verdict(score, threshold=config.detector_threshold)
-    if judged.suspicious and config.on_suspicious == "refuse":
-        raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
-    codes = shard_codes(enc, seed.key_for(name), geometry) if config.mode == "harden" else enc.cells.nearest
-    packed = fmt.pack(enc, codes)
-    change = (codes - enc.cells.nearest).abs()
-    report = TensorReport(
-        name=name,
-        format=fmt.name,
-        mode=config.mode,
-        elements=x.numel(),
-        steerable=int(enc.cells.steerable.sum()),
-        codes_changed=int((change != 0).sum()),
-        mean_change_steps=float(change.double().mean()),
-        max_change_steps=int(change.max()),
-        detector_distance=score.distance,
-        on_grid_fraction=score.on_grid_fraction,
-        suspicious=judged.suspicious,
-        reasons=judged.reasons,
-        seconds=time.perf_counter() - start,
+    packed, report = harden_encoding(
+        x, enc, fmt, name, seed, config, started=start, draw=lambda e, key: shard_codes(e, key, geometry)
     )
     return enc, packed, report

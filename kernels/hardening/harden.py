@@ -10,6 +10,7 @@ standard quantizer computes them, so the output is a valid tensor of the format,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -141,10 +142,13 @@ def harden_encoding(
     row_offset: int = 0,
     col_offset: int = 0,
     started: float | None = None,
+    draw: Callable[[Encoding, int], torch.Tensor] | None = None,
 ) -> tuple[QuantizedTensor, TensorReport]:
     """harden_tensor for a caller that already holds enc = fmt.encode(x, name) (and wants it: RTN values, cells).
 
     `started` is the perf_counter() reading the report's seconds count from (default: now, encoding not counted).
+    `draw(enc, key)` replaces stochastic_codes(enc, key, row_offset, col_offset) where one tensor's rows are not one
+    block of the full tensor (the vLLM hook's fused, tensor-parallel shards).
     """
     config = config or HardeningConfig()
     start = time.perf_counter() if started is None else started
@@ -153,7 +157,8 @@ def harden_encoding(
     if judged.suspicious and config.on_suspicious == "refuse":
         raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
     if config.mode == "harden":
-        codes = stochastic_codes(enc, seed.key_for(name), row_offset, col_offset)
+        key = seed.key_for(name)
+        codes = draw(enc, key) if draw is not None else stochastic_codes(enc, key, row_offset, col_offset)
     else:
         codes = enc.cells.nearest
     packed = fmt.pack(enc, codes)
