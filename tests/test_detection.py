@@ -82,10 +82,11 @@ def test_no_false_positive_on_the_embedded_model_in_any_format():
 
 # Known limits, measured: where re-encoding a dequantized tensor does not return the scales it came from, its weights
 # sit off the new grid by more than the storage precision and are not recognised as grid-aligned: the k-quants'
-# scale searches and int8_per_channel after bf16 re-rounding, torchao's int8 and int4 rules after fp16 or bf16.
+# scale searches and int8_per_channel after bf16 re-rounding, torchao's int8 and int4 rules after fp16 or bf16, and
+# nf4_dq's double-quantized absmax after fp16 (86-89% of weights at codes over 12 seeds, against the 90% rule).
 _NOT_RECOGNISED = {
     torch.float32: set(),
-    torch.float16: {"torchao_int8", "torchao_int4"},
+    torch.float16: {"torchao_int8", "torchao_int4", "nf4_dq"},
     torch.bfloat16: {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "int8_per_channel", "torchao_int8", "torchao_int4"},
 }
 
