@@ -11,13 +11,12 @@ renamed into place when complete. Bad input or a failed write: one line on stder
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from qcbguard.atomic import write_json_atomic
 from qcbguard_kernels import QcbguardError
 from qcbguard_kernels.hardening import HardeningConfig
 
@@ -44,19 +43,6 @@ class _Progress:
         end = "\n" if i >= n else ""
         sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {name[:40]:<40}{end}")
         sys.stderr.flush()
-
-
-def _write_json(path: str, payload: object) -> None:
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_output_dir(path: str | None, what: str) -> None:
@@ -105,7 +91,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize_file(args.input, args.output, options, progress=progress)
     mode = "off" if args.no_harden else args.mode
     if args.report:
-        _write_json(args.report, result.as_dict())
+        write_json_atomic(args.report, result.as_dict())
     _export_metrics(result, args, mode)
     flagged = [n for n, r in result.reports.items() if r.suspicious]
     changed = sum(r.codes_changed for r in result.reports.values())

@@ -88,13 +88,15 @@ def _spread_rows(f: GgufFile, info: TensorInfo, take: int) -> torch.Tensor:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .cli import _check_output_dir, _write_json
+    from qcbguard.atomic import write_json_atomic
+
+    from .cli import _check_output_dir
 
     _check_output_dir(args.report, "report")
     _check_output_dir(args.metrics_file, "metrics file")
     result = scan_file(args.input, all_formats=args.all_formats)
     if args.report:
-        _write_json(args.report, result.as_dict())
+        write_json_atomic(args.report, result.as_dict())
     if args.metrics_file:
         _write_metrics(result, args)
     n_flagged = len(result.verdict.flagged) if result.verdict is not None else 0

@@ -11,13 +11,13 @@ tensors, processes and ranks, where a gauge of means would not.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, write_to_textfile
 
 from qcbguard_kernels import __version__ as kernels_version
 from qcbguard_kernels.hardening import ALGORITHM_VERSION, TensorReport
+
+from .atomic import atomic_path
 
 __all__ = ["DETECTOR_BUCKETS", "QcbguardMetrics", "write_textfile"]
 
@@ -92,17 +92,7 @@ def write_textfile(metrics: QcbguardMetrics, path: str | os.PathLike[str]) -> No
     """Write the metrics in Prometheus text format for node_exporter's textfile collector, atomically.
 
     The file appears complete or not at all (temporary file in the same directory, then rename), so the collector
-    never scrapes half a file. prometheus_client's own writer already renames; the check here makes a missing
-    directory a clear error rather than a traceback from inside the library.
+    never scrapes half a file; a missing directory is a clear error rather than a traceback from the library.
     """
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"metrics file directory {str(target.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write_to_textfile(tmp, metrics.registry)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -7,7 +7,6 @@ scored under each target format. Exit status: 0 clean, 1 suspicious, 2 unreadabl
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,6 +17,8 @@ import torch
 
 from qcbguard_kernels import QcbguardError
 from qcbguard_kernels.detection import TensorScan, resolve_formats, scan_tensor, scan_verdict
+
+from .atomic import write_json_atomic
 
 __all__ = ["EXIT_CLEAN", "EXIT_SUSPICIOUS", "EXIT_UNREADABLE", "UnreadableInputError", "iter_weights", "run_scan"]
 
@@ -105,12 +106,6 @@ def run_scan(
         f"under {len(fmts)} formats"
     )
     if report:
-        _write_json(report, {"path": str(path), "verdict": model.as_dict(), "tensors": [s.as_dict() for s in scans]})
+        payload = {"path": str(path), "verdict": model.as_dict(), "tensors": [s.as_dict() for s in scans]}
+        write_json_atomic(report, payload)
     return EXIT_SUSPICIOUS if model.suspicious else EXIT_CLEAN
-
-
-def _write_json(path: str, payload: dict[str, object]) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, target)

@@ -130,32 +130,28 @@ def resolve_formats(names: Sequence[str] | None) -> list[Format]:
     return [get_format(n) for n in chosen]
 
 
+def _accepts(fmt: Format, x: torch.Tensor) -> bool:
+    """Whether fmt's block rules fit x's shape (if not, no attacker could target x in that format)."""
+    try:
+        fmt.check_shape(x, "tensor")
+    except UnsupportedInputError:
+        return False
+    return True
+
+
 def default_scan_formats(x: torch.Tensor) -> list[Format]:
     """The DEFAULT_SCAN_FORMATS whose shape rules accept x (the ones an attacker could target with this tensor)."""
-    accepted = []
-    for fmt in resolve_formats(None):
-        try:
-            fmt.check_shape(x, "tensor")
-        except UnsupportedInputError:
-            continue
-        accepted.append(fmt)
-    return accepted
+    return [fmt for fmt in resolve_formats(None) if _accepts(fmt, x)]
 
 
 def scan_tensor(x: torch.Tensor, name: str, formats: Sequence[Format]) -> TensorScan:
     """Score x under each format whose shape rules accept it."""
     if x.dtype not in SUPPORTED_INPUT_DTYPES:
         raise UnsupportedInputError(f"tensor {name!r}: dtype {x.dtype} cannot be scanned (float32/16, bfloat16 only)")
-    findings, skipped = [], []
-    for fmt in formats:
-        try:
-            fmt.check_shape(x, name)
-        except UnsupportedInputError:
-            skipped.append(fmt.name)  # the format cannot hold this tensor, so no attacker could target it there
-            continue
-        enc = fmt.encode(x, name)
-        score = cell_score(x, fmt, name, enc)
-        findings.append(FormatFinding(score, verdict(score)))
+    accepted = [fmt for fmt in formats if _accepts(fmt, x)]
+    scores = [cell_score(x, fmt, name, fmt.encode(x, name)) for fmt in accepted]
+    findings = [FormatFinding(score, verdict(score)) for score in scores]
+    skipped = [fmt.name for fmt in formats if fmt not in accepted]
     return TensorScan(name, tuple(x.shape), str(x.dtype).removeprefix("torch."), tuple(findings), tuple(skipped))
 
 
