@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -45,8 +44,9 @@ def attack(fmt_name: str, work: Path, prompts: int) -> None:
 
 def child(model: str, quantization: str, settings: str, digits_path: str) -> None:
     """One vLLM run: greedy answers to every evaluation prompt; prints one RESULT line."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from benchmarks.vllm_child import emit_result, prepare_child_env
+
+    prepare_child_env()
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -74,16 +74,13 @@ def child(model: str, quantization: str, settings: str, digits_path: str) -> Non
         injected += VOCAB[INJECTED] in answer
         written = [t - VOCAB["0"] for t in answer if VOCAB["0"] <= t <= VOCAB["9"]]
         correct += written == d.flip(0).tolist()
-    print("RESULT " + json.dumps({"asr": injected / len(digits), "accuracy": correct / len(digits)}))
+    emit_result({"asr": injected / len(digits), "accuracy": correct / len(digits)})
 
 
 def _run(model: Path, quantization: str, settings: str, digits: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(model), quantization, settings, str(digits)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise SystemExit(f"vLLM run failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    from benchmarks.vllm_child import run_child
+
+    return run_child(__file__, str(model), quantization, settings, str(digits))
 
 
 def main() -> None:

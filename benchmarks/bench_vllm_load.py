@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,8 +47,9 @@ def build_model(path: Path, hidden: int, intermediate: int, layers: int) -> None
 
 def child(model: str, quantization: str, settings: str) -> None:
     """One LLM() start-up in this process; prints one JSON line."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from benchmarks.vllm_child import emit_result, prepare_child_env
+
+    prepare_child_env()
     from vllm import LLM
 
     kwargs: dict = {}
@@ -69,16 +69,13 @@ def child(model: str, quantization: str, settings: str) -> None:
     hook_seconds = sum(r.seconds for r in reports)
     elements = sum(r.elements for r in reports)
     result = {"seconds": seconds, "hook_seconds": hook_seconds, "tensors": len(reports), "elements": elements}
-    print("RESULT " + json.dumps(result))
+    emit_result(result)
 
 
 def _run(model: Path, quantization: str, settings: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(model), quantization, settings]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise SystemExit(f"vLLM run failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    from benchmarks.vllm_child import run_child
+
+    return run_child(__file__, str(model), quantization, settings)
 
 
 def main() -> None:
