@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.qcb beside us
 
+from benchmarks.qcb import ISSUE_FORMATS
 from benchmarks.qcb.attack import LAYOUTS
 from benchmarks.qcb.harness import (
     ADAPTIVE_ATTACKS,
@@ -39,19 +40,7 @@ from benchmarks.qcb.harness import (
 )
 from qcbguard_kernels import UnsupportedInputError, get_format
 
-# the issue's formats: LLM.int8, NF4, FP4, fp8 per channel and per tensor, mxfp4, Q4_0, Q8_0, Q4_K, Q6_K
-DEFAULT_FORMATS = [
-    "bnb_int8",
-    "nf4",
-    "fp4",
-    "fp8_per_channel",
-    "fp8_per_tensor",
-    "mxfp4",
-    "q4_0",
-    "q8_0",
-    "q4_k",
-    "q6_k",
-]
+DEFAULT_FORMATS = list(ISSUE_FORMATS)
 log = logging.getLogger("bench_efficacy")
 
 

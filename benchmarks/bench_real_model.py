@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.realmodel beside us
 
+from benchmarks.qcb import ISSUE_FORMATS
 from benchmarks.realmodel.draws import philox_uniforms
 from benchmarks.realmodel.model import linear_weight_names, load_model
 from benchmarks.realmodel.perplexity import EVAL_TEXT, evaluation_ids, perplexity
@@ -38,19 +39,7 @@ from qcbguard_kernels.detection import cell_score, cell_statistic, verdict
 from qcbguard_kernels.hardening import DeploymentSeed, harden_tensor
 
 # the issue's formats, then q4_1: the checkpoint's own grid (RTN reproduces it, hardening has nothing to randomize)
-DEFAULT_FORMATS = [
-    "bnb_int8",
-    "nf4",
-    "fp4",
-    "fp8_per_channel",
-    "fp8_per_tensor",
-    "mxfp4",
-    "q4_0",
-    "q8_0",
-    "q4_k",
-    "q6_k",
-    "q4_1",
-]
+DEFAULT_FORMATS = [*ISSUE_FORMATS, "q4_1"]
 VARIANTS = ("systematic",)
 SEGMENT = 32  # columns per systematic-rounding segment (a Q4_0/Q8_0/MX block; half an NF4/FP4 block)
 log = logging.getLogger("bench_real_model")

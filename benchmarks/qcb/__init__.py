@@ -11,3 +11,20 @@ Evaluation code only: it trains backdoored toy models to prove the defense; noth
 """
 
 from __future__ import annotations
+
+__all__ = ["ISSUE_FORMATS"]
+
+#: the formats the efficacy and real-model benchmarks cover by default: LLM.int8, NF4, FP4, fp8 per channel and per
+#: tensor, mxfp4, Q4_0, Q8_0, Q4_K, Q6_K
+ISSUE_FORMATS = (
+    "bnb_int8",
+    "nf4",
+    "fp4",
+    "fp8_per_channel",
+    "fp8_per_tensor",
+    "mxfp4",
+    "q4_0",
+    "q8_0",
+    "q4_k",
+    "q6_k",
+)
