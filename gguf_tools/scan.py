@@ -17,17 +17,21 @@ from typing import Any
 
 import torch
 
-from qcbguard_kernels.detection import ModelVerdict, TensorScan, default_scan_formats, scan_tensor, scan_verdict
+from qcbguard_kernels.detection import (
+    ModelVerdict,
+    TensorScan,
+    default_scan_formats,
+    sample_row_ranges,
+    scan_tensor,
+    scan_verdict,
+)
 
 from .constants import FULL_PRECISION_TYPES
 from .mixtures import allows_quantization, category
-from .reader import GgufFile, TensorInfo
+from .reader import GgufFile
 from .tensors import read_rows
 
 __all__ = ["ScanResult", "add_scan_parser", "scan_file"]
-
-#: tensors larger than this are scored on evenly spaced row chunks of this many weights (detector cost stays bounded)
-SCAN_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -66,25 +70,18 @@ def scan_file(path: str | Path, all_formats: bool = False) -> ScanResult:
                 )
                 result.skipped.append((info.name, info.type.name, reason))
                 continue
-            rows = info.n_rows
-            take = min(rows, max(1, SCAN_CHUNK_ELEMENTS // info.ne[0]))
-            x = read_rows(f, info, 0, take) if take == rows else _spread_rows(f, info, take)
+            # only the rows the detector samples are read: memory and time stay bounded on huge embeddings
+            ranges = sample_row_ranges(info.n_rows, info.ne[0])
+            x = torch.cat([read_rows(f, info, start, end) for start, end in ranges])
             formats = default_scan_formats(x)
             if not all_formats:
                 formats = [fmt for fmt in formats if fmt.family.startswith("gguf")]
             if not formats:
                 result.skipped.append((info.name, info.type.name, "no GGUF format accepts its row length"))
                 continue
-            result.scanned.append(scan_tensor(x, info.name, formats))
+            result.scanned.append(scan_tensor(x, info.name, formats, shape=tuple(reversed(info.ne))))
     result.verdict = scan_verdict(result.scanned)
     return result
-
-
-def _spread_rows(f: GgufFile, info: TensorInfo, take: int) -> torch.Tensor:
-    """About `take` rows spread evenly over the tensor, in runs of 16 contiguous rows."""
-    run = 16
-    starts = torch.linspace(0, info.n_rows - run, max(1, take // run)).long().tolist()
-    return torch.cat([read_rows(f, info, s, s + run) for s in starts])
 
 
 def cmd_scan(args: argparse.Namespace) -> int:

@@ -82,3 +82,14 @@ def test_quantize_refuses_a_flagged_tensor_when_told_to(attacked_file, tmp_path,
     err = capsys.readouterr().err
     assert "blk.0.ffn_up.weight" in err and "tampered" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scan_reads_a_sample_of_a_large_tensor_and_reports_its_full_shape(tmp_path):
+    # 4096 x 512 weights, 2x the detector's sample: only sampled rows are read, the report names the whole tensor
+    g = torch.Generator().manual_seed(SEED)
+    big = torch.randn(4096, 512, generator=g) * 0.02
+    path = write_tensors(tmp_path / "big-f32.gguf", {"token_embd.weight": big.numpy()})
+    report = tmp_path / "scan.json"
+    assert main(["scan", str(path), "--report", str(report)]) == 0
+    (scan,) = json.loads(report.read_text())["tensors"]
+    assert scan["name"] == "token_embd.weight" and scan["shape"] == [4096, 512]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .cell_statistic import CellScore, Verdict, cell_score, threshold_for, verdict
+from .sampling import DETECTOR_SAMPLE, ROW_RUN, sample_row_ranges, sample_rows
 from .scan import (
     DEFAULT_SCAN_FORMATS,
     FormatFinding,
@@ -16,6 +17,8 @@ from .scan import (
 
 __all__ = [
     "DEFAULT_SCAN_FORMATS",
+    "DETECTOR_SAMPLE",
+    "ROW_RUN",
     "CellScore",
     "FormatFinding",
     "ModelVerdict",
@@ -24,6 +27,8 @@ __all__ = [
     "cell_score",
     "default_scan_formats",
     "resolve_formats",
+    "sample_row_ranges",
+    "sample_rows",
     "scan_tensor",
     "scan_verdict",
     "threshold_for",

@@ -16,6 +16,7 @@ from ..errors import UnsupportedInputError
 from ..formats import format_names, get_format
 from ..formats.base import SUPPORTED_INPUT_DTYPES, Format
 from .cell_statistic import CellScore, Verdict, cell_score, verdict
+from .sampling import sample_rows
 
 __all__ = [
     "DEFAULT_SCAN_FORMATS",
@@ -144,15 +145,20 @@ def default_scan_formats(x: torch.Tensor) -> list[Format]:
     return [fmt for fmt in resolve_formats(None) if _accepts(fmt, x)]
 
 
-def scan_tensor(x: torch.Tensor, name: str, formats: Sequence[Format]) -> TensorScan:
-    """Score x under each format whose shape rules accept it."""
+def scan_tensor(
+    x: torch.Tensor, name: str, formats: Sequence[Format], shape: Sequence[int] | None = None
+) -> TensorScan:
+    """Score x (on the detector's sample of it, detection.sample_rows) under each format whose shape rules accept
+    it. `shape` is the full tensor's when x is already a sample of its rows (the GGUF scan reads only those)."""
     if x.dtype not in SUPPORTED_INPUT_DTYPES:
         raise UnsupportedInputError(f"tensor {name!r}: dtype {x.dtype} cannot be scanned (float32/16, bfloat16 only)")
     accepted = [fmt for fmt in formats if _accepts(fmt, x)]
-    scores = [cell_score(x, fmt, name, fmt.encode(x, name)) for fmt in accepted]
+    sample = sample_rows(x)
+    scores = [cell_score(sample, fmt, name, fmt.encode(sample, name)) for fmt in accepted]
     findings = [FormatFinding(score, verdict(score)) for score in scores]
     skipped = [fmt.name for fmt in formats if fmt not in accepted]
-    return TensorScan(name, tuple(x.shape), str(x.dtype).removeprefix("torch."), tuple(findings), tuple(skipped))
+    full_shape = tuple(x.shape) if shape is None else tuple(shape)
+    return TensorScan(name, full_shape, str(x.dtype).removeprefix("torch."), tuple(findings), tuple(skipped))
 
 
 def scan_verdict(scans: Iterable[TensorScan]) -> ModelVerdict:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..detection import CellScore, cell_score, verdict
+from ..detection import CellScore, cell_score, sample_rows, verdict
 from ..errors import QcbguardError
 from ..formats.base import Encoding, Format, QuantizedTensor
 from .config import HardeningConfig
@@ -23,7 +23,6 @@ from .rng import philox4x32, uniform24
 from .seed import DeploymentSeed
 
 __all__ = [
-    "DETECTOR_SAMPLE",
     "SuspiciousTensorError",
     "TensorReport",
     "detector_score",
@@ -88,26 +87,11 @@ def stochastic_codes(enc: Encoding, key: int, row_offset: int = 0, col_offset: i
     return torch.where(upper.reshape(shape), cells.upper, cells.lower)
 
 
-#: weights the detector scores per tensor: beyond this it reads a spread of whole rows (sampling noise of the
-#: Kolmogorov distance ~ 3 / sqrt(n) = 0.003, a seventh of the threshold), so large tensors cost no more than this.
-DETECTOR_SAMPLE = 1 << 20
-_ROW_RUN = 128  # rows read together, from multiples of 128: keeps every scale block whole (fp8_per_block is 128x128)
-
-
 def detector_score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding) -> CellScore:
-    """cell_score of x, on a spread of runs of whole rows when x holds more than DETECTOR_SAMPLE weights.
-
-    The sample is re-encoded: for row-blocked formats (every GGUF type, per-channel and block formats) its cells are
-    those of the full tensor; for per-tensor scales (fp8_per_tensor) the sample's own absmax may differ slightly,
-    which moves no weight's position by more than that ratio, immaterial to the statistic."""
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() >= 2 else x.reshape(1, -1)
-    if x.numel() <= DETECTOR_SAMPLE or rows.shape[0] < 2 * _ROW_RUN:
-        return cell_score(x, fmt, name, enc)
-    runs = max(1, DETECTOR_SAMPLE // (x.shape[-1] * _ROW_RUN))
-    blocks = rows.shape[0] // _ROW_RUN
-    starts = (torch.linspace(0, blocks - 1, runs).long().unique() * _ROW_RUN).tolist()
-    sample = torch.cat([rows[s : s + _ROW_RUN] for s in starts])
-    return cell_score(sample, fmt, name)
+    """cell_score of x on the detector's sample (detection.sample_rows); enc = fmt.encode(x) is reused when the
+    sample is the whole tensor, and the sample is re-encoded otherwise."""
+    sample = sample_rows(x)
+    return cell_score(x, fmt, name, enc) if sample is x else cell_score(sample, fmt, name)
 
 
 def harden_tensor(

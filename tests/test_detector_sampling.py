@@ -1,0 +1,51 @@
+"""The detector's sample (qcbguard_kernels.detection.sampling): bounded, spread over the whole tensor, whole rows in
+runs that keep every scale block intact, and the same rows for hardening and for the scans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcbguard_kernels.detection import DETECTOR_SAMPLE, ROW_RUN, cell_score, sample_row_ranges, sample_rows, scan_tensor
+from qcbguard_kernels.formats import get_format
+from qcbguard_kernels.hardening.harden import detector_score
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "row_len"), [(1, 7), (255, 4096), (256, 4097), (4099, 256), (50_000, 64), (262_144, 576), (300, 1 << 16)]
+)
+def test_ranges_cover_small_tensors_and_bound_large_ones(n_rows, row_len):
+    ranges = sample_row_ranges(n_rows, row_len)
+    if n_rows * row_len <= DETECTOR_SAMPLE or n_rows < 2 * ROW_RUN:
+        assert ranges == [(0, n_rows)]
+        return
+    starts = [s for s, _ in ranges]
+    assert all(e - s == ROW_RUN and s % ROW_RUN == 0 and e <= n_rows for s, e in ranges)
+    assert starts == sorted(set(starts))  # disjoint, in order
+    sampled = len(ranges) * ROW_RUN * row_len
+    assert sampled <= max(DETECTOR_SAMPLE, ROW_RUN * row_len)  # one run at least, even for very long rows
+    assert sampled > DETECTOR_SAMPLE // 2 or len(ranges) == 1 or len(ranges) == n_rows // ROW_RUN
+    # spread from the first run to the last whole run, not bunched at the start
+    assert starts[0] == 0 and (len(ranges) == 1 or starts[-1] == (n_rows // ROW_RUN - 1) * ROW_RUN)
+
+
+def test_sample_rows_is_the_tensor_when_small_and_those_rows_when_large():
+    small = torch.randn(64, 96)
+    assert sample_rows(small) is small
+    big = torch.randn(4096, 512)
+    s = sample_rows(big)
+    expected = torch.cat([big[a:b] for a, b in sample_row_ranges(4096, 512)])
+    assert s.shape[0] < 4096 and torch.equal(s, expected)
+    three_d = torch.randn(8, 1024, 256)  # leading dims flatten into rows
+    assert torch.equal(sample_rows(three_d), sample_rows(three_d.reshape(-1, 256)))
+
+
+def test_hardening_and_scan_score_the_same_sample():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3000, 512, generator=g).to(torch.bfloat16)
+    fmt = get_format("q4_0")
+    expected = cell_score(sample_rows(x), fmt, "w")
+    hardening = detector_score(x, fmt, "w", fmt.encode(x, "w"))
+    scan = scan_tensor(x, "w", [fmt])
+    assert hardening == expected
+    assert scan.findings[0].score == expected and scan.shape == (3000, 512)
