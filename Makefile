@@ -41,10 +41,10 @@ $(VLLM_STAMP): pyproject.toml setup.py
 demo: $(BASE_STAMP)
 	$(VENV)/bin/qcbguard demo
 
-# A real Prometheus server and promtool for the monitoring tests (Debian's package; root or sudo).
+# A real Prometheus server, promtool and a Pushgateway for the monitoring tests (Debian's packages; root or sudo).
 prometheus:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
-		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q prometheus >/dev/null
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null || \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q prometheus prometheus-pushgateway >/dev/null
 
 test: $(STAMP) $(VLLM_STAMP) prometheus
 	$(VENV)/bin/ruff check .

@@ -73,7 +73,12 @@ def _export_metrics(result: QuantizeResult, args: argparse.Namespace, mode: str)
     if args.pushgateway:
         from prometheus_client import push_to_gateway
 
-        push_to_gateway(args.pushgateway, job="qcbguard-gguf", registry=metrics.registry)
+        try:
+            push_to_gateway(args.pushgateway, job="qcbguard-gguf", registry=metrics.registry)
+        except OSError as e:  # URLError, refused connection, timeout: the output stands, the report did not arrive
+            raise QcbguardError(
+                f"{result.output} was written, but pushing its metrics to {args.pushgateway} failed: {e}"
+            ) from None
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -136,3 +136,52 @@ def test_real_prometheus_scrapes_qcbguard_and_fires_the_tamper_alert(tmp_path):
         proc.wait(timeout=30)
         server.shutdown()
         thread.join(timeout=5)
+
+
+@pytest.mark.slow
+def test_gguf_tool_pushes_its_metrics_to_a_real_pushgateway(tmp_path, capsys):
+    from gguf_tools.cli import main as gguf_main
+    from tests.gguf_models import write_tensors
+
+    pushgateway = _tool("prometheus-pushgateway")
+    attacked, _ = box_attack(clean_weights(SEED + 1), "q4_0", 0.05, 32, SEED)
+    src = write_tensors(
+        tmp_path / "tiny-f32.gguf",
+        {"blk.0.attn_q.weight": clean_weights(SEED).numpy(), "blk.0.ffn_up.weight": attacked.numpy()},
+    )
+    seed_file = tmp_path / "seed"
+    seed = DeploymentSeed.fresh()
+    seed.write(seed_file)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [pushgateway, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        out = tmp_path / "tiny-Q4_0.gguf"
+        argv = ["quantize", str(src), str(out), "Q4_0", "--seed-file", str(seed_file), "-q"]
+        assert gguf_main([*argv, "--pushgateway", f"127.0.0.1:{port}"]) == 0 and out.exists()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        pushed = [line for line in text.splitlines() if line.startswith("qcbguard_") and 'job="qcbguard-gguf"' in line]
+        flagged = [line for line in pushed if line.startswith("qcbguard_tensors_flagged_total")]
+        assert any('layer_type="ffn_up"' in line and line.endswith(" 1") for line in flagged), pushed
+        assert any('layer_type="attn_q"' in line and line.endswith(" 0") for line in flagged), pushed
+        assert any(f'seed_fingerprint="{seed.fingerprint}"' in line for line in pushed), pushed
+        assert seed_file.read_text().strip() not in text  # the secret itself never leaves
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # gateway gone: the output stands and the tool says what failed, in one line, exit 2
+    out2 = tmp_path / "again-Q4_0.gguf"
+    argv2 = ["quantize", str(src), str(out2), "Q4_0", "--seed-file", str(seed_file), "-q"]
+    capsys.readouterr()
+    assert gguf_main([*argv2, "--pushgateway", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert out2.exists() and len(err.splitlines()) == 1 and "was written, but pushing its metrics" in err, err
