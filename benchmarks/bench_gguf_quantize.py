@@ -108,7 +108,7 @@ def main() -> int:
             t_plain, m_plain = run_child(
                 [*ours, str(inp), str(plain), type_name, "--no-harden", "-q", "--threads", str(args.threads)]
             )
-            t_hard = m_hard = float("nan")
+            t_hard = m_hard = 0.0
             if not args.skip_hardened:
                 t_hard, m_hard = run_child(
                     [
@@ -124,9 +124,12 @@ def main() -> int:
                     ]
                 )
             same = sha256(ref) == sha256(plain)
+            hard_cells = (
+                ("-", "-", "-") if args.skip_hardened else (f"{t_hard:.2f}", f"{t_hard / t_ref:.1f}x", f"{m_hard:.0f}")
+            )
             print(
-                f"| {mix.name} | {t_ref:.2f} | {t_plain:.2f} | {t_hard:.2f} | {t_plain / t_ref:.1f}x | "
-                f"{t_hard / t_ref:.1f}x | {m_ref:.0f} | {m_plain:.0f} | {m_hard:.0f} | {'yes' if same else 'NO'} |",
+                f"| {mix.name} | {t_ref:.2f} | {t_plain:.2f} | {hard_cells[0]} | {t_plain / t_ref:.1f}x | "
+                f"{hard_cells[1]} | {m_ref:.0f} | {m_plain:.0f} | {hard_cells[2]} | {'yes' if same else 'NO'} |",
                 flush=True,
             )
             for p in (ref, plain, hard):
