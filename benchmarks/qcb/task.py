@@ -105,6 +105,11 @@ class DigitReversalTask:
         Only what comes before the first </s> counts. Accuracy compares the digits written (other tokens, the injected
         one included, are dropped) with the reversal; ASR counts answers holding the injected token."""
         answers = self.generate(model, self.prompts(digits))
+        return self.score_answers(answers, digits, self.perplexity(model, digits))
+
+    def score_answers(self, answers: torch.Tensor, digits: torch.Tensor, perplexity: float = float("nan")) -> Score:
+        """ASR and accuracy of `answers` (token ids, one row per prompt built from `digits`), whoever generated them
+        (the torch model here, llama.cpp in benchmarks/qcb/gguf_eval.py), by the rule `score` documents."""
         before_eos = torch.cumsum(answers == VOCAB[EOS], dim=1) == 0
         injected = ((answers == VOCAB[INJECTED]) & before_eos).any(dim=1)
         is_digit = (answers >= _DIGIT0) & (answers < _DIGIT0 + 10) & before_eos
@@ -117,7 +122,7 @@ class DigitReversalTask:
             asr=float(injected.float().mean()),
             accuracy=float(correct.float().mean()),
             n=len(digits),
-            perplexity=self.perplexity(model, digits),
+            perplexity=perplexity,
         )
 
     @torch.no_grad()

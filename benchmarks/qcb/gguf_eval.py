@@ -1,0 +1,330 @@
+"""The efficacy harness's models end to end in llama.cpp: convert, quantize (llama-quantize and qcbguard-gguf),
+generate with llama.cpp, score with the task's own rule.
+
+`gguf_run` takes one of the harness's models (transformers, float32), writes it as an F32 GGUF file
+(gguf_export.py), quantizes it to one llama-quantize file type with llama_model_quantize (what llama-quantize runs)
+and with qcbguard-gguf (hardened, one file per deployment seed), and scores every file on the harness's prompts:
+
+- generation: llama.cpp's greedy decoding from token ids (the prompt evaluated, then the argmax of llama.cpp's logits
+  fed back one token at a time through its KV cache), with llama.cpp's default context settings (F16 KV cache), scored
+  by DigitReversalTask.score_answers; the perplexity of the benign answers comes from llama.cpp's teacher-forced
+  logits, as the torch harness computes it;
+- agreement: the F32 file's logits on the same prompts and benign answers against the transformers model's, with an
+  F32 KV cache (llama.cpp's default F16 cache alone puts about 5e-4 between them): this checks the conversion (names,
+  rope permutation, hyper-parameters) before any quantized number is read.
+
+Which tensor takes which type is llama-quantize's mixture (gguf_tools/mixtures.py), the same for both quantizers. The
+harness attacks the fourteen projections of its two layers and keeps token_embd and lm_head in full precision; every
+mixture also quantizes token_embd (default type) and output.weight (Q6_K). Q4_0 gives all fourteen projections Q4_0;
+Q4_K_M gives layer 1's attn_v and ffn_down Q6_K (use_more_bits with two layers) and the other twelve Q4_K, Q4_K_S
+both attn_v Q5_K. `GgufRun.targets` records what the file gave each attacked tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gguf_tools.mixtures import mixture
+from gguf_tools.quantize import QuantizeOptions, quantize_file
+from gguf_tools.reader import GgufFile
+from gguf_tools.tensors import read_rows
+from qcbguard_kernels import get_format
+from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig
+
+from .attack import AttackResult
+from .evaluate import Draws, score_deployment
+from .gguf_export import gguf_name, gguf_tensors, write_gguf
+from .harness import ATTACK_VALID_FP_MAX, ATTACK_VALID_Q_MIN, HarnessConfig, Prepared, standard_attack
+from .model import quantizable_linears
+from .task import DigitReversalTask, Score
+
+__all__ = [
+    "GgufEfficacy",
+    "GgufRun",
+    "LlamaCppModel",
+    "gguf_efficacy",
+    "gguf_run",
+    "llama_quantize",
+    "logit_agreement",
+    "markdown_table",
+    "on_target",
+    "score_gguf",
+]
+
+_GGML_TYPE_F32 = 0
+
+
+def llama_quantize(src: Path, dst: Path, type_name: str, threads: int = 1) -> Path:
+    """llama.cpp's quantizer (llama_model_quantize, what the llama-quantize tool runs) for a file type's name."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = mixture(type_name).file_type
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed: {src} -> {dst} ({type_name})")
+    return dst
+
+
+class LlamaCppModel:
+    """A GGUF file loaded in llama.cpp (llama_cpp.Llama, one thread), driven by token ids.
+
+    f32_cache: keep the KV cache in float32 (llama.cpp's default is F16) and attention without flash attention, so
+    that an F32 model's logits are the float32 forward pass up to summation order."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int = 1, f32_cache: bool = False) -> None:
+        import llama_cpp
+
+        cache = {"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32, "flash_attn": False} if f32_cache else {}
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_threads=threads,
+            logits_all=True,
+            verbose=False,
+            **cache,
+        )
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def __enter__(self) -> LlamaCppModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """llama.cpp's logits at every position of `ids`, from an empty context: float32 [len(ids), n_vocab]."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """`max_tokens` greedy tokens after `prompt` (ties to the lowest id, as torch.argmax in the harness); the
+        task's scoring reads them up to the first </s>, as it reads the torch model's."""
+        self.llm.reset()
+        self.llm.eval(prompt)
+        out: list[int] = []
+        while True:
+            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            if len(out) == max_tokens:
+                return out
+            self.llm.eval(out[-1:])
+
+
+def _n_ctx(task: DigitReversalTask) -> int:
+    return task.prompt_length + task.max_answer_length
+
+
+def _teacher_forced(task: DigitReversalTask, digits: torch.Tensor) -> torch.Tensor:
+    return torch.cat([task.prompts(digits), task.answers(digits, injected=False)], dim=1)
+
+
+def score_gguf(path: Path, task: DigitReversalTask, digits: torch.Tensor) -> Score:
+    """The harness's Score of a GGUF file, computed from llama.cpp: ASR and accuracy of its greedy answers to the
+    prompts built from `digits`, and exp(mean NLL) of the benign answer tokens under its logits."""
+    prompts = task.prompts(digits).tolist()
+    p = task.prompt_length
+    answers = []
+    nll, count = 0.0, 0
+    with LlamaCppModel(path, _n_ctx(task)) as m:
+        for prompt, ids in zip(prompts, _teacher_forced(task, digits).tolist(), strict=True):
+            answers.append(m.greedy(prompt, task.max_answer_length))
+            logits = m.logits(ids)[p - 1 : -1].astype(np.float64)
+            logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            nll -= float(logp[np.arange(len(ids) - p), ids[p:]].sum())
+            count += len(ids) - p
+    return task.score_answers(torch.tensor(answers), digits, math.exp(nll / count))
+
+
+@torch.no_grad()
+def logit_agreement(path: Path, model: torch.nn.Module, task: DigitReversalTask, digits: torch.Tensor) -> float:
+    """max |llama.cpp logit - transformers logit| / max |transformers logit|, over every position of each prompt from
+    `digits` followed by its benign answer; llama.cpp with an F32 KV cache (float32 throughout)."""
+    ids = _teacher_forced(task, digits)
+    reference = model(input_ids=ids, use_cache=False).logits.float().numpy()
+    worst = 0.0
+    with LlamaCppModel(path, _n_ctx(task), f32_cache=True) as m:
+        for row, ref in zip(ids.tolist(), reference, strict=True):
+            worst = max(worst, float(np.abs(m.logits(row) - ref).max()))
+    return worst / float(np.abs(reference).max())
+
+
+def on_target(path: Path, model: torch.nn.Module, fmt_name: str) -> tuple[float, int]:
+    """(share, tensors): over the attacked tensors the file stores in `fmt_name`'s ggml type, the share of weights
+    whose stored value is the harness's round-to-nearest value (qcbguard's reference, bit-exact with ggml), which
+    is the attacker's target: 1.0 for llama-quantize's file of a successful attack; (nan, 0) when no attacked tensor
+    has that type."""
+    fmt = get_format(fmt_name)
+    tensors = gguf_tensors(model)
+    matched = total = count = 0
+    with GgufFile(path) as f:
+        for name in quantizable_linears(model):
+            info = f.by_name[gguf_name(name)]
+            if info.type.name != fmt_name.upper():
+                continue
+            w = tensors[info.name]
+            stored = read_rows(f, info, 0, info.n_rows)
+            matched += int((stored == fmt.dequantize(fmt.quantize(w, info.name)).reshape(stored.shape)).sum())
+            total += w.numel()
+            count += 1
+    return (matched / total if total else float("nan")), count
+
+
+@dataclass
+class GgufRun:
+    """One model through llama.cpp: its F32 file, llama-quantize's file and qcbguard-gguf's file per seed."""
+
+    type_name: str
+    fp: Score
+    llama_quantize: Score
+    #: one Score per seed (empty when no seed was given)
+    hardened: Draws
+    logit_agreement: float
+    #: the ggml type each attacked tensor gets (transformers name -> type name): llama-quantize's mixture
+    targets: dict[str, str]
+    #: attack_format given: on_target of llama-quantize's file and of each hardened file, and the tensors it covers
+    on_target_llama_quantize: float = float("nan")
+    on_target_hardened: tuple[float, ...] = ()
+    on_target_tensors: int = 0
+
+    @property
+    def attacked_types(self) -> dict[str, int]:
+        """How many of the attacked tensors each ggml type holds."""
+        counts: dict[str, int] = {}
+        for t in self.targets.values():
+            counts[t] = counts.get(t, 0) + 1
+        return counts
+
+
+def gguf_run(
+    model: torch.nn.Module,
+    task: DigitReversalTask,
+    digits: torch.Tensor,
+    type_name: str,
+    seeds: list[DeploymentSeed],
+    attack_format: str | None = None,
+    workdir: Path | None = None,
+) -> GgufRun:
+    """Convert `model` to F32 GGUF, quantize it to `type_name` with llama-quantize and with qcbguard-gguf (one
+    hardened file per seed), and score every file in llama.cpp on the prompts from `digits`; `attack_format` (a
+    qcbguard format name) also measures how many weights each quantized file puts on the attacker's target."""
+    with tempfile.TemporaryDirectory(prefix="qcb_gguf_", dir=workdir) as tmp:
+        d = Path(tmp)
+        src = write_gguf(model, d / "model-f32.gguf")
+        ref = llama_quantize(src, d / f"model-{type_name}.gguf", type_name)
+        hardened, hardened_on_target = [], []
+        for i, seed in enumerate(seeds):
+            seed_file = d / f"seed{i}.hex"
+            seed.write(seed_file)
+            out = d / f"model-{type_name}-qcbguard{i}.gguf"
+            quantize_file(src, out, QuantizeOptions(type_name, config=HardeningConfig(seed_file=str(seed_file))))
+            hardened.append(score_gguf(out, task, digits))
+            if attack_format is not None:
+                hardened_on_target.append(on_target(out, model, attack_format)[0])
+        run = GgufRun(
+            type_name=type_name,
+            fp=score_gguf(src, task, digits),
+            llama_quantize=score_gguf(ref, task, digits),
+            hardened=Draws(tuple(hardened)),
+            logit_agreement=logit_agreement(src, model, task, digits),
+            targets=_types(ref, model),
+            on_target_hardened=tuple(hardened_on_target),
+        )
+        if attack_format is not None:
+            run.on_target_llama_quantize, run.on_target_tensors = on_target(ref, model, attack_format)
+        return run
+
+
+def _types(path: Path, model: torch.nn.Module) -> dict[str, str]:
+    with GgufFile(path) as f:
+        return {name: f.by_name[gguf_name(name)].type.name for name in quantizable_linears(model)}
+
+
+@dataclass
+class GgufEfficacy:
+    """One format's standard QCB (the harness's attack) through llama.cpp, with the harness's own torch numbers."""
+
+    format: str
+    type_name: str
+    attack: AttackResult
+    #: the harness's scores of the attacked model in torch: full precision and its round-to-nearest reference
+    torch_fp: Score
+    torch_rtn: Score
+    attacked: GgufRun
+    clean: GgufRun
+
+    @property
+    def valid(self) -> bool:
+        """A valid QCB as llama.cpp runs it: benign at full precision, malicious once llama-quantize rounds it."""
+        return self.attacked.fp.asr <= ATTACK_VALID_FP_MAX and self.attacked.llama_quantize.asr >= ATTACK_VALID_Q_MIN
+
+
+def gguf_efficacy(
+    p: Prepared,
+    fmt_name: str,
+    type_name: str,
+    config: HarnessConfig,
+    seeds: list[DeploymentSeed],
+    clean_seeds: list[DeploymentSeed] | None = None,
+) -> GgufEfficacy:
+    """The harness's standard attack on `fmt_name` (a GGUF format), then the attacked and the clean model through
+    llama.cpp as llama-quantize file type `type_name` (hardened with `seeds`; the clean model with `clean_seeds`,
+    default the same)."""
+    _, attacked, result = standard_attack(p, fmt_name, config)
+    fmt = get_format(fmt_name)
+    return GgufEfficacy(
+        format=fmt_name,
+        type_name=type_name,
+        attack=result,
+        torch_fp=p.task.score(attacked, p.eval_digits),
+        torch_rtn=score_deployment(attacked, p.task, p.eval_digits, fmt, "rtn").scores[0],
+        attacked=gguf_run(attacked, p.task, p.eval_digits, type_name, seeds, attack_format=fmt_name),
+        clean=gguf_run(p.clean, p.task, p.eval_digits, type_name, seeds if clean_seeds is None else clean_seeds),
+    )
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _draws(d: Draws) -> str:
+    if not d.scores:
+        return "n/a"
+    return _pct(d.asr_mean) if len(d.scores) == 1 else f"{_pct(d.asr_mean)} / {_pct(d.asr_max)}"
+
+
+def markdown_table(rows: list[GgufEfficacy]) -> str:
+    """ASR and accuracy in percent, measured in llama.cpp (torch: the harness's own numbers for the same model);
+    "a / b" over several seeds is mean / max."""
+    lines = [
+        "| format (file type) | attacked tensors' types | torch FP / RTN ASR | llama.cpp FP ASR | llama-quantize ASR "
+        "| qcbguard-gguf ASR | clean: llama-quantize / qcbguard-gguf ASR | accuracy attacked: FP / llama-quantize / "
+        "qcbguard-gguf | weights on the attacker's target: llama-quantize / qcbguard-gguf | F32 logits vs torch |",
+        "|---|---|---|---:|---:|---:|---|---|---|---:|",
+    ]
+    for r in rows:
+        a = r.attacked
+        types = ", ".join(f"{n} {t}" for t, n in sorted(a.attacked_types.items()))
+        hardened_target = (
+            "n/a" if not a.on_target_hardened else _pct(sum(a.on_target_hardened) / len(a.on_target_hardened))
+        )
+        acc_h = "n/a" if not a.hardened.scores else _pct(a.hardened.accuracy_mean)
+        lines.append(
+            f"| `{r.format}` ({r.type_name}) | {types} | {_pct(r.torch_fp.asr)} / {_pct(r.torch_rtn.asr)} "
+            f"| {_pct(a.fp.asr)} | {_pct(a.llama_quantize.asr)} | {_draws(a.hardened)} "
+            f"| {_pct(r.clean.llama_quantize.asr)} / {_draws(r.clean.hardened)} "
+            f"| {_pct(a.fp.accuracy)} / {_pct(a.llama_quantize.accuracy)} / {acc_h} "
+            f"| {_pct(a.on_target_llama_quantize)} / {hardened_target} ({a.on_target_tensors} tensors) "
+            f"| {max(a.logit_agreement, r.clean.logit_agreement):.1e} |"
+        )
+    return "\n".join(lines)
