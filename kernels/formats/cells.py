@@ -27,13 +27,19 @@ def integer_grid_cells(u: torch.Tensor, nearest: torch.Tensor, qmin: int, qmax: 
     return RoundingCells(lower=lower, upper=upper, position=position, nearest=nearest.to(torch.int32))
 
 
-def codebook_cells(v: torch.Tensor, grid: torch.Tensor, nearest: torch.Tensor) -> RoundingCells:
+def codebook_cells(
+    v: torch.Tensor, grid: torch.Tensor, nearest: torch.Tensor, lower: torch.Tensor | None = None
+) -> RoundingCells:
     """Cells of a normalized weight v on a sorted codebook `grid` (float32, ascending, codes = indices into it).
 
-    Values below the first or above the last entry are clamped to it (lower == upper).
+    Values below the first or above the last entry are clamped to it (lower == upper). `lower`, the index of the
+    largest entry <= v (clamped to the grid), is searched for unless the caller computed it (fp8: from the bits).
     """
     top = grid.numel() - 1
-    lower = (torch.searchsorted(grid, v.contiguous(), right=True) - 1).clamp(0, top)
+    if lower is None:
+        lower = (torch.searchsorted(grid, v.contiguous(), right=True) - 1).clamp(0, top)
+    else:
+        lower = lower.long()
     on_code = grid[lower] == v
     upper = torch.where(on_code | (v > grid[top]), lower, (lower + 1).clamp(max=top))
     below = v < grid[0]
