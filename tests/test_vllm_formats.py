@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from qcbguard_kernels import UnsupportedInputError, get_format
-from qcbguard_kernels.formats.fp8 import e4m3_magnitudes, e4m3_round_magnitude
+from qcbguard_kernels.formats.fp8 import e4m3_floor_code, e4m3_magnitudes, e4m3_round_magnitude
 from qcbguard_kernels.formats.int_weight_only import INT4_GROUP_SIZES, TinygemmGroupInt4
 from qcbguard_kernels.formats.mx import e2m1_round_magnitude, e8m0_to_float
 from tests.inputs import fresh_seed, integer_tie_rows, standard_cases
@@ -209,6 +209,25 @@ def test_e4m3_rounding_matches_torch_cast_everywhere_it_matters():
     theirs = v.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
     bad = (ours != theirs).nonzero().flatten()
     assert bad.numel() == 0, f"{bad.numel()} values round differently, e.g. {v[bad[:5]].tolist()} (seed {SEED})"
+
+
+def test_e4m3_floor_code_is_the_search_it_replaces():
+    """e4m3_floor_code (from the float32 bits) against a binary search over the 127 magnitudes: every grid point, its
+    float32 neighbours, the midpoints, random values over the whole range and beyond 448 (saturating)."""
+    grid = e4m3_magnitudes()
+    g = torch.Generator().manual_seed(SEED)
+    v = torch.cat(
+        [
+            grid,
+            torch.nextafter(grid, torch.tensor(0.0)),
+            torch.nextafter(grid, torch.tensor(1e9)),
+            (grid[1:] + grid[:-1]) / 2,
+            torch.exp2(torch.rand(200_000, generator=g) * 44 - 32),
+            torch.tensor([0.0, 2.0**-10, 2.0**-9, 2.0**-6, 448.0, 464.0, 480.0, 512.0, 1e30, float("inf")]),
+        ]
+    )
+    search = (torch.searchsorted(grid, v, right=True) - 1).clamp(0, 126).to(torch.int32)
+    assert torch.equal(e4m3_floor_code(v), search)
 
 
 # ---- MX (oracle: torchao.prototype.mx_formats) ----
