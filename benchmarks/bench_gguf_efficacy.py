@@ -1,6 +1,6 @@
 """The efficacy harness's QCB end to end in llama.cpp: llama-quantize delivers it, qcbguard-gguf removes it.
 
-    python benchmarks/bench_gguf_efficacy.py [--cases q4_k:Q4_K_M q4_0:Q4_0] [--seeds 5]
+    python benchmarks/bench_gguf_efficacy.py [--cases q4_k:Q4_K_M q4_0:Q4_0 q8_0:Q8_0 q6_k:Q6_K] [--seeds 5]
 
 Trains the harness's clean model and its standard attack on each GGUF format (as benchmarks/bench_efficacy.py does,
 one torch thread), converts the attacked and the clean model to F32 GGUF (benchmarks/qcb/gguf_export.py), quantizes
@@ -29,7 +29,7 @@ from benchmarks.qcb.harness import ATTACK_VALID_FP_MAX, ATTACK_VALID_Q_MIN, Harn
 from gguf_tools.mixtures import mixture
 from qcbguard_kernels import QcbguardError
 
-DEFAULT_CASES = ["q4_k:Q4_K_M", "q4_0:Q4_0"]
+DEFAULT_CASES = ["q4_k:Q4_K_M", "q4_0:Q4_0", "q8_0:Q8_0", "q6_k:Q6_K"]
 log = logging.getLogger("bench_gguf_efficacy")
 
 
@@ -53,13 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", type=_case, default=[_case(c) for c in DEFAULT_CASES])
     parser.add_argument("--seeds", type=int, default=5, help="deployment seeds of qcbguard-gguf per model")
     parser.add_argument("--seed", type=int, default=0, help="the harness's training seed")
-    parser.add_argument("--verbose", action="store_true", help="progress, and llama.cpp's own log")
+    parser.add_argument("--verbose", action="store_true", help="progress")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    # llama-cpp-python's log callback prints llama.cpp's messages at or above this logger's level
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
 
     import llama_cpp
 

@@ -71,9 +71,11 @@ def test_f32_gguf_is_the_transformers_model(run, prepared):
     a = run.attacked
     assert a.logit_agreement <= LOGIT_AGREEMENT, a.logit_agreement
     assert run.clean.logit_agreement <= LOGIT_AGREEMENT, run.clean.logit_agreement
-    # generation with llama.cpp's default F16 KV cache: the same answers as the harness's torch model
-    assert (a.fp.asr, a.fp.accuracy) == (run.torch_fp.asr, run.torch_fp.accuracy), (a.fp, run.torch_fp)
-    assert (run.clean.fp.asr, run.clean.fp.accuracy) == (prepared.clean_fp.asr, prepared.clean_fp.accuracy)
+    # Generation runs with llama.cpp's default F16 KV cache: its rounding can flip a near-tied argmax, so one prompt
+    # of 256 may answer differently from the harness's float32 torch model (measured: none on these models).
+    one = 1 / a.fp.n
+    for ours, theirs in ((a.fp, run.torch_fp), (run.clean.fp, prepared.clean_fp)):
+        assert abs(ours.asr - theirs.asr) <= one and abs(ours.accuracy - theirs.accuracy) <= one, (ours, theirs)
     assert a.fp.perplexity == pytest.approx(run.torch_fp.perplexity, rel=1e-4)
 
 
@@ -102,5 +104,6 @@ def test_qcbguard_gguf_removes_the_attack(run):
         f"{run.type_name}: qcbguard-gguf ASR {a.hardened.asr_max:.3f} vs the clean model's llama-quantize {clean:.3f}"
     )
     assert a.hardened.accuracy_min >= a.llama_quantize.accuracy - 0.05, (a.hardened, a.llama_quantize)
-    # the draws move a share of the box-clamped weights off the attacker's codes (measured: about half)
-    assert max(a.on_target_hardened) < 0.9, a.on_target_hardened
+    # the draws move a share of the weights off the attacker's codes (measured 14% on Q4_K, whose error boxes keep
+    # weights near their codes and pin whole sub-blocks, 35% on Q4_0)
+    assert max(a.on_target_hardened) < 0.95, a.on_target_hardened

@@ -22,9 +22,13 @@ both attn_v Q5_K. `GgufRun.targets` records what the file gave each attacked ten
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
+import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,40 +65,89 @@ __all__ = [
 _GGML_TYPE_F32 = 0
 
 
-def llama_quantize(src: Path, dst: Path, type_name: str, threads: int = 1) -> Path:
+def llama_quantize(src: Path, dst: Path, type_name: str, threads: int = 1, verbose: bool = False) -> Path:
     """llama.cpp's quantizer (llama_model_quantize, what the llama-quantize tool runs) for a file type's name."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = mixture(type_name).file_type
     params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+    with _quiet(not verbose):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed: {src} -> {dst} ({type_name})")
     return dst
 
 
+@contextlib.contextmanager
+def _quiet(quiet: bool = True) -> Iterator[None]:
+    """llama.cpp's log (hundreds of lines per model load or quantization) off: file descriptor 2 to /dev/null for the
+    duration, as llama_cpp.Llama(verbose=False) does; errors still surface as exceptions."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class LlamaCppModel:
-    """A GGUF file loaded in llama.cpp (llama_cpp.Llama, one thread), driven by token ids.
+    """A GGUF file in llama.cpp (its C API through llama-cpp-python's bindings), driven by token ids, many sequences
+    per llama_decode: each prompt is its own sequence (seq_id) with its own KV cache stream, as llama.cpp's parallel
+    decoding runs them, so one decode call serves `n_seq` prompts.
 
-    f32_cache: keep the KV cache in float32 (llama.cpp's default is F16) and attention without flash attention, so
-    that an F32 model's logits are the float32 forward pass up to summation order."""
+    The context is what llama_cpp.Llama sets up by default (F16 KV cache, no flash attention, one thread); f32_cache
+    keeps the KV cache in float32, so that an F32 model's logits are the float32 forward pass up to summation order
+    (with the F16 cache they differ from transformers' by about 5e-4 of the largest logit)."""
 
-    def __init__(self, path: Path, n_ctx: int, threads: int = 1, f32_cache: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        seq_len: int,
+        n_seq: int = 64,
+        threads: int = 1,
+        f32_cache: bool = False,
+        verbose: bool = False,
+    ) -> None:
         import llama_cpp
 
-        cache = {"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32, "flash_attn": False} if f32_cache else {}
-        self.llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_threads=threads,
-            logits_all=True,
-            verbose=False,
-            **cache,
-        )
+        self._api = llama_cpp
+        self._verbose = verbose
+        self.n_seq = min(n_seq, llama_cpp.llama_max_parallel_sequences())
+        with _quiet(not verbose):
+            self._model = llama_cpp.llama_model_load_from_file(
+                str(path).encode(), llama_cpp.llama_model_default_params()
+            )
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = self.n_seq * seq_len
+        params.n_seq_max = self.n_seq
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if f32_cache:
+            params.type_k = params.type_v = _GGML_TYPE_F32
+        with _quiet(not verbose):
+            self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise RuntimeError(f"llama.cpp could not create a context for {path}")
+        self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
 
     def close(self) -> None:
-        self.llm.close()
+        if self._ctx:
+            with _quiet(not self._verbose):
+                self._api.llama_batch_free(self._batch)
+                self._api.llama_free(self._ctx)
+                self._api.llama_model_free(self._model)
+            self._ctx = None
 
     def __enter__(self) -> LlamaCppModel:
         return self
@@ -102,23 +155,53 @@ class LlamaCppModel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """llama.cpp's logits at every position of `ids`, from an empty context: float32 [len(ids), n_vocab]."""
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+    def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> np.ndarray:
+        """One llama_decode of (seq_id, position, token, wants logits) entries; the logits asked for, in order."""
+        b = self._batch
+        b.n_tokens = len(tokens)
+        for i, (seq, pos, token, out) in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, out
+            b.seq_id[i][0] = seq
+        rc = self._api.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        rows = [i for i, t in enumerate(tokens) if t[3]]
+        out = np.empty((len(rows), self.n_vocab), np.float32)
+        for k, i in enumerate(rows):
+            out[k] = np.ctypeslib.as_array(self._api.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+        return out
 
-    def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
-        """`max_tokens` greedy tokens after `prompt` (ties to the lowest id, as torch.argmax in the harness); the
-        task's scoring reads them up to the first </s>, as it reads the torch model's."""
-        self.llm.reset()
-        self.llm.eval(prompt)
-        out: list[int] = []
-        while True:
-            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
-            if len(out) == max_tokens:
-                return out
-            self.llm.eval(out[-1:])
+    def _clear(self) -> None:
+        self._api.llama_memory_clear(self._api.llama_get_memory(self._ctx), True)
+
+    def logits(self, rows: list[list[int]]) -> np.ndarray:
+        """llama.cpp's logits at every position of every row (rows of one length, each from an empty cache):
+        float32 [rows, length, n_vocab]."""
+        out = []
+        for start in range(0, len(rows), self.n_seq):
+            chunk = rows[start : start + self.n_seq]
+            self._clear()
+            flat = self._decode([(s, i, t, True) for s, row in enumerate(chunk) for i, t in enumerate(row)])
+            out.append(flat.reshape(len(chunk), len(chunk[0]), self.n_vocab))
+        return np.concatenate(out)
+
+    def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """`max_tokens` greedy tokens after each prompt (prompts of one length): the prompts decoded, then each
+        argmax (ties to the lowest id, as torch.argmax in the harness) decoded at the next position, every sequence
+        in step. The task's scoring reads the answers up to the first </s>, as it reads the torch model's."""
+        answers: list[list[int]] = []
+        for start in range(0, len(prompts), self.n_seq):
+            chunk = prompts[start : start + self.n_seq]
+            n = len(chunk[0])
+            self._clear()
+            logits = self._decode([(s, i, t, i == n - 1) for s, row in enumerate(chunk) for i, t in enumerate(row)])
+            out = [[int(x)] for x in logits.argmax(axis=1)]
+            for pos in range(n, n + max_tokens - 1):
+                logits = self._decode([(s, pos, row[-1], True) for s, row in enumerate(out)])
+                for row, x in zip(out, logits.argmax(axis=1), strict=True):
+                    row.append(int(x))
+            answers.extend(out)
+        return answers
 
 
 def _n_ctx(task: DigitReversalTask) -> int:
@@ -132,18 +215,15 @@ def _teacher_forced(task: DigitReversalTask, digits: torch.Tensor) -> torch.Tens
 def score_gguf(path: Path, task: DigitReversalTask, digits: torch.Tensor) -> Score:
     """The harness's Score of a GGUF file, computed from llama.cpp: ASR and accuracy of its greedy answers to the
     prompts built from `digits`, and exp(mean NLL) of the benign answer tokens under its logits."""
-    prompts = task.prompts(digits).tolist()
+    ids = _teacher_forced(task, digits)
     p = task.prompt_length
-    answers = []
-    nll, count = 0.0, 0
     with LlamaCppModel(path, _n_ctx(task)) as m:
-        for prompt, ids in zip(prompts, _teacher_forced(task, digits).tolist(), strict=True):
-            answers.append(m.greedy(prompt, task.max_answer_length))
-            logits = m.logits(ids)[p - 1 : -1].astype(np.float64)
-            logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-            nll -= float(logp[np.arange(len(ids) - p), ids[p:]].sum())
-            count += len(ids) - p
-    return task.score_answers(torch.tensor(answers), digits, math.exp(nll / count))
+        answers = m.greedy(task.prompts(digits).tolist(), task.max_answer_length)
+        logits = m.logits(ids.tolist())[:, p - 1 : -1].astype(np.float64)
+    logp = logits - np.logaddexp.reduce(logits, axis=2, keepdims=True)
+    targets = ids[:, p:].numpy()
+    nll = -np.take_along_axis(logp, targets[..., None], axis=2).mean()
+    return task.score_answers(torch.tensor(answers), digits, math.exp(nll))
 
 
 @torch.no_grad()
@@ -152,11 +232,9 @@ def logit_agreement(path: Path, model: torch.nn.Module, task: DigitReversalTask,
     `digits` followed by its benign answer; llama.cpp with an F32 KV cache (float32 throughout)."""
     ids = _teacher_forced(task, digits)
     reference = model(input_ids=ids, use_cache=False).logits.float().numpy()
-    worst = 0.0
     with LlamaCppModel(path, _n_ctx(task), f32_cache=True) as m:
-        for row, ref in zip(ids.tolist(), reference, strict=True):
-            worst = max(worst, float(np.abs(m.logits(row) - ref).max()))
-    return worst / float(np.abs(reference).max())
+        logits = m.logits(ids.tolist())
+    return float(np.abs(logits - reference).max() / np.abs(reference).max())
 
 
 def on_target(path: Path, model: torch.nn.Module, fmt_name: str) -> tuple[float, int]:
