@@ -76,7 +76,7 @@ def main() -> int:
             ref_ppl = perplexity(ref, text, args.ctx, args.threads)
             hard = []
             for i in range(args.seeds):
-                seed_file = tmpdir / f"seed{i}"
+                seed_file = tmpdir / f"seed-{mix.name}-{i}"  # a fresh seed per file (seed files never overwrite)
                 DeploymentSeed.fresh().write(seed_file)
                 out = tmpdir / f"hard-{mix.name}-{i}.gguf"
                 options = QuantizeOptions(
