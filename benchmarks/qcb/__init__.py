@@ -5,7 +5,10 @@
 - attack.py: the QCB attack of Egashira et al. 2024/2025, generic over a qcbguard format;
 - evaluate.py: ASR and accuracy of every deployment (full precision, round to nearest, hardened, baselines) and the
   detector;
-- harness.py: the whole run, per format, and the markdown table (benchmarks/bench_efficacy.py is its CLI).
+- harness.py: the whole run, per format, and the markdown table (benchmarks/bench_efficacy.py is its CLI);
+- gguf_export.py: a harness model as an F32 GGUF file llama.cpp runs (llama.cpp's names, the rope row permutation);
+- gguf_eval.py: the attacked model through llama.cpp: llama-quantize vs qcbguard-gguf, scored from llama.cpp's own
+  generation (benchmarks/bench_gguf_efficacy.py is its CLI).
 
 Evaluation code only: it trains backdoored toy models to prove the defense; nothing here is imported by qcbguard.
 """

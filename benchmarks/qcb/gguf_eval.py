@@ -5,19 +5,20 @@ generate with llama.cpp, score with the task's own rule.
 (gguf_export.py), quantizes it to one llama-quantize file type with llama_model_quantize (what llama-quantize runs)
 and with qcbguard-gguf (hardened, one file per deployment seed), and scores every file on the harness's prompts:
 
-- generation: llama.cpp's greedy decoding from token ids (the prompt evaluated, then the argmax of llama.cpp's logits
-  fed back one token at a time through its KV cache), with llama.cpp's default context settings (F16 KV cache), scored
-  by DigitReversalTask.score_answers; the perplexity of the benign answers comes from llama.cpp's teacher-forced
-  logits, as the torch harness computes it;
+- generation: llama.cpp's greedy decoding from token ids (the prompts decoded, then each argmax of llama.cpp's logits
+  decoded at the next position through its KV cache; 64 prompts per llama_decode, each its own sequence), with
+  llama.cpp's default context settings (F16 KV cache), scored by DigitReversalTask.score_answers; the perplexity of
+  the benign answers comes from llama.cpp's teacher-forced logits, as the torch harness computes it;
 - agreement: the F32 file's logits on the same prompts and benign answers against the transformers model's, with an
   F32 KV cache (llama.cpp's default F16 cache alone puts about 5e-4 between them): this checks the conversion (names,
   rope permutation, hyper-parameters) before any quantized number is read.
 
 Which tensor takes which type is llama-quantize's mixture (gguf_tools/mixtures.py), the same for both quantizers. The
 harness attacks the fourteen projections of its two layers and keeps token_embd and lm_head in full precision; every
-mixture also quantizes token_embd (default type) and output.weight (Q6_K). Q4_0 gives all fourteen projections Q4_0;
-Q4_K_M gives layer 1's attn_v and ffn_down Q6_K (use_more_bits with two layers) and the other twelve Q4_K, Q4_K_S
-both attn_v Q5_K. `GgufRun.targets` records what the file gave each attacked tensor.
+mixture also quantizes token_embd (default type) and output.weight (Q6_K; Q8_0 under Q8_0). Q4_0, Q8_0 and Q6_K give
+all fourteen projections their default type; Q4_K_M gives layer 1's attn_v and ffn_down Q6_K (use_more_bits with two
+layers) and the other twelve Q4_K, Q4_K_S both attn_v Q5_K. `GgufRun.targets` records what the file gave each
+attacked tensor.
 """
 
 from __future__ import annotations
@@ -383,12 +384,13 @@ def _draws(d: Draws) -> str:
 
 def markdown_table(rows: list[GgufEfficacy]) -> str:
     """ASR and accuracy in percent, measured in llama.cpp (torch: the harness's own numbers for the same model);
-    "a / b" over several seeds is mean / max."""
+    "a / b" over several seeds is mean / max; valid: the attack is a valid QCB as llama.cpp runs it."""
     lines = [
-        "| format (file type) | attacked tensors' types | torch FP / RTN ASR | llama.cpp FP ASR | llama-quantize ASR "
-        "| qcbguard-gguf ASR | clean: llama-quantize / qcbguard-gguf ASR | accuracy attacked: FP / llama-quantize / "
-        "qcbguard-gguf | weights on the attacker's target: llama-quantize / qcbguard-gguf | F32 logits vs torch |",
-        "|---|---|---|---:|---:|---:|---|---|---|---:|",
+        "| format (file type) | attacked tensors' types | torch FP / RTN ASR | llama.cpp: FP ASR | llama-quantize ASR "
+        "| valid | qcbguard-gguf ASR | clean model: llama-quantize ASR; qcbguard-gguf | accuracy attacked: FP / "
+        "llama-quantize / qcbguard-gguf | weights on the attacker's target: llama-quantize / qcbguard-gguf "
+        "| F32 logits vs torch |",
+        "|---|---|---|---:|---:|:---:|---:|---|---|---|---:|",
     ]
     for r in rows:
         a = r.attacked
@@ -399,8 +401,8 @@ def markdown_table(rows: list[GgufEfficacy]) -> str:
         acc_h = "n/a" if not a.hardened.scores else _pct(a.hardened.accuracy_mean)
         lines.append(
             f"| `{r.format}` ({r.type_name}) | {types} | {_pct(r.torch_fp.asr)} / {_pct(r.torch_rtn.asr)} "
-            f"| {_pct(a.fp.asr)} | {_pct(a.llama_quantize.asr)} | {_draws(a.hardened)} "
-            f"| {_pct(r.clean.llama_quantize.asr)} / {_draws(r.clean.hardened)} "
+            f"| {_pct(a.fp.asr)} | {_pct(a.llama_quantize.asr)} | {'yes' if r.valid else '**no**'} "
+            f"| {_draws(a.hardened)} | {_pct(r.clean.llama_quantize.asr)}; {_draws(r.clean.hardened)} "
             f"| {_pct(a.fp.accuracy)} / {_pct(a.llama_quantize.accuracy)} / {acc_h} "
             f"| {_pct(a.on_target_llama_quantize)} / {hardened_target} ({a.on_target_tensors} tensors) "
             f"| {max(a.logit_agreement, r.clean.logit_agreement):.1e} |"
