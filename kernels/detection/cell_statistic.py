@@ -104,10 +104,10 @@ def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(mag), exponent - 1 - mantissa_bits)
 
 
-def _decoy_spacing(values: torch.Tensor, dtype: torch.dtype, step: torch.Tensor) -> torch.Tensor:
+def _decoy_spacing(ulp: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """h per weight: the larger of the checkpoint's lattice spacing and 1/64 of the cell (so a decoy moves by a
     visible fraction of a cell even in float32)."""
-    return torch.maximum(_storage_ulp(values, dtype), step.abs() / _DECOY_RESOLUTION)
+    return torch.maximum(ulp, step.abs() / _DECOY_RESOLUTION)
 
 
 def _boundary_counts(position: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -125,10 +125,10 @@ def _cdf(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _in_cell_decoys(
-    values: torch.Tensor,
-    dtype: torch.dtype,
+    ulp: torch.Tensor,
     fmt: Format,
     enc: Encoding,
+    nearest: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
     live: torch.Tensor,
@@ -136,17 +136,18 @@ def _in_cell_decoys(
     top: torch.Tensor,
 ) -> tuple[torch.Tensor, float]:
     """Decoys for formats whose scales do not depend on where interior weights sit: each weight shifted by k * h,
-    positioned in its own cell geometry (scales held fixed). Returns the decoys' boundary-distance histogram and the
-    share of decoys exactly on a code."""
+    positioned in its own cell geometry (scales held fixed). `ulp` is the checkpoint's lattice spacing per weight,
+    `nearest`, `lo`, `hi` the values of each weight's nearest, lower and upper codes. Returns the decoys'
+    boundary-distance histogram and the share of decoys exactly on a code."""
     cells = enc.cells
     # Decoy sources: every weight off the grid, and every weight on an interior code (position 0 in the cell above
     # it). Leaving the on-code ones out would thin the decoys next to codes.
     above = torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1)
-    pinned_step = fmt.code_values(enc, above) - fmt.code_values(enc, cells.nearest)
+    pinned_step = fmt.code_values(enc, above) - nearest
     source = live | (pinned & (pinned_step != 0))
     step = torch.where(source, torch.where(live, hi - lo, pinned_step), 1.0)
     p = torch.where(live, cells.position, torch.zeros_like(cells.position))
-    shift = _decoy_spacing(values, dtype, step) / step  # in cells, signed like the cell's orientation
+    shift = _decoy_spacing(ulp, step) / step  # in cells, signed like the cell's orientation
     counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
     on_code_total = 0
     for k in DECOY_SHIFTS:
@@ -160,7 +161,7 @@ def _in_cell_decoys(
 
 
 def _refit_decoys(
-    values: torch.Tensor, dtype: torch.dtype, fmt: Format, enc: Encoding, lo: torch.Tensor, hi: torch.Tensor
+    values: torch.Tensor, ulp: torch.Tensor, fmt: Format, enc: Encoding, lo: torch.Tensor, hi: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
     """Decoys for formats that fit their scales to the block (k-quants): the whole tensor shifted by k * h and
     quantized again, scale search included. A clean tensor's fit pulls weights toward codes (Q6_K weighs its fit
@@ -168,7 +169,7 @@ def _refit_decoys(
     the same pull, an attacker's alignment does not survive the shift. Costs one encode per shift."""
     step = (hi - lo).abs()
     fallback = step[step > 0].median() if bool((step > 0).any()) else torch.ones(())
-    h = _decoy_spacing(values, dtype, torch.where(step > 0, step, fallback))
+    h = _decoy_spacing(ulp, torch.where(step > 0, step, fallback))
     big = torch.finfo(torch.float32).max
     counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
     on_grid = []
@@ -194,24 +195,26 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     hi = fmt.code_values(enc, cells.upper)
     values = x.float()
     at_code = (cells.position < _ON_CODE) | (cells.position > 1.0 - _ON_CODE)
-    on_grid = (values == fmt.code_values(enc, cells.nearest)) | (values == lo) | (values == hi) | at_code
+    nearest = fmt.code_values(enc, cells.nearest)
+    on_grid = (values == nearest) | (values == lo) | (values == hi) | at_code
     top, bottom = cells.nearest.max(), cells.nearest.min()
     end_code = (cells.nearest == bottom) | (cells.nearest == top)
     live = cells.steerable & ~on_grid & ((hi - lo).abs() > 0)
     n = int(live.sum())
     on_grid_fraction = float(on_grid.float().mean())
     interior_on_grid = float((on_grid & ~end_code).float().mean())
-    half_ulp = 0.5 * _storage_ulp(values, x.dtype)
-    near = on_grid | ~cells.steerable | ((values - fmt.code_values(enc, cells.nearest)).abs() <= half_ulp)
+    ulp = _storage_ulp(values, x.dtype)  # the checkpoint's lattice spacing per weight, computed once
+    half_ulp = 0.5 * ulp
+    near = on_grid | ~cells.steerable | ((values - nearest).abs() <= half_ulp)
     near_code = float(near.float().mean())
     if n == 0:
         return CellScore(
             fmt.name, fmt.family, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0, near_code
         )
     if fmt.fits_scales:
-        decoy_counts, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi)
+        decoy_counts, decoy_on_grid = _refit_decoys(values, ulp, fmt, enc, lo, hi)
     else:
-        decoy_counts, decoy_on_grid = _in_cell_decoys(values, x.dtype, fmt, enc, lo, hi, live, on_grid & ~end_code, top)
+        decoy_counts, decoy_on_grid = _in_cell_decoys(ulp, fmt, enc, nearest, lo, hi, live, on_grid & ~end_code, top)
     grid = torch.linspace(0, 0.5, _CDF_POINTS + 1)[1:]
     excess = _cdf(_boundary_counts(cells.position, live)) - _cdf(decoy_counts)
     at = int(torch.argmax(excess.abs()))
