@@ -11,7 +11,17 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
+
+from tests.threads import one_torch_thread
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (modules opt in with pytest.mark.usefixtures("one_thread"))."""
+    with one_torch_thread():
+        yield

@@ -17,7 +17,6 @@ number comes from llama.cpp's own greedy generation, scored by the task's rule:
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("transformers", reason="the efficacy harness trains a transformers Llama")
 pytest.importorskip("llama_cpp", reason="llama.cpp runs the GGUF files (make test builds llama-cpp-python)")
@@ -31,6 +30,7 @@ from benchmarks.qcb.harness import (
     HarnessConfig,
     prepare,
 )
+from tests.threads import one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -46,25 +46,16 @@ LOGIT_AGREEMENT = 1e-5
 
 @pytest.fixture(scope="module")
 def prepared():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the harness's numbers hold on one thread; no spinning threads on a 2-core runner
-    try:
+    with one_torch_thread():  # for the whole module (the runs below too): the harness's numbers hold on one thread
         yield prepare(CONFIG)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def run(request, prepared) -> GgufEfficacy:
     fmt = request.param
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        # one deployment seed for the attacked model (as the reduced harness); the clean model only needs its
-        # llama-quantize file, the reference the hardened ASR is held to
-        return gguf_efficacy(prepared, fmt, CASES[fmt], CONFIG, bench_seeds(1), clean_seeds=[])
-    finally:
-        torch.set_num_threads(threads)
+    # one deployment seed for the attacked model (as the reduced harness); the clean model only needs its
+    # llama-quantize file, the reference the hardened ASR is held to
+    return gguf_efficacy(prepared, fmt, CASES[fmt], CONFIG, bench_seeds(1), clean_seeds=[])
 
 
 def test_f32_gguf_is_the_transformers_model(run, prepared):

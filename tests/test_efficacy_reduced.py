@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers", reason="the efficacy harness trains a transformers Llama")
 
@@ -27,6 +26,7 @@ from benchmarks.qcb.harness import (  # noqa: E402
     save_model,
 )
 from benchmarks.qcb.task import build_tokenizer  # noqa: E402
+from tests.threads import one_torch_thread  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +34,9 @@ CONFIG = HarnessConfig(seeds=1, adaptive=())
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic sums, and no spinning threads on a busy 2-core runner
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def prepared(one_thread):
-    return prepare(CONFIG)
+def prepared():
+    with one_torch_thread():  # for the whole module: the format fixtures below run inside it
+        yield prepare(CONFIG)
 
 
 @pytest.fixture(scope="module")

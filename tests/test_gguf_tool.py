@@ -21,6 +21,8 @@ from gguf_tools.reader import GgufFile, GgufFormatError
 from gguf_tools.writer import encode_kv
 from tests.gguf_models import LlamaShape, write_llama, write_odd_shapes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
@@ -28,15 +30,6 @@ def model_dir(tmp_path_factory) -> Path:
     write_llama(d / "llama-f16.gguf", LlamaShape(n_layer=4, n_vocab=300))
     write_odd_shapes(d / "odd.gguf")
     return d
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The two CI cores are shared with other tests: torch's second thread only spins against them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(*argv: str) -> int:

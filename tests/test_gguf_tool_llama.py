@@ -28,7 +28,7 @@ from gguf_tools.reader import GgufFile
 from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig
 from tests.gguf_models import LlamaShape, write_llama, write_odd_shapes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TYPES = list(MIXTURES)
 
@@ -74,16 +74,6 @@ def llama_quantize(src: Path, dst: Path, type_name: str) -> None:
 
 def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("model", ["gqa-f16", "tied-f32", "odd"])

@@ -12,15 +12,9 @@ from tests.attacks import box_attack, clean_weights
 from tests.gguf_models import write_tensors
 from tests.inputs import fresh_seed
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEED = fresh_seed()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
