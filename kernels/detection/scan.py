@@ -154,7 +154,7 @@ def scan_tensor(
         raise UnsupportedInputError(f"tensor {name!r}: dtype {x.dtype} cannot be scanned (float32/16, bfloat16 only)")
     accepted = [fmt for fmt in formats if _accepts(fmt, x)]
     sample = sample_rows(x)
-    scores = [cell_score(sample, fmt, name, fmt.encode(sample, name)) for fmt in accepted]
+    scores = [cell_score(sample, fmt, name) for fmt in accepted]
     findings = [FormatFinding(score, verdict(score)) for score in scores]
     skipped = [fmt.name for fmt in formats if fmt not in accepted]
     full_shape = tuple(x.shape) if shape is None else tuple(shape)

@@ -36,7 +36,7 @@ from ..errors import UnsupportedInputError
 from ..numerics import float32_bits, signbit
 from .base import Encoding, Format, QuantizedTensor
 from .cells import codebook_cells
-from .fp8 import E4M3_MAX, e4m3_floor_code, e4m3_magnitudes, e4m3_round_magnitude
+from .fp8 import E4M3_MAX, e4m3_magnitudes, fp8_cells
 from .registry import register_format
 
 __all__ = ["E2M1_MAGNITUDES", "MX_BLOCK", "MxFormat", "e2m1_round_magnitude", "e8m0_to_float"]
@@ -126,13 +126,11 @@ class MxFormat(Format):
         blocks = self._blocks(x)
         byte = self.scale_bytes(blocks)
         q = self._scaled(blocks, byte).reshape(x.shape)
-        v = q.abs()
         if self.element == "e4m3":
-            lower = e4m3_floor_code(v)
-            cells = codebook_cells(v, self.grid, e4m3_round_magnitude(v, lower), lower)
+            cells, negative = fp8_cells(q)  # the same e4m3 cast as vLLM's fp8 formats
         else:
-            cells = codebook_cells(v, self.grid, e2m1_round_magnitude(q))
-        return Encoding(self.name, x.shape, cells, {"scale": byte, "negative": signbit(q)})
+            cells, negative = codebook_cells(q.abs(), self.grid, e2m1_round_magnitude(q)), signbit(q)
+        return Encoding(self.name, x.shape, cells, {"scale": byte, "negative": negative})
 
     # ---- bytes ----
 
