@@ -10,7 +10,6 @@ token after the first of a window predicted). The full-precision input is scored
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.llama_cpp_oracle beside us
 TEXT = ROOT / "benchmarks" / "realmodel" / "eval_text.txt"
 
 
@@ -44,6 +44,7 @@ def perplexity(path: Path, text: str, ctx: int, threads: int) -> float:
 def main() -> int:
     import llama_cpp
 
+    from benchmarks.llama_cpp_oracle import llama_quantize
     from gguf_tools.mixtures import mixture
     from gguf_tools.quantize import QuantizeOptions, quantize_file
     from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig
@@ -68,11 +69,7 @@ def main() -> int:
         for type_name in args.types:
             mix = mixture(type_name)
             ref = tmpdir / f"ref-{mix.name}.gguf"
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = mix.file_type
-            params.nthread = args.threads
-            if llama_cpp.llama_model_quantize(str(args.input).encode(), str(ref).encode(), ctypes.byref(params)):
-                raise RuntimeError(f"llama_model_quantize failed for {mix.name}")
+            llama_quantize(args.input, ref, mix.name, threads=args.threads)
             ref_ppl = perplexity(ref, text, args.ctx, args.threads)
             hard = []
             for i in range(args.seeds):

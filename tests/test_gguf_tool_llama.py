@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import subprocess
@@ -21,6 +20,7 @@ import llama_cpp  # make test builds llama-cpp-python 0.3.36 from source
 import numpy as np
 import pytest
 
+from benchmarks.llama_cpp_oracle import llama_quantize
 from gguf_tools.cli import main as gguf_main
 from gguf_tools.mixtures import MIXTURES
 from gguf_tools.quantize import HARDENING_KEYS, QuantizeOptions, quantize_file
@@ -62,14 +62,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
         # two layers: logits stay in the regime where weight noise adds up instead of compounding (the logit test)
         "shallow-f16": write_llama(d / "shallow-f16.gguf", LlamaShape(n_layer=2)),
     }
-
-
-def llama_quantize(src: Path, dst: Path, type_name: str) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = MIXTURES[type_name].file_type
-    params.nthread = 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed on {src.name} -> {type_name}"
 
 
 def sha256(p: Path) -> str:

@@ -23,26 +23,21 @@ attacked tensor.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
-import os
-import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gguf_tools.mixtures import mixture
 from gguf_tools.quantize import QuantizeOptions, quantize_file
 from gguf_tools.reader import GgufFile
 from gguf_tools.tensors import read_rows
 from qcbguard_kernels import get_format
 from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig
 
+from ..llama_cpp_oracle import llama_quantize, quiet_stderr
 from .attack import AttackResult
 from .evaluate import Draws, score_deployment
 from .gguf_export import gguf_name, gguf_tensors, write_gguf
@@ -56,7 +51,6 @@ __all__ = [
     "LlamaCppModel",
     "gguf_efficacy",
     "gguf_run",
-    "llama_quantize",
     "logit_agreement",
     "markdown_table",
     "on_target",
@@ -64,38 +58,6 @@ __all__ = [
 ]
 
 _GGML_TYPE_F32 = 0
-
-
-def llama_quantize(src: Path, dst: Path, type_name: str, threads: int = 1, verbose: bool = False) -> Path:
-    """llama.cpp's quantizer (llama_model_quantize, what the llama-quantize tool runs) for a file type's name."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = mixture(type_name).file_type
-    params.nthread = threads
-    with _quiet(not verbose):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed: {src} -> {dst} ({type_name})")
-    return dst
-
-
-@contextlib.contextmanager
-def _quiet(quiet: bool = True) -> Iterator[None]:
-    """llama.cpp's log (hundreds of lines per model load or quantization) off: file descriptor 2 to /dev/null for the
-    duration, as llama_cpp.Llama(verbose=False) does; errors still surface as exceptions."""
-    if not quiet:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 class LlamaCppModel:
@@ -121,7 +83,7 @@ class LlamaCppModel:
         self._api = llama_cpp
         self._verbose = verbose
         self.n_seq = min(n_seq, llama_cpp.llama_max_parallel_sequences())
-        with _quiet(not verbose):
+        with quiet_stderr(not verbose):
             self._model = llama_cpp.llama_model_load_from_file(
                 str(path).encode(), llama_cpp.llama_model_default_params()
             )
@@ -134,7 +96,7 @@ class LlamaCppModel:
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if f32_cache:
             params.type_k = params.type_v = _GGML_TYPE_F32
-        with _quiet(not verbose):
+        with quiet_stderr(not verbose):
             self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -144,7 +106,7 @@ class LlamaCppModel:
 
     def close(self) -> None:
         if self._ctx:
-            with _quiet(not self._verbose):
+            with quiet_stderr(not self._verbose):
                 self._api.llama_batch_free(self._batch)
                 self._api.llama_free(self._ctx)
                 self._api.llama_model_free(self._model)
