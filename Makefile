@@ -11,7 +11,7 @@ STAMP := $(VENV)/.qcbguard-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.qcbguard-installed
-VLLM_TESTS := tests/test_vllm_plugin.py tests/test_vllm_plugin_serve.py
+VLLM_TESTS := tests/test_vllm_plugin.py tests/test_vllm_plugin_serve.py tests/test_vllm_methods.py
 
 .PHONY: demo test lint bench clean prometheus
 

@@ -17,7 +17,7 @@ from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig, harden_t
 from vllm_qcbguard.cli import add_hook_arguments, hook_settings_from_args
 from vllm_qcbguard.compat import UnsupportedVllmError, check_vllm_version, is_wrapped, wrap_attribute
 from vllm_qcbguard.hook import LayerJob, RuleDriftError, check_model, harden_against_vllm
-from vllm_qcbguard.layout import layer_geometry, layer_type
+from vllm_qcbguard.layout import expert_layout, layer_geometry, layer_type
 from vllm_qcbguard.metrics_bridge import TextfileDirCollector
 from vllm_qcbguard.settings import HookSettings
 from vllm_qcbguard.shard import ShardGeometry, harden_shard
@@ -164,12 +164,64 @@ def test_row_parallel_shards_hold_the_tp1_codes_with_the_all_reduced_amax(fmt_na
         shard = w[:, rank * 64 : (rank + 1) * 64]
         geometry = layer_geometry(layer, 48)
         assert geometry.col_offset == rank * 64
-        _, packed, _ = harden_shard(shard, fmt, name, SEED, CONFIG, geometry, row_amax=amax)
+        _, packed, _ = harden_shard(shard, fmt, name, SEED, CONFIG, geometry, amax=amax)
         assert torch.equal(_codes(fmt_name, packed), _codes(fmt_name, full)[:, rank * 64 : (rank + 1) * 64])
         assert torch.equal(packed.tensors["scale"], full.tensors["scale"])
         # the shard's own amax would give other scales: the all-reduced one is what makes the ranks agree
         _, local, _ = harden_shard(shard, fmt, name, SEED, CONFIG, geometry)
         assert not torch.equal(local.tensors["scale"], full.tensors["scale"])
+
+
+def test_per_tensor_shards_hold_the_tp1_codes_with_the_all_reduced_amax():
+    """fp8_per_tensor: vLLM all-reduces the tensor's amax over any sharded layer, so every rank keeps TP=1's scale."""
+    w = _weight(64, 96, 8)
+    fmt = get_format("fp8_per_tensor")
+    name = "model.layers.0.mlp.gate_up_proj.weight"
+    full = harden_tensor(w, fmt, name, SEED)[0]
+    for rank in range(2):
+        layer = MergedColumnParallelLinear(rank, 2, [32, 32])
+        shard = torch.cat([w[rank * 16 : (rank + 1) * 16], w[32 + rank * 16 : 32 + (rank + 1) * 16]])
+        geometry = layer_geometry(layer, 32)
+        _, packed, _ = harden_shard(shard, fmt, name, SEED, CONFIG, geometry, amax=w.abs().amax())
+        rows = torch.cat([torch.arange(run.global_start, run.global_start + run.length) for run in geometry.runs])
+        assert torch.equal(_codes("fp8_per_tensor", packed), _codes("fp8_per_tensor", full)[rows])
+        assert torch.equal(packed.tensors["scale"], full.tensors["scale"])
+
+
+@pytest.mark.parametrize("fmt_name", ["int8_per_channel", "fp8_per_channel"])
+def test_moe_tp_and_ep_ranks_hold_the_tp1_codes(fmt_name):
+    """Fused experts: under MoE tensor parallelism rank r holds [w1_r; w3_r] of each expert's w13 and columns r of its
+    w2 (whose row amax vLLM all-reduces); under expert parallelism a rank holds whole experts, named by global id."""
+    experts, hidden, inter = 3, 48, 64
+    w13 = torch.stack([_weight(2 * inter, hidden, 20 + e) for e in range(experts)])
+    w2 = torch.stack([_weight(hidden, inter, 30 + e) for e in range(experts)])
+    fmt = get_format(fmt_name)
+    prefix = "model.layers.0.mlp.experts"
+    full = {
+        (e, part): _codes(fmt_name, harden_tensor(w[e], fmt, f"{prefix}.{e}.{part}_weight", SEED)[0])
+        for e in range(experts)
+        for part, w in (("w13", w13), ("w2", w2))
+    }
+    local = inter // 2
+    for rank in range(2):
+        moe = types.SimpleNamespace(tp_size=2, tp_rank=rank, w13_num_shards=2)
+        rows = torch.cat(
+            [torch.arange(rank * local, (rank + 1) * local), inter + torch.arange(rank * local, (rank + 1) * local)]
+        )
+        cols = torch.arange(rank * local, (rank + 1) * local)
+        layout = expert_layout(moe, None, (experts, 2 * local, hidden), (experts, hidden, local))
+        for e in range(experts):
+            _, p13, _ = harden_shard(w13[e][rows], fmt, f"{prefix}.{e}.w13_weight", SEED, CONFIG, layout.w13)
+            amax = w2[e].abs().amax(dim=1, keepdim=True)
+            _, p2, _ = harden_shard(w2[e][:, cols], fmt, f"{prefix}.{e}.w2_weight", SEED, CONFIG, layout.w2, amax=amax)
+            assert torch.equal(_codes(fmt_name, p13), full[(e, "w13")][rows])
+            assert torch.equal(_codes(fmt_name, p2), full[(e, "w2")][:, cols])
+    # expert parallelism: the expert map (global -> local slot, -1 elsewhere) names each slot's global expert
+    expert_map = torch.tensor([-1, 1, 0])
+    layout = expert_layout(types.SimpleNamespace(tp_size=1), expert_map, (2, 2 * inter, hidden), (2, hidden, inter))
+    assert layout.global_ids == (2, 1)
+    with pytest.raises(ValueError, match="local slots"):
+        expert_layout(types.SimpleNamespace(tp_size=1), torch.tensor([0, -1, -1]), (2, 4, 4), (2, 4, 2))
 
 
 def test_geometry_refuses_layouts_it_does_not_know():

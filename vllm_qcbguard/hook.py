@@ -1,10 +1,10 @@
 """The quantization hook: vLLM computes its scales and codes, qcbguard checks them and swaps in hardened codes.
 
 Where it sits. vLLM quantizes a layer in its method's process_weights_after_loading, once the layer's full-precision
-weight is loaded and fused (qkv_proj, gate_up_proj); online methods run it layer by layer during load_weights
-(model_loader/reload/layerwise.py), torchao at the end of loading. The hook wraps that method and, while it runs, the
-one function inside it that rounds the weight (`_fp8_quant_per_channel` for fp8_per_channel,
-`torchao_quantize_param_data` for torchao). When that function returns, the hook:
+weight is loaded and fused (qkv_proj, gate_up_proj, MoE w13/w2); online methods run it layer by layer during
+load_weights (model_loader/reload/layerwise.py), torchao at the end of loading. For a linear layer the hook wraps that
+method and, while it runs, the one function inside it that rounds the weight (linear_methods.py); for fused experts
+it sits between vLLM's rounding and its kernel-format shuffle (moe_methods.py). Once vLLM has rounded, the hook:
 
 1. encodes the same full-precision shard with qcbguard's reference of the method's rule (kernels/formats) and draws
    the hardened codes: Philox keyed by the deployment seed and the layer's weight name ("...qkv_proj.weight"),
@@ -33,25 +33,41 @@ import torch
 from qcbguard_kernels import get_format
 from qcbguard_kernels.errors import QcbguardError
 from qcbguard_kernels.formats.base import Format, QuantizedTensor
+from qcbguard_kernels.formats.fp8 import FP8_PER_BLOCK_CPU
 
 from .compat import UnsupportedVllmError
 from .layout import layer_geometry
-from .shard import harden_shard
+from .shard import ShardGeometry, harden_shard
 from .state import HookState, active_state
 
 __all__ = [
     "HARDENED_LAYER_METHODS",
     "ONLINE_QUANTIZATION",
     "PRE_QUANTIZED",
+    "LayerJob",
     "RuleDriftError",
+    "as_vllm",
     "check_model",
+    "current_job",
     "harden_against_vllm",
+    "reference_format",
+    "run_layer",
 ]
 
 logger = logging.getLogger("vllm_qcbguard")
 
-#: vLLM method class -> qcbguard format whose reference reproduces its rounding
-HARDENED_LAYER_METHODS = {"Fp8PtpcOnlineLinearMethod": "fp8_per_channel", "TorchAOLinearMethod": "torchao_int8"}
+#: vLLM method class -> qcbguard format(s) whose reference reproduces its rounding (MoE: w13, w2)
+HARDENED_LAYER_METHODS = {
+    "Fp8PtpcOnlineLinearMethod": "fp8_per_channel",
+    "Fp8PerTensorOnlineLinearMethod": "fp8_per_tensor",
+    "Fp8PerBlockOnlineLinearMethod": "fp8_per_block",
+    "Mxfp8OnlineLinearMethod": "mxfp8",
+    "TorchAOLinearMethod": "torchao_int8",
+    "Int8OnlineMoEMethod": "int8_per_channel",
+    "Fp8PerTensorOnlineMoEMethod": "fp8_per_tensor",
+    "Fp8PerBlockOnlineMoEMethod": "fp8_per_block",
+    "Fp8PtpcOnlineMoEMethod": "fp8_per_channel",
+}
 #: --quantization values that quantize full-precision weights at load time (the layers decide what is hardened)
 ONLINE_QUANTIZATION = frozenset(
     {
@@ -102,65 +118,88 @@ class RuleDriftError(QcbguardError):
 
 @dataclass
 class LayerJob:
-    """The layer being quantized right now, and what its rounding call must be hardened as."""
+    """The layer being quantized right now, and what its rounding call (`call`, the vLLM function's name) must be
+    hardened as."""
 
     state: HookState
     layer: torch.nn.Module
     method: str
     fmt: Format
     name: str
-    row_amax: torch.Tensor | None = None
+    call: str = ""
+    label: str | None = None  # metrics layer type, where the layer's prefix does not give it
+    amax: torch.Tensor | None = None  # the all-reduced absmax where vLLM shares a scale across ranks
     done: int = 0
 
 
 _JOB: contextvars.ContextVar[LayerJob | None] = contextvars.ContextVar("qcbguard_layer_job", default=None)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes reinterpreted as integers of the same width (so -0.0 != 0.0 and NaN == NaN)."""
-    t = t.detach().contiguous()
-    if not t.dtype.is_floating_point:
-        return t
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.view(width)
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes (so -0.0 != 0.0, NaN == NaN, and an e8m0 scale compares with the same uint8 byte)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
 
 
 def _check_same(job: LayerJob, plain: QuantizedTensor, vllm: dict[str, torch.Tensor]) -> None:
     for key, theirs in vllm.items():
         ours = plain.tensors[key]
-        if theirs.dtype != ours.dtype or theirs.numel() != ours.numel():
+        if theirs.element_size() != ours.element_size() or theirs.numel() != ours.numel():
             raise RuleDriftError(
                 f"qcbguard: vLLM's {job.method} stores {key} of {job.name} as {theirs.dtype} {tuple(theirs.shape)}, "
                 f"qcbguard's {job.fmt.name} reference as {ours.dtype} {tuple(ours.shape)}; refusing to harden a layout "
                 "it does not know"
             )
-        a, b = _bits(theirs).reshape(-1).cpu(), _bits(ours).reshape(-1)
-        differ = (a != b).nonzero()
+        width = ours.element_size()
+        differ = (_bytes(theirs) != _bytes(ours)).reshape(-1, width).any(dim=1).nonzero()
         if differ.numel():
-            first = int(differ[0])
             raise RuleDriftError(
                 f"qcbguard: vLLM's {job.method} {key} of {job.name} differs from qcbguard's {job.fmt.name} reference "
-                f"in {differ.numel()} of {a.numel()} entries (first at flat index {first}); vLLM's rounding rule is "
-                "not the one qcbguard reproduces, so the hook refuses to harden on another grid"
+                f"in {differ.numel()} of {ours.numel()} entries (first at flat index {int(differ[0])}); vLLM's "
+                "rounding rule is not the one qcbguard reproduces, so the hook refuses to harden on another grid"
             )
 
 
-def harden_against_vllm(job: LayerJob, x: torch.Tensor, vllm: dict[str, torch.Tensor]) -> QuantizedTensor:
-    """Harden the shard x vLLM just quantized to `vllm` (its packed tensors by qcbguard's key names)."""
+def as_vllm(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Our packed tensor in the dtype (same width), shape and device vLLM holds it in."""
+    if ours.dtype != theirs.dtype:
+        ours = ours.contiguous().view(theirs.dtype)
+    return ours.reshape(theirs.shape).to(theirs.device)
+
+
+def harden_against_vllm(
+    job: LayerJob, x: torch.Tensor, vllm: dict[str, torch.Tensor], geometry: ShardGeometry | None = None
+) -> QuantizedTensor:
+    """Harden the shard x vLLM just quantized to `vllm` (its packed tensors by qcbguard's key names). `geometry`
+    places the shard in the full weight (by default read from the linear layer's tensor-parallel attributes)."""
     if x.dim() != 2:
         raise UnsupportedVllmError(f"qcbguard: {job.name} reached the hook with shape {tuple(x.shape)}, expected 2-D")
-    geometry = layer_geometry(job.layer, x.shape[0])
+    geometry = geometry or layer_geometry(job.layer, x.shape[0])
     hardening = job.state.settings.hardening
     enc, packed, report = harden_shard(
-        x.detach().cpu(), job.fmt, job.name, job.state.seed, hardening, geometry, row_amax=job.row_amax
+        x.detach().cpu(), job.fmt, job.name, job.state.seed, hardening, geometry, amax=job.amax
     )
     _check_same(job, job.fmt.pack(enc), vllm)
-    job.state.record(job.layer, report)
+    job.state.record(job.layer, report, job.label)
     job.done += 1
     return packed
 
 
-def _run_layer(job: LayerJob, original: Callable[..., Any], method: Any, layer: torch.nn.Module) -> Any:
+def reference_format(name: str, device: torch.device) -> Format:
+    """qcbguard's reference of a vLLM rule for weights on `device`: vLLM's per_block_cast_to_fp8 divides by 448 on a
+    CPU where the GPU build multiplies by its reciprocal (kernels/formats/fp8.py); every other rule is the same."""
+    if name == "fp8_per_block" and device.type == "cpu":
+        return FP8_PER_BLOCK_CPU
+    return get_format(name)
+
+
+def current_job(call: str) -> LayerJob | None:
+    """The job whose rounding call `call` is running now (None outside one, or for another call vLLM makes)."""
+    job = _JOB.get()
+    return job if job is not None and job.call == call else None
+
+
+def run_layer(job: LayerJob, original: Callable[..., Any], method: Any, layer: torch.nn.Module) -> Any:
+    """Run vLLM's process_weights_after_loading with `job` active; exactly one rounding call must be hardened."""
     token = _JOB.set(job)
     try:
         result = original(method, layer)
@@ -172,112 +211,6 @@ def _run_layer(job: LayerJob, original: Callable[..., Any], method: Any, layer: 
             f"({job.done} calls seen); this vLLM's code path is not one qcbguard supports"
         )
     return result
-
-
-# ---- fp8_per_channel (Fp8PtpcOnlineLinearMethod) ----
-
-
-def _row_parallel(layer: torch.nn.Module) -> bool:
-    return int(getattr(layer, "tp_size", 1) or 1) > 1 and layer.input_size != layer.input_size_per_partition
-
-
-def wrap_ptpc_process(original: Callable[..., Any]) -> Callable[..., Any]:
-    def process_weights_after_loading(self: Any, layer: torch.nn.Module) -> Any:
-        state = active_state()
-        if state is None or getattr(layer, "_already_called_process_weights_after_loading", False):
-            return original(self, layer)
-        prefix = getattr(layer, "prefix", "") or type(layer).__name__
-        if getattr(self, "requantization_source", None) is not None:
-            state.skip(layer, prefix, "requantization")
-            return original(self, layer)
-        job = LayerJob(state, layer, type(self).__name__, get_format("fp8_per_channel"), f"{prefix}.weight")
-        if _row_parallel(layer):
-            # vLLM all-reduces each row's amax over the ranks (amax_for_tp_weight_quant), so every rank uses the
-            # full row's scale; the hook takes the same global amax so its reference uses that scale too.
-            from vllm.model_executor.layers.quantization.utils.quant_utils import (
-                amax_for_tp_weight_quant,
-                weight_amax,
-            )
-
-            job.row_amax = amax_for_tp_weight_quant(weight_amax(layer.weight, dim=-1, keepdim=True), True).cpu()
-        return _run_layer(job, original, self, layer)
-
-    return process_weights_after_loading
-
-
-def wrap_fp8_channel_quant(original: Callable[..., Any]) -> Callable[..., Any]:
-    def _fp8_quant_per_channel(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        out = original(weight, scale)
-        job = _JOB.get()
-        if job is None:
-            return out
-        if out.dtype != torch.float8_e4m3fn:
-            raise UnsupportedVllmError(
-                f"qcbguard: {job.name} quantizes to {out.dtype}; the hook's fp8 reference is float8_e4m3fn only"
-            )
-        packed = harden_against_vllm(job, weight, {"weight": out, "scale": scale})
-        return packed.tensors["weight"].to(out.device)
-
-    return _fp8_quant_per_channel
-
-
-# ---- torchao (TorchAOLinearMethod) ----
-
-
-def torchao_format(config: Any) -> str | None:
-    """The qcbguard format of a torchao config, or None when the hook has no reference for it."""
-    if type(config).__name__ != "Int8WeightOnlyConfig":
-        return None
-    granularity = type(getattr(config, "granularity", None)).__name__
-    if getattr(config, "version", None) != 2 or getattr(config, "group_size", None) is not None:
-        return None
-    if granularity != "PerRow" or getattr(config.granularity, "dim", -1) not in (-1, 1):
-        return None
-    return "torchao_int8"
-
-
-def wrap_torchao_process(original: Callable[..., Any]) -> Callable[..., Any]:
-    def process_weights_after_loading(self: Any, layer: torch.nn.Module) -> Any:
-        state = active_state()
-        if state is None:
-            return original(self, layer)
-        prefix = getattr(layer, "prefix", "") or type(layer).__name__
-        if self.quant_config.is_checkpoint_torchao_serialized:
-            state.skip(layer, prefix, "pre-quantized")
-            return original(self, layer)
-        config = self.quant_config.torchao_config
-        fmt = torchao_format(config)
-        if fmt is None:
-            if state.settings.allow_passthrough:
-                logger.warning("qcbguard: %s left unhardened (torchao %s, pass-through allowed)", prefix, config)
-                state.skip(layer, prefix, "passthrough")
-                return original(self, layer)
-            raise QcbguardError(
-                f"qcbguard cannot harden {prefix}: torchao config {type(config).__name__} has no qcbguard reference "
-                "(supported: Int8WeightOnlyConfig, per row, version 2); set allow_passthrough to serve it unhardened"
-            )
-        job = LayerJob(state, layer, type(self).__name__, get_format(fmt), f"{prefix}.weight")
-        return _run_layer(job, original, self, layer)
-
-    return process_weights_after_loading
-
-
-def wrap_torchao_quantize(original: Callable[..., Any]) -> Callable[..., Any]:
-    def torchao_quantize_param_data(param: torch.Tensor, torchao_config: Any) -> Any:
-        out = original(param, torchao_config)
-        job = _JOB.get()
-        if job is None:
-            return out
-        qdata, scale = getattr(out, "qdata", None), getattr(out, "scale", None)
-        if qdata is None or scale is None:
-            raise UnsupportedVllmError(
-                f"qcbguard: torchao returned {type(out).__name__} for {job.name}, not an Int8Tensor with qdata/scale"
-            )
-        packed = harden_against_vllm(job, param.detach(), {"qdata": qdata, "scale": scale})
-        qdata.copy_(packed.tensors["qdata"])
-        return out
-
-    return torchao_quantize_param_data
 
 
 # ---- the model-level check ----

@@ -29,18 +29,45 @@ def register() -> None:
         _install_refusal(str(exc))
         return
 
+    try:
+        _install_wrappers()
+    except UnsupportedVllmError as exc:  # a supported release whose code moved: refuse the hook, run without it
+        logger.warning("qcbguard: %s", exc)
+        _install_refusal(str(exc))
+
+
+def _install_wrappers() -> None:
+    """Every vLLM function the hook wraps (linear_methods.py and moe_methods.py say why each)."""
+    from vllm import _custom_ops
     from vllm.model_executor.layers.quantization import torchao
-    from vllm.model_executor.layers.quantization.online import fp8
+    from vllm.model_executor.layers.quantization.online import fp8, int8, mxfp8
     from vllm.model_executor.model_loader import base_loader
 
-    from . import hook
+    from . import hook, linear_methods, moe_methods
     from .cli import install_cli
 
+    online = linear_methods.wrap_online_linear_process
     install_cli()
-    wrap_attribute(fp8.Fp8PtpcOnlineLinearMethod, "process_weights_after_loading", hook.wrap_ptpc_process)
-    wrap_attribute(fp8, "_fp8_quant_per_channel", hook.wrap_fp8_channel_quant)
-    wrap_attribute(torchao.TorchAOLinearMethod, "process_weights_after_loading", hook.wrap_torchao_process)
-    wrap_attribute(torchao, "torchao_quantize_param_data", hook.wrap_torchao_quantize)
+    for method, fmt, call, amax in (
+        (
+            fp8.Fp8PtpcOnlineLinearMethod,
+            "fp8_per_channel",
+            "_fp8_quant_per_channel",
+            linear_methods.row_parallel_row_amax,
+        ),
+        (fp8.Fp8PerTensorOnlineLinearMethod, "fp8_per_tensor", "scaled_fp8_quant", linear_methods.sharded_tensor_amax),
+        (fp8.Fp8PerBlockOnlineLinearMethod, "fp8_per_block", "per_block_cast_to_fp8", None),
+        (mxfp8.Mxfp8OnlineLinearMethod, "mxfp8", "mxfp8_e4m3_quantize", None),
+    ):
+        wrap_attribute(method, "process_weights_after_loading", online(fmt, call, amax))
+    wrap_attribute(fp8, "_fp8_quant_per_channel", linear_methods.wrap_fp8_channel_quant)
+    wrap_attribute(_custom_ops, "scaled_fp8_quant", linear_methods.wrap_scaled_fp8_quant)
+    wrap_attribute(fp8, "per_block_cast_to_fp8", linear_methods.wrap_per_block_cast)
+    wrap_attribute(mxfp8, "mxfp8_e4m3_quantize", linear_methods.wrap_mxfp8_quantize)
+    wrap_attribute(torchao.TorchAOLinearMethod, "process_weights_after_loading", linear_methods.wrap_torchao_process)
+    wrap_attribute(torchao, "torchao_quantize_param_data", linear_methods.wrap_torchao_quantize)
+    wrap_attribute(int8.Int8OnlineMoEMethod, "_quantize_weights", moe_methods.wrap_int8_moe_quantize)
+    wrap_attribute(fp8._Fp8OnlineMoEBase, "_setup_kernel", moe_methods.wrap_fp8_moe_setup)
     wrap_attribute(base_loader, "process_weights_after_loading", hook.wrap_process_model)
 
 

@@ -66,17 +66,21 @@ def _rows(enc: Encoding, start: int, length: int) -> Encoding:
     return Encoding(enc.format, torch.Size((length, *enc.shape[1:])), cells)
 
 
-def _pinned_encoding(fmt: Format, x: torch.Tensor, name: str, row_amax: torch.Tensor) -> Encoding:
-    """Encode x as if each row's absmax were row_amax (the full row's, when the row is split over ranks).
+def _pinned_encoding(fmt: Format, x: torch.Tensor, name: str, amax: torch.Tensor) -> Encoding:
+    """Encode x as if its absmax were `amax`: one value per row (row-absmax formats, a row split over ranks) or one
+    for the whole tensor (per-tensor formats, a tensor split over ranks).
 
-    For row-absmax formats the scale depends on the row only through its absmax, so appending one column holding
-    the global amax gives exactly the scale vLLM computes from its all-reduced amax; the extra column is then cut off
-    the cells and off every per-element entry of the scales.
+    The scale depends on the weights only through that absmax, so appending one column holding the global amax
+    gives exactly the scale vLLM computes from its all-reduced amax; the extra column is then cut off the cells and
+    off every per-element entry of the scales.
     """
-    if x.dim() != 2 or row_amax.numel() != x.shape[0]:
-        raise ValueError(f"{name}: row_amax needs one value per row of the 2-D shard, got {tuple(row_amax.shape)}")
+    if x.dim() != 2 or amax.numel() not in (1, x.shape[0]):
+        raise ValueError(
+            f"{name}: a pinned amax is one value per row of the 2-D shard or one value, got {tuple(amax.shape)}"
+        )
     cols = x.shape[1]
-    enc = fmt.encode(torch.cat([x, row_amax.reshape(-1, 1).to(x.dtype)], dim=1), name)
+    column = amax.reshape(-1, 1).to(x.dtype).expand(x.shape[0], 1)
+    enc = fmt.encode(torch.cat([x, column], dim=1), name)
     c = enc.cells
     cells = RoundingCells(
         lower=c.lower[:, :cols], upper=c.upper[:, :cols], position=c.position[:, :cols], nearest=c.nearest[:, :cols]
@@ -102,14 +106,14 @@ def harden_shard(
     seed: DeploymentSeed,
     config: HardeningConfig,
     geometry: ShardGeometry,
-    row_amax: torch.Tensor | None = None,
+    amax: torch.Tensor | None = None,
 ) -> tuple[Encoding, QuantizedTensor, TensorReport]:
     """harden_tensor for a shard placed by `geometry`; also returns the encoding (the standard quantizer's scales and
-    nearest codes, which the hook compares with what vLLM itself computed). `row_amax`: the full rows' absmax when
-    the quantizer shares a row's scale across ranks (row-absmax formats only)."""
+    nearest codes, which the hook compares with what vLLM itself computed). `amax`: the full rows' absmax (or the
+    full tensor's) when the quantizer shares a scale across ranks (row-absmax and per-tensor formats only)."""
     start = time.perf_counter()
     geometry.check(x.shape[0], name)
-    enc = fmt.encode(x, name) if row_amax is None else _pinned_encoding(fmt, x, name, row_amax)
+    enc = fmt.encode(x, name) if amax is None else _pinned_encoding(fmt, x, name, amax)
     packed, report = harden_encoding(
         x, enc, fmt, name, seed, config, started=start, draw=lambda e, key: shard_codes(e, key, geometry)
     )

@@ -42,10 +42,12 @@ class HookState:
     handled: WeakSet[torch.nn.Module] = field(default_factory=WeakSet)
     config_ref: Any = None
 
-    def record(self, layer: torch.nn.Module, report: TensorReport) -> None:
+    def record(self, layer: torch.nn.Module, report: TensorReport, label: str | None = None) -> None:
+        """`label`: the metrics' layer type when the layer's prefix does not name it (fused experts)."""
         self.handled.add(layer)
         self.reports.append(report)
-        self.metrics.record(report, model=self.model, layer_type=layer_type(getattr(layer, "prefix", report.name)))
+        label = label or layer_type(getattr(layer, "prefix", report.name))
+        self.metrics.record(report, model=self.model, layer_type=label)
         if report.suspicious:
             logger.warning("qcbguard: %s flagged by the detector: %s", report.name, "; ".join(report.reasons))
 

