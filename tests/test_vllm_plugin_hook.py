@@ -285,6 +285,14 @@ def test_model_check_fails_closed_on_layers_it_did_not_harden():
     check_model(_model("Fp8PerTensorOnlineLinearMethod"), config, state)
     assert state.skipped == [("1", "passthrough")]
 
+    # `--quantization mxfp4` names a checkpoint format and, on a full-precision checkpoint, an online quantizer:
+    # the layer's method tells them apart, and an online layer left unhardened is never "pre-quantized"
+    with pytest.raises(QcbguardError, match=r"cannot harden layer 1: .*Mxfp4OnlineLinearMethod"):
+        check_model(_model("Mxfp4OnlineLinearMethod"), types.SimpleNamespace(quantization="mxfp4"), _state())
+    state = _state()
+    check_model(_model("Mxfp4LinearMethod"), types.SimpleNamespace(quantization="mxfp4"), state)
+    assert state.skipped == [("1", "pre-quantized")]
+
     state = _state()
     check_model(_model("GPTQMarlinLinearMethod"), types.SimpleNamespace(quantization="gptq_marlin"), state)
     assert state.skipped == [("1", "pre-quantized")]

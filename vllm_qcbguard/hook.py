@@ -62,6 +62,7 @@ HARDENED_LAYER_METHODS = {
     "Fp8PerTensorOnlineLinearMethod": "fp8_per_tensor",
     "Fp8PerBlockOnlineLinearMethod": "fp8_per_block",
     "Mxfp8OnlineLinearMethod": "mxfp8",
+    "Mxfp4OnlineLinearMethod": "mxfp4",
     "TorchAOLinearMethod": "torchao_int8",
     "Int8OnlineMoEMethod": "int8_per_channel",
     "Fp8PerTensorOnlineMoEMethod": "fp8_per_tensor",
@@ -83,6 +84,7 @@ ONLINE_QUANTIZATION = frozenset(
     }
 )
 #: --quantization values that load checkpoints someone else already quantized: out of the threat model, left alone
+#: (mxfp4 and mxfp8 also quantize a full-precision checkpoint online; check_model tells the two apart by method)
 PRE_QUANTIZED = frozenset(
     {
         "awq",
@@ -239,7 +241,9 @@ def check_model(model: torch.nn.Module, model_config: Any, state: HookState) -> 
         if method is None or module in state.handled or _exempt(type(method).__name__):
             continue
         method_name = type(method).__name__
-        if quantization in PRE_QUANTIZED:
+        # A layer vLLM quantizes at load ("...Online...Method": it also serves `--quantization mxfp4`/`mxfp8` on a
+        # full-precision checkpoint, and online layers composed onto a pre-quantized one) is never "pre-quantized".
+        if quantization in PRE_QUANTIZED and "Online" not in method_name:
             state.skip(module, name, "pre-quantized")
         elif state.settings.allow_passthrough:
             logger.warning("qcbguard: %s left unhardened (%s, pass-through allowed)", name, method_name)

@@ -6,6 +6,7 @@
 | Fp8PerTensorOnlineLinearMethod | _custom_ops.scaled_fp8_quant (static) | fp8_per_tensor | the tensor's, any shard |
 | Fp8PerBlockOnlineLinearMethod | online.fp8.per_block_cast_to_fp8 | fp8_per_block | none (128x128 local blocks) |
 | Mxfp8OnlineLinearMethod | online.mxfp8.mxfp8_e4m3_quantize | mxfp8 | none (1x32 blocks in a row) |
+| Mxfp4OnlineLinearMethod | online.mxfp4.mxfp4_quantize | mxfp4 | none (1x32 blocks in a row) |
 | TorchAOLinearMethod (Int8WeightOnlyConfig) | torchao.torchao_quantize_param_data | torchao_int8 | none |
 
 Each method's process_weights_after_loading is wrapped to open a LayerJob; the rounding call, wrapped once per process
@@ -32,7 +33,7 @@ from .state import active_state
 
 __all__ = [
     "wrap_fp8_channel_quant",
-    "wrap_mxfp8_quantize",
+    "wrap_mx_quantize",
     "wrap_online_linear_process",
     "wrap_per_block_cast",
     "wrap_scaled_fp8_quant",
@@ -157,22 +158,28 @@ def wrap_per_block_cast(original: Callable[..., Any]) -> Callable[..., Any]:
     return per_block_cast_to_fp8
 
 
-def wrap_mxfp8_quantize(original: Callable[..., Any]) -> Callable[..., Any]:
-    def mxfp8_e4m3_quantize(x: torch.Tensor, is_sf_swizzled_layout: bool = False, alignment: int = 0) -> Any:
-        q, scale = original(x, is_sf_swizzled_layout, alignment)
-        job = current_job("mxfp8_e4m3_quantize")
-        if job is None:
-            return q, scale
-        if is_sf_swizzled_layout or alignment:
-            raise UnsupportedVllmError(
-                f"qcbguard: vLLM's {job.method} quantized {job.name} with swizzled or aligned MX scales; qcbguard's "
-                "mxfp8 reference holds one e8m0 byte per 32 weights, row-major"
-            )
-        _require_e4m3(job, q)
-        packed = harden_against_vllm(job, x, {"weight": q, "scale": scale})
-        return as_vllm(packed.tensors["weight"], q), scale
+def wrap_mx_quantize(call: str) -> Callable[..., Any]:
+    """mxfp8_e4m3_quantize(x, is_sf_swizzled_layout=False, alignment=0) and mxfp4_quantize(x): (elements, e8m0
+    scale bytes). Only the plain row-major layout is the reference's."""
 
-    return mxfp8_e4m3_quantize
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def quantize(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            q, scale = original(x, *args, **kwargs)
+            job = current_job(call)
+            if job is None:
+                return q, scale
+            if any(args) or any(kwargs.values()):
+                raise UnsupportedVllmError(
+                    f"qcbguard: vLLM's {job.method} quantized {job.name} with swizzled or aligned MX scales; "
+                    f"qcbguard's {job.fmt.name} reference holds one e8m0 byte per 32 weights, row-major"
+                )
+            packed = harden_against_vllm(job, x, {"weight": q, "scale": scale})
+            return as_vllm(packed.tensors["weight"], q), scale
+
+        quantize.__name__ = call
+        return quantize
+
+    return make
 
 
 # ---- torchao (TorchAOLinearMethod) ----

@@ -40,34 +40,34 @@ def _install_wrappers() -> None:
     """Every vLLM function the hook wraps (linear_methods.py and moe_methods.py say why each)."""
     from vllm import _custom_ops
     from vllm.model_executor.layers.quantization import torchao
-    from vllm.model_executor.layers.quantization.online import fp8, int8, mxfp8
+    from vllm.model_executor.layers.quantization.online import fp8, int8, mxfp4, mxfp8
     from vllm.model_executor.model_loader import base_loader
 
-    from . import hook, linear_methods, moe_methods
+    from . import hook, moe_methods
+    from . import linear_methods as lm
     from .cli import install_cli
 
-    online = linear_methods.wrap_online_linear_process
     install_cli()
+    # linear layers: the method's process_weights_after_loading opens a job, its rounding call is hardened
     for method, fmt, call, amax in (
-        (
-            fp8.Fp8PtpcOnlineLinearMethod,
-            "fp8_per_channel",
-            "_fp8_quant_per_channel",
-            linear_methods.row_parallel_row_amax,
-        ),
-        (fp8.Fp8PerTensorOnlineLinearMethod, "fp8_per_tensor", "scaled_fp8_quant", linear_methods.sharded_tensor_amax),
+        (fp8.Fp8PtpcOnlineLinearMethod, "fp8_per_channel", "_fp8_quant_per_channel", lm.row_parallel_row_amax),
+        (fp8.Fp8PerTensorOnlineLinearMethod, "fp8_per_tensor", "scaled_fp8_quant", lm.sharded_tensor_amax),
         (fp8.Fp8PerBlockOnlineLinearMethod, "fp8_per_block", "per_block_cast_to_fp8", None),
         (mxfp8.Mxfp8OnlineLinearMethod, "mxfp8", "mxfp8_e4m3_quantize", None),
+        (mxfp4.Mxfp4OnlineLinearMethod, "mxfp4", "mxfp4_quantize", None),
     ):
-        wrap_attribute(method, "process_weights_after_loading", online(fmt, call, amax))
-    wrap_attribute(fp8, "_fp8_quant_per_channel", linear_methods.wrap_fp8_channel_quant)
-    wrap_attribute(_custom_ops, "scaled_fp8_quant", linear_methods.wrap_scaled_fp8_quant)
-    wrap_attribute(fp8, "per_block_cast_to_fp8", linear_methods.wrap_per_block_cast)
-    wrap_attribute(mxfp8, "mxfp8_e4m3_quantize", linear_methods.wrap_mxfp8_quantize)
-    wrap_attribute(torchao.TorchAOLinearMethod, "process_weights_after_loading", linear_methods.wrap_torchao_process)
-    wrap_attribute(torchao, "torchao_quantize_param_data", linear_methods.wrap_torchao_quantize)
+        wrap_attribute(method, "process_weights_after_loading", lm.wrap_online_linear_process(fmt, call, amax))
+    wrap_attribute(fp8, "_fp8_quant_per_channel", lm.wrap_fp8_channel_quant)
+    wrap_attribute(_custom_ops, "scaled_fp8_quant", lm.wrap_scaled_fp8_quant)
+    wrap_attribute(fp8, "per_block_cast_to_fp8", lm.wrap_per_block_cast)
+    wrap_attribute(mxfp8, "mxfp8_e4m3_quantize", lm.wrap_mx_quantize("mxfp8_e4m3_quantize"))
+    wrap_attribute(mxfp4, "mxfp4_quantize", lm.wrap_mx_quantize("mxfp4_quantize"))
+    wrap_attribute(torchao.TorchAOLinearMethod, "process_weights_after_loading", lm.wrap_torchao_process)
+    wrap_attribute(torchao, "torchao_quantize_param_data", lm.wrap_torchao_quantize)
+    # fused experts: between vLLM's rounding and its kernel-format shuffle
     wrap_attribute(int8.Int8OnlineMoEMethod, "_quantize_weights", moe_methods.wrap_int8_moe_quantize)
     wrap_attribute(fp8._Fp8OnlineMoEBase, "_setup_kernel", moe_methods.wrap_fp8_moe_setup)
+    # the model-level check: every quantized layer hardened or knowingly left alone
     wrap_attribute(base_loader, "process_weights_after_loading", hook.wrap_process_model)
 
 
