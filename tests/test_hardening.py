@@ -17,6 +17,8 @@ from qcbguard_kernels.hardening import (
     harden_tensor,
     philox4x32,
     stochastic_codes,
+    uniform24,
+    uniform_grid,
 )
 
 ROW_LOCAL_FORMATS = ["q4_k", "q8_0", "q4_0", "bnb_int8"]  # scales depend only on a row: row shards agree
@@ -64,6 +66,21 @@ def test_column_offsets_index_the_global_stream():
     whole = stochastic_codes(fmt.encode(x), key)
     right = stochastic_codes(fmt.encode(x[:, 128:]), key, col_offset=128)
     assert torch.equal(whole[:, 128:], right)
+
+
+def test_each_philox_call_serves_four_adjacent_columns():
+    """Element (row, col) takes word col % 4 of Philox(key, (col // 4, row, 0, 0)); any window of the grid (offsets
+    not multiples of 4, one column, one row) reads the same uniforms."""
+    key = DeploymentSeed.fresh().key_for("w")
+    grid = uniform_grid(key, 5, 3, 2, 11)
+    for r in range(3):
+        for c in range(11):
+            col, row = c + 2, r + 5
+            words = philox4x32(key, torch.tensor([col // 4]), torch.tensor([row]), torch.tensor(0), torch.tensor(0))
+            assert grid[r, c] == uniform24(words[col % 4])[0], (r, c)
+    assert torch.equal(uniform_grid(key, 6, 1, 7, 1), grid[1:2, 5:6])
+    assert torch.equal(uniform_grid(key, 5, 3, 3, 9), grid[:, 1:10])
+    assert uniform_grid(key, 0, 2, 0, 0).shape == (2, 0)
 
 
 @pytest.mark.parametrize("name", ["q4_0", "nf4", "bnb_int8", "q4_k"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import ALGORITHM_VERSION, HardeningConfig
 from .harden import SuspiciousTensorError, TensorReport, harden_encoding, harden_tensor, stochastic_codes
-from .rng import philox4x32, tensor_key, uniform24
+from .rng import philox4x32, tensor_key, uniform24, uniform_grid
 from .seed import DeploymentSeed, SeedFileError
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "stochastic_codes",
     "tensor_key",
     "uniform24",
+    "uniform_grid",
 ]

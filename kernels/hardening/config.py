@@ -10,7 +10,7 @@ from ..errors import QcbguardError
 __all__ = ["ALGORITHM_VERSION", "MODES", "ON_SUSPICIOUS", "HardeningConfig"]
 
 #: recorded next to hardened outputs; bump when the codes a seed produces change
-ALGORITHM_VERSION = "qcbguard-sr-philox4x32-v1"
+ALGORITHM_VERSION = "qcbguard-sr-philox4x32-v2"  # v2: one Philox counter per four columns (rng.py)
 MODES = ("harden", "detect-only")
 ON_SUSPICIOUS = ("report", "refuse")
 

@@ -19,7 +19,7 @@ from ..detection import CellScore, cell_score, sample_rows, verdict
 from ..errors import QcbguardError
 from ..formats.base import Encoding, Format, QuantizedTensor
 from .config import HardeningConfig
-from .rng import philox4x32, uniform24
+from .rng import uniform_grid
 from .seed import DeploymentSeed
 
 __all__ = [
@@ -58,13 +58,15 @@ class TensorReport:
         return asdict(self)
 
 
-#: elements drawn per Philox pass: ten rounds of a dozen int64 ops stay in cache (8x faster than one whole-tensor pass
-#: on 4M weights, measured); the draws depend only on the coordinates, so chunking changes no bit
+#: elements drawn per Philox pass (whole rows, at least one): ten rounds of a dozen int64 ops stay in cache (8x faster
+#: than one whole-tensor pass on 4M weights, measured); the draws depend only on the coordinates, so chunking changes
+#: no bit
 _PHILOX_CHUNK = 1 << 16
 
 
 def stochastic_codes(enc: Encoding, key: int, row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
-    """Codes drawn per element: upper with probability `position`, from Philox(key, counter = (col, row, 0, 0)).
+    """Codes drawn per element: upper with probability `position`, from the uniform of its global (row, col)
+    (rng.uniform_grid: word col % 4 of Philox(key, (col // 4, row, 0, 0))).
 
     Leading dimensions flatten into rows, the last is columns; (row, col) are global coordinates in the full tensor
     (offsets place a shard). The 24-bit uniform u and the float32 position compare exactly, so P(upper) = position
@@ -74,16 +76,16 @@ def stochastic_codes(enc: Encoding, key: int, row_offset: int = 0, col_offset: i
     cells = enc.cells
     shape = enc.shape
     cols = shape[-1] if len(shape) else 1
-    rows = shape.numel() // cols
+    rows = shape.numel() // cols if cols else 0
     if rows + row_offset > 2**32 or cols + col_offset > 2**32:
         raise ValueError("tensor coordinates must stay below 2**32 (Philox counters are 32-bit)")
-    position = cells.position.reshape(-1)
-    upper = torch.empty(position.shape, dtype=torch.bool)
-    zero = torch.zeros((), dtype=torch.int64)
-    for start in range(0, position.numel(), _PHILOX_CHUNK):
-        flat = torch.arange(start, min(start + _PHILOX_CHUNK, position.numel()), dtype=torch.int64)
-        bits, _, _, _ = philox4x32(key, flat % cols + col_offset, flat // cols + row_offset, zero, zero)
-        upper[start : start + flat.numel()] = uniform24(bits) < position[start : start + flat.numel()]
+    position = cells.position.reshape(rows, cols)
+    upper = torch.empty((rows, cols), dtype=torch.bool)
+    step = max(1, _PHILOX_CHUNK // max(cols, 1))
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        u = uniform_grid(key, start + row_offset, n, col_offset, cols)
+        upper[start : start + n] = u < position[start : start + n]
     return torch.where(upper.reshape(shape), cells.upper, cells.lower)
 
 

@@ -3,6 +3,11 @@
 Every random draw is a pure function of (key, counter): the key comes from the deployment's secret seed and the tensor's
 name, the counter from the element's global coordinates. The stream therefore does not depend on chunking, device,
 thread count or how a tensor is sharded, and the Triton kernels draw the very same bits in registers.
+
+One Philox call yields four 32-bit words, so one counter serves four adjacent columns: element (row, col) takes word
+col % 4 of Philox(key, (col // 4, row, stream, 0)). Each word is as uniform and as independent of the others as a
+word from a counter of its own (Philox's outputs are a bijection of the counter under the key), and the stream costs a
+quarter of the Philox rounds of one call per element.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ import hmac
 
 import torch
 
-__all__ = ["PHILOX_ROUNDS", "philox4x32", "tensor_key", "uniform24"]
+__all__ = ["LANES", "PHILOX_ROUNDS", "philox4x32", "tensor_key", "uniform24", "uniform_grid"]
 
 PHILOX_ROUNDS = 10
+LANES = 4  # output words per Philox call: adjacent columns 4g .. 4g + 3 share counter g
 _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
 _KEY_A = 0x9E3779B9
@@ -67,6 +73,18 @@ _check_wrapping()
 def uniform24(bits: torch.Tensor) -> torch.Tensor:
     """uint32 draws -> float32 uniforms on the 2**-24 grid of [0, 1), exactly representable (no rounding)."""
     return (bits >> 8).to(torch.float32) * (2.0**-24)
+
+
+def uniform_grid(key: int, row_start: int, rows: int, col_start: int, cols: int, stream: int = 0) -> torch.Tensor:
+    """float32 uniforms [rows, cols] of the elements at global rows row_start.. and columns col_start..: word
+    col % 4 of Philox(key, (col // 4, row, stream, 0)), its top 24 bits times 2**-24."""
+    first, end = col_start // LANES, -(-(col_start + cols) // LANES)
+    groups = torch.arange(first, end, dtype=torch.int64).unsqueeze(0)
+    row = torch.arange(row_start, row_start + rows, dtype=torch.int64).unsqueeze(1)
+    words = philox4x32(key, groups, row, torch.tensor(stream), torch.zeros((), dtype=torch.int64))
+    bits = torch.stack(words, dim=-1).reshape(rows, (end - first) * LANES)  # columns 4g + lane, in order
+    lead = col_start - first * LANES
+    return uniform24(bits[:, lead : lead + cols])
 
 
 def tensor_key(seed: bytes, tensor_name: str) -> int:

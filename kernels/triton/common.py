@@ -93,12 +93,15 @@ def store_as(ptr, offs, value, mask, DTYPE: tl.constexpr):
 
 @triton.jit
 def uniform24(key, row, col):
-    """The hardening uniform of element (row, col): Philox(key, (col, row, 0, 0)) word 0, top 24 bits, times 2**-24."""
-    c0 = col.to(tl.uint32)
+    """The hardening uniform of element (row, col): word col % 4 of Philox(key, (col // 4, row, 0, 0)), top 24 bits,
+    times 2**-24 (hardening/rng.py). Every element runs its group's Philox; lanes of one group agree bit for bit."""
+    c0 = (col >> 2).to(tl.uint32)
     c1 = row.to(tl.uint32)
     zero = c0 * 0
-    a, _, _, _ = tl.philox(key, c0, c1, zero, zero)
-    return (a >> 8).to(tl.float32) * 5.9604644775390625e-08
+    a, b, c, d = tl.philox(key, c0, c1, zero, zero)
+    lane = col & 3
+    word = tl.where(lane == 0, a, tl.where(lane == 1, b, tl.where(lane == 2, c, d)))
+    return (word >> 8).to(tl.float32) * 5.9604644775390625e-08
 
 
 @triton.jit
