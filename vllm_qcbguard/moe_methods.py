@@ -92,9 +92,8 @@ def harden_experts(
             name = f"{prefix}.{expert}.{part}_weight"
             job = LayerJob(state, layer, type(method).__name__, fmt, name, label=label)
             job.amax = None if amax is None else amax[slot]
-            key = "weight"
-            packed = harden_against_vllm(job, fp[slot], {key: q[slot], "scale": scale[slot]}, geometry)
-            q[slot].copy_(as_vllm(packed.tensors[key], q[slot]))
+            packed = harden_against_vllm(job, fp[slot], {"weight": q[slot], "scale": scale[slot]}, geometry)
+            q[slot].copy_(as_vllm(packed.tensors["weight"], q[slot]))
 
 
 def _skip_requantized(state: HookState, method: Any, layer: torch.nn.Module) -> bool:
