@@ -91,6 +91,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         config=config,
         allow_requantize=args.allow_requantize,
         threads=args.threads,
+        backend=args.backend,
     )
     progress = _Progress(sys.stderr.isatty() and not args.quiet)
     result = quantize_file(args.input, args.output, options, progress=progress)
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--metrics-file", help="write Prometheus metrics here (node_exporter textfile format)")
     q.add_argument("--pushgateway", help="push the metrics to this Prometheus Pushgateway URL")
     q.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    q.add_argument(
+        "--backend",
+        choices=("auto", "triton", "reference"),
+        default="auto",
+        help="auto: the fused Triton kernels on a GPU when one is present; reference: the plain-torch quantizers",
+    )
     q.add_argument("--allow-requantize", action="store_true", help="re-quantize already-quantized tensors (weaker)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.add_argument("-v", "--verbose", action="store_true")

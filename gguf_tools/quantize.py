@@ -23,6 +23,8 @@ import torch
 
 from qcbguard_kernels import UnsupportedInputError
 from qcbguard_kernels import __version__ as kernels_version
+from qcbguard_kernels.dispatch import harden_fused, pick_backend, quantize_packed
+from qcbguard_kernels.formats.base import Format, QuantizedTensor
 from qcbguard_kernels.hardening import ALGORITHM_VERSION, DeploymentSeed, HardeningConfig, TensorReport, harden_tensor
 
 from .constants import FULL_PRECISION_TYPES, ValueType
@@ -68,6 +70,8 @@ class QuantizeOptions:
     config: HardeningConfig = field(default_factory=HardeningConfig)
     allow_requantize: bool = False
     threads: int | None = None
+    #: auto: the fused Triton kernels on a GPU when one is present (and covers the type), the reference otherwise
+    backend: str = "auto"
 
 
 @dataclass
@@ -237,6 +241,7 @@ def quantize_file(
                 else DeploymentSeed.fresh()
             )
         outputs = [OutputTensor(p.name, p.ne, p.target) for p in plans]
+        device = _device(options.backend)
         reports: dict[str, TensorReport] = {}
         seconds: dict[str, float] = {}
         fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
@@ -261,12 +266,10 @@ def quantize_file(
                             writer.write_rows(from_float(x, p.target))
                             continue
                         fmt = registry_format(p.target)
-                        if options.harden:
-                            packed, rep = harden_tensor(x, fmt, p.name, seed, options.config, row_offset=r0)  # type: ignore[arg-type]
+                        packed, rep = _quantize_rows(x.to(device), fmt, p.name, r0, seed, options)
+                        if rep is not None:
                             parts.append(rep)
-                        else:
-                            packed = fmt.quantize(x, p.name)
-                        writer.write_rows(packed.tensors["blocks"].numpy())
+                        writer.write_rows(packed.tensors["blocks"].cpu().numpy())
                     if parts:
                         reports[p.name] = _merge(parts)
                     seconds[p.name] = time.perf_counter() - t0
@@ -288,6 +291,28 @@ def quantize_file(
         seed_fingerprint=seed.fingerprint if hardening and seed is not None else None,
         elapsed=time.perf_counter() - start,
     )
+
+
+def _device(backend: str) -> torch.device:
+    """Where the rows go: a GPU when the backend may take the kernels and one is present, else the CPU (where a forced
+    triton backend runs only under TRITON_INTERPRET=1, for tests)."""
+    return torch.device("cuda") if backend != "reference" and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _quantize_rows(
+    x: torch.Tensor, fmt: Format, name: str, row_offset: int, seed: DeploymentSeed | None, options: QuantizeOptions
+) -> tuple[QuantizedTensor, TensorReport | None]:
+    """One row chunk: hardened (or detect-only) with its report, or plain round-to-nearest; the fused kernels when
+    the backend picks them (the same bytes as the reference, dispatch.harden_fused)."""
+    if not options.harden:
+        return quantize_packed(x, fmt, name, None, row_offset=row_offset, backend=options.backend), None
+    assert seed is not None
+    if pick_backend(x, fmt, options.backend) == "triton":
+        _, packed, report = harden_fused(
+            x, fmt, name, seed, options.config, row_offset=row_offset, backend=options.backend
+        )
+        return packed, report
+    return harden_tensor(x, fmt, name, seed, options.config, row_offset=row_offset)
 
 
 def layer_type(name: str) -> str:

@@ -13,16 +13,19 @@ The environment variable QCBGUARD_BACKEND sets the default for ``"auto"`` calls 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
+from .detection import cell_score, sample_rows, verdict
 from .errors import UnsupportedInputError
 from .formats.base import Format, QuantizedTensor
-from .hardening.harden import stochastic_codes
+from .hardening.config import HardeningConfig
+from .hardening.harden import SuspiciousTensorError, TensorReport, stochastic_codes
 from .hardening.seed import DeploymentSeed
 from .triton import quantize_triton, supports, triton_available
 
-__all__ = ["BACKENDS", "pick_backend", "quantize_packed"]
+__all__ = ["BACKENDS", "harden_fused", "pick_backend", "quantize_packed"]
 
 BACKENDS = ("auto", "triton", "reference")
 _ENV = "QCBGUARD_BACKEND"
@@ -84,3 +87,54 @@ def quantize_packed(
     if (x.numel() // cols) + row_offset > _COUNTER_LIMIT or cols + col_offset > _COUNTER_LIMIT:
         raise ValueError("tensor coordinates must stay below 2**32 (Philox counters are 32-bit)")
     return quantize_triton(fmt, x, key, row_offset, col_offset)
+
+
+def harden_fused(
+    x: torch.Tensor,
+    fmt: Format,
+    name: str,
+    seed: DeploymentSeed,
+    config: HardeningConfig | None = None,
+    *,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    backend: str = "auto",
+) -> tuple[QuantizedTensor, QuantizedTensor, TensorReport]:
+    """harden_tensor through the fused kernels: (round-to-nearest, what the config asks for, report), on x's device.
+
+    The bytes are harden_tensor's. The detector scores the same CPU sample as every other path (detection.sampling,
+    at most DETECTOR_SAMPLE weights), so the verdict is the reference's. Codes changed are counted on the two outputs'
+    dequantized values (a moved code dequantizes to another value, except in a block whose scale is zero, where no
+    code matters); stochastic rounding moves a code by at most one step, so the mean change in steps is the share
+    changed; the steerable count is the sample's (exact when the sample is the whole tensor), scaled to the tensor.
+    """
+    config = config or HardeningConfig()
+    start = time.perf_counter()
+    sample = sample_rows(x).detach().cpu()
+    score = cell_score(sample, fmt, name)
+    judged = verdict(score, threshold=config.detector_threshold)
+    if judged.suspicious and config.on_suspicious == "refuse":
+        raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
+    place = {"row_offset": row_offset, "col_offset": col_offset, "backend": backend}
+    nearest = quantize_packed(x, fmt, name, None, **place)
+    out, changed = nearest, 0
+    if config.mode == "harden":
+        out = quantize_packed(x, fmt, name, seed, **place)
+        changed = int((fmt.dequantize(out) != fmt.dequantize(nearest)).sum())
+    n = x.numel()
+    report = TensorReport(
+        name=name,
+        format=fmt.name,
+        mode=config.mode,
+        elements=n,
+        steerable=round(score.steerable * n / sample.numel()),
+        codes_changed=changed,
+        mean_change_steps=changed / n,
+        max_change_steps=int(changed > 0),
+        detector_distance=score.distance,
+        on_grid_fraction=score.on_grid_fraction,
+        suspicious=judged.suspicious,
+        reasons=judged.reasons,
+        seconds=time.perf_counter() - start,
+    )
+    return nearest, out, report

@@ -5,6 +5,7 @@ Byte parity with llama-quantize and generation in llama.cpp are in test_gguf_too
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from pathlib import Path
@@ -382,3 +383,27 @@ def test_dequantize_writes_the_decoded_values_as_f16(model_dir, tmp_path):
             assert torch.equal(
                 read_rows(b, u, 0, u.n_rows).float(), decoded.half().float() if t.type.quantized else decoded.float()
             )
+
+
+@pytest.mark.parametrize("harden", [True, False])
+def test_fused_kernels_write_the_reference_bytes(tmp_path, monkeypatch, harden):
+    """--backend triton (what auto takes on a GPU) writes the file --backend reference writes, hardened with the same
+    seed or plain; run on a CPU under TRITON_INTERPRET=1, on a model small enough for the interpreter."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from qcbguard_kernels.hardening import DeploymentSeed
+
+    src = write_llama(tmp_path / "tiny.gguf", LlamaShape(n_layer=1, n_vocab=64, n_embd=64, n_ff=96, n_head=4))
+    seed_file = tmp_path / "seed"
+    DeploymentSeed.fresh().write(seed_file)
+    reports = {}
+    for backend in ("reference", "triton"):
+        out, report = tmp_path / f"{backend}.gguf", tmp_path / f"{backend}.json"
+        argv = ["quantize", str(src), str(out), "Q4_0", "--backend", backend, "--report", str(report), "-q"]
+        argv += ["--seed-file", str(seed_file)] if harden else ["--no-harden"]
+        assert _run(*argv) == 0
+        reports[backend] = json.loads(report.read_text())
+    assert (tmp_path / "triton.gguf").read_bytes() == (tmp_path / "reference.gguf").read_bytes()
+    if harden:
+        changed = {b: [t.get("codes_changed") for t in r["tensors"]] for b, r in reports.items()}
+        assert changed["triton"] == changed["reference"] and sum(c or 0 for c in changed["triton"]) > 0

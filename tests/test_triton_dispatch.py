@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from qcbguard_kernels import NonFiniteInputError, UnsupportedInputError, format_names, get_format
-from qcbguard_kernels.dispatch import pick_backend, quantize_packed
+from qcbguard_kernels.dispatch import harden_fused, pick_backend, quantize_packed
+from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig, SuspiciousTensorError, harden_tensor
 from qcbguard_kernels.triton import TRITON_FAMILIES, supports
+from tests.attacks import box_attack, clean_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -81,6 +83,39 @@ def test_triton_path_validates_before_launching(monkeypatch):
         quantize_packed(_x(2, 40), get_format("q8_0"), "w", backend="triton")
     with pytest.raises(ValueError, match="row_offset"):
         quantize_packed(_x(), get_format("q8_0"), "w", row_offset=-1)
+
+
+FUSED_CASES = [("fp8_per_channel", (5, 48)), ("torchao_int8", (3, 40)), ("mxfp4", (4, 64))]
+
+
+@pytest.mark.parametrize(("fmt_name", "shape"), FUSED_CASES)
+def test_harden_fused_is_harden_tensor(monkeypatch, fmt_name, shape):
+    """The fused path (what the vLLM hook takes for weights on a GPU) gives harden_tensor's bytes and report, and
+    round-to-nearest beside them; detect-only returns round-to-nearest; refuse stops on a flagged tensor."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fmt, seed = get_format(fmt_name), DeploymentSeed(bytes(range(32)))
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.02).bfloat16()
+    reference, ref_report = harden_tensor(x, fmt, "w", seed, row_offset=7, col_offset=64)
+    nearest, fused, report = harden_fused(x, fmt, "w", seed, row_offset=7, col_offset=64, backend="triton")
+    for key, t in reference.tensors.items():
+        assert torch.equal(fused.tensors[key].view(torch.uint8), t.view(torch.uint8)), key
+        assert torch.equal(nearest.tensors[key].view(torch.uint8), fmt.quantize(x).tensors[key].view(torch.uint8))
+    same = ("codes_changed", "mean_change_steps", "max_change_steps", "detector_distance", "steerable", "suspicious")
+    assert {k: getattr(report, k) for k in same} == {k: getattr(ref_report, k) for k in same}
+    assert report.codes_changed > 0
+    detect = HardeningConfig(mode="detect-only")
+    nearest, kept, report = harden_fused(x, fmt, "w", seed, detect, backend="triton")
+    assert kept is nearest and report.codes_changed == 0
+
+
+def test_harden_fused_refuses_a_flagged_tensor_before_launching(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    attacked, _ = box_attack(clean_weights(3), "fp8_per_channel", margin=0.1, block=256, seed=3)
+    refuse = HardeningConfig(on_suspicious="refuse")
+    with pytest.raises(SuspiciousTensorError, match="looks tampered for fp8_per_channel"):
+        harden_fused(attacked, get_format("fp8_per_channel"), "w", DeploymentSeed(bytes(32)), refuse, backend="triton")
 
 
 def test_qcbguard_kernels_imports_and_quantizes_without_triton():

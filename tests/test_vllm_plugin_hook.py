@@ -264,6 +264,31 @@ def test_vllm_output_must_equal_the_reference_bit_for_bit():
         harden_against_vllm(job, w, {"weight": plain.tensors["weight"].float(), "scale": scale})
 
 
+def test_fused_kernels_harden_what_the_reference_hardens(monkeypatch):
+    """backend triton (auto on a GPU tensor): the fused kernels, checked against vLLM's output the same way, give the
+    reference's bytes; shards the kernels cannot place (fused TP runs, all-reduced scales) refuse a forced triton."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w = _weight(16, 64, 9)
+    fmt = get_format("fp8_per_channel")
+    plain = fmt.quantize(w)
+    vllm_out = {"weight": plain.tensors["weight"], "scale": plain.tensors["scale"]}
+    name = "model.layers.0.mlp.down_proj.weight"
+    got = {}
+    for backend in ("reference", "triton"):
+        state = _state(backend=backend)
+        job = LayerJob(state, torch.nn.Linear(64, 16), "Fp8PtpcOnlineLinearMethod", fmt, name)
+        got[backend] = harden_against_vllm(job, w, vllm_out).tensors["weight"].view(torch.uint8)
+        assert state.reports[0].codes_changed == int((got[backend] != plain.tensors["weight"].view(torch.uint8)).sum())
+    assert torch.equal(got["triton"], got["reference"])
+    layer = MergedColumnParallelLinear(0, 2, [8, 8])
+    job = LayerJob(_state(backend="triton"), layer, "Fp8PtpcOnlineLinearMethod", fmt, name)
+    with pytest.raises(UnsupportedVllmError, match="backend 'triton' cannot harden"):
+        harden_against_vllm(job, w[:8], {"weight": plain.tensors["weight"][:8], "scale": plain.tensors["scale"][:8]})
+    with pytest.raises(QcbguardError, match="backend must be one of"):
+        HookSettings.from_mapping({"backend": "cuda"})
+
+
 class _Method:
     pass
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from qcbguard_kernels import get_format
+from qcbguard_kernels.dispatch import harden_fused, pick_backend
 from qcbguard_kernels.errors import QcbguardError
 from qcbguard_kernels.formats.base import Format, QuantizedTensor
 from qcbguard_kernels.formats.fp8 import FP8_PER_BLOCK_CPU
@@ -176,14 +177,39 @@ def harden_against_vllm(
     if x.dim() != 2:
         raise UnsupportedVllmError(f"qcbguard: {job.name} reached the hook with shape {tuple(x.shape)}, expected 2-D")
     geometry = geometry or layer_geometry(job.layer, x.shape[0])
-    hardening = job.state.settings.hardening
-    enc, packed, report = harden_shard(
-        x.detach().cpu(), job.fmt, job.name, job.state.seed, hardening, geometry, amax=job.amax
-    )
-    _check_same(job, job.fmt.pack(enc), vllm)
+    settings = job.state.settings
+    if _fused(x, job, geometry, settings.backend):
+        # one block of the full tensor with its own scales: the fused kernels, on the weight's device
+        (run,) = geometry.runs
+        nearest, packed, report = harden_fused(
+            x.detach(), job.fmt, job.name, job.state.seed, settings.hardening,
+            row_offset=run.global_start, col_offset=geometry.col_offset, backend=settings.backend,
+        )  # fmt: skip
+    else:
+        enc, packed, report = harden_shard(
+            x.detach().cpu(), job.fmt, job.name, job.state.seed, settings.hardening, geometry, amax=job.amax
+        )
+        nearest = job.fmt.pack(enc)
+    _check_same(job, nearest, vllm)
     job.state.record(job.layer, report, job.label)
     job.done += 1
     return packed
+
+
+def _fused(x: torch.Tensor, job: LayerJob, geometry: ShardGeometry, backend: str) -> bool:
+    """Whether the fused kernels harden this shard: the backend picks Triton (auto: a GPU tensor), and the shard is one
+    run of rows with scales of its own. Fused tensor-parallel shards ([q_r; k_r; v_r]) and shards whose amax vLLM
+    all-reduces take the reference, which draws each run at its own offset from one encoding."""
+    if pick_backend(x, job.fmt, backend) != "triton":
+        return False
+    if job.amax is None and len(geometry.runs) == 1:
+        return True
+    if backend == "triton":
+        raise UnsupportedVllmError(
+            f"qcbguard: backend 'triton' cannot harden {job.name}: a fused tensor-parallel shard or an all-reduced "
+            "scale needs the reference; set backend to auto or reference"
+        )
+    return False
 
 
 def reference_format(name: str, device: torch.device) -> Format:

@@ -1,8 +1,9 @@
 """The hook's settings: what `--quantization-hook-config` or `additional_config={"qcbguard": {...}}` may say.
 
 Keys are the HardeningConfig fields (mode, on_suspicious, seed_file, detector_threshold) plus `allow_passthrough`
-(default false: a layer or method the hook cannot harden stops start-up). Unknown keys are refused, not ignored: a
-misspelt "seed_flie" must not silently fall back to a fresh seed.
+(default false: a layer or method the hook cannot harden stops start-up) and `backend` (auto: the fused Triton
+kernels for weights on a GPU, the plain-torch reference otherwise; triton or reference to force one). Unknown keys
+are refused, not ignored: a misspelt "seed_flie" must not silently fall back to a fresh seed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from qcbguard_kernels.dispatch import BACKENDS
 from qcbguard_kernels.errors import QcbguardError
 from qcbguard_kernels.hardening import HardeningConfig
 
@@ -19,7 +21,7 @@ __all__ = ["ADDITIONAL_CONFIG_KEY", "HOOK_NAME", "HookSettings"]
 #: the value of --quantization-hook, and the key under vLLM's additional_config
 HOOK_NAME = "qcbguard"
 ADDITIONAL_CONFIG_KEY = "qcbguard"
-_OWN_KEYS = ("allow_passthrough",)
+_OWN_KEYS = ("allow_passthrough", "backend")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class HookSettings:
 
     hardening: HardeningConfig
     allow_passthrough: bool = False
+    backend: str = "auto"
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> HookSettings:
@@ -44,5 +47,8 @@ class HookSettings:
         passthrough = raw.get("allow_passthrough", False)
         if not isinstance(passthrough, bool):
             raise QcbguardError(f"qcbguard setting allow_passthrough must be true or false, got {passthrough!r}")
+        backend = raw.get("backend", "auto")
+        if backend not in BACKENDS:
+            raise QcbguardError(f"qcbguard setting backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         hardening = HardeningConfig.from_dict({k: v for k, v in raw.items() if k in hardening_keys})
-        return cls(hardening=hardening, allow_passthrough=passthrough)
+        return cls(hardening=hardening, allow_passthrough=passthrough, backend=backend)

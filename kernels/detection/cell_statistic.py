@@ -73,6 +73,7 @@ class CellScore:
     interior_on_grid_fraction: float
     decoy_on_grid_fraction: float
     near_code_fraction: float = 0.0
+    steerable: int = 0  # weights whose cell has two distinct codes (RoundingCells.steerable)
 
     @property
     def grid_aligned(self) -> bool:
@@ -207,9 +208,10 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     half_ulp = 0.5 * ulp
     near = on_grid | ~cells.steerable | ((values - nearest).abs() <= half_ulp)
     near_code = float(near.float().mean())
+    steerable = int(cells.steerable.sum())
     if n == 0:
         return CellScore(
-            fmt.name, fmt.family, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0, near_code
+            fmt.name, fmt.family, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0, near_code, steerable
         )
     if fmt.fits_scales:
         decoy_counts, decoy_on_grid = _refit_decoys(values, ulp, fmt, enc, lo, hi)
@@ -229,6 +231,7 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
         interior_on_grid_fraction=interior_on_grid,
         decoy_on_grid_fraction=decoy_on_grid,
         near_code_fraction=near_code,
+        steerable=steerable,
     )
 
 

@@ -148,7 +148,7 @@ class MxFormat(Format):
         if self.element == "e4m3":
             return weight.view(torch.float8_e4m3fn).float()
         nibbles = torch.stack([weight & 0x0F, weight >> 4], dim=-1).reshape(shape)
-        mag = E2M1_MAGNITUDES[(nibbles & 0x07).long()]
+        mag = E2M1_MAGNITUDES.to(weight.device)[(nibbles & 0x07).long()]
         return torch.where((nibbles & 0x08) != 0, -mag, mag)
 
     def _apply_scale(self, values: torch.Tensor, byte: torch.Tensor, shape: torch.Size) -> torch.Tensor:
