@@ -18,18 +18,22 @@ import time
 import torch
 
 from .detection import cell_score, sample_rows, verdict
-from .errors import UnsupportedInputError
+from .errors import QcbguardError, UnsupportedInputError
 from .formats.base import Format, QuantizedTensor
 from .hardening.config import HardeningConfig
 from .hardening.harden import SuspiciousTensorError, TensorReport, stochastic_codes
 from .hardening.seed import DeploymentSeed
 from .triton import quantize_triton, supports, triton_available
 
-__all__ = ["BACKENDS", "harden_fused", "pick_backend", "quantize_packed"]
+__all__ = ["BACKENDS", "FusedKernelError", "harden_fused", "pick_backend", "quantize_packed"]
 
 BACKENDS = ("auto", "triton", "reference")
 _ENV = "QCBGUARD_BACKEND"
 _COUNTER_LIMIT = 2**32
+
+
+class FusedKernelError(QcbguardError):
+    """A fused kernel failed to run (not a refusal of the input): the reference backend is the way around."""
 
 
 def pick_backend(x: torch.Tensor, fmt: Format, backend: str = "auto") -> str:
@@ -116,11 +120,19 @@ def harden_fused(
     if judged.suspicious and config.on_suspicious == "refuse":
         raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
     place = {"row_offset": row_offset, "col_offset": col_offset, "backend": backend}
-    nearest = quantize_packed(x, fmt, name, None, **place)
-    out, changed = nearest, 0
-    if config.mode == "harden":
-        out = quantize_packed(x, fmt, name, seed, **place)
-        changed = int((fmt.dequantize(out) != fmt.dequantize(nearest)).sum())
+    try:
+        nearest = quantize_packed(x, fmt, name, None, **place)
+        out, changed = nearest, 0
+        if config.mode == "harden":
+            out = quantize_packed(x, fmt, name, seed, **place)
+            changed = int((fmt.dequantize(out) != fmt.dequantize(nearest)).sum())
+    except QcbguardError:
+        raise
+    except Exception as exc:  # a kernel or device failure: stop, and say how to harden without the kernels
+        raise FusedKernelError(
+            f"the fused {fmt.family} kernel failed on tensor {name!r} ({type(exc).__name__}: {exc}); the plain-torch "
+            "reference (backend 'reference') hardens the same bytes without it"
+        ) from exc
     n = x.numel()
     report = TensorReport(
         name=name,

@@ -150,3 +150,17 @@ def test_qcbguard_kernels_imports_and_quantizes_without_triton():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
+
+
+def test_a_failing_kernel_stops_with_the_way_around(monkeypatch):
+    pytest.importorskip("triton")
+    import qcbguard_kernels.dispatch as dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(dispatch, "quantize_triton", broken)
+    with pytest.raises(dispatch.FusedKernelError, match=r"fused fp8-mx kernel failed .*illegal memory.*'reference'"):
+        harden_fused(_x(4, 64), get_format("fp8_per_channel"), "w", DeploymentSeed(bytes(32)), backend="triton")
