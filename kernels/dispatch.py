@@ -17,11 +17,10 @@ import time
 
 import torch
 
-from .detection import cell_score, sample_rows, verdict
 from .errors import QcbguardError, UnsupportedInputError
 from .formats.base import Format, QuantizedTensor
 from .hardening.config import HardeningConfig
-from .hardening.harden import SuspiciousTensorError, TensorReport, stochastic_codes
+from .hardening.harden import TensorReport, screen, stochastic_codes
 from .hardening.seed import DeploymentSeed
 from .triton import quantize_triton, supports, triton_available
 
@@ -114,11 +113,7 @@ def harden_fused(
     """
     config = config or HardeningConfig()
     start = time.perf_counter()
-    sample = sample_rows(x).detach().cpu()
-    score = cell_score(sample, fmt, name)
-    judged = verdict(score, threshold=config.detector_threshold)
-    if judged.suspicious and config.on_suspicious == "refuse":
-        raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
+    score, judged = screen(x, fmt, name, config)
     place = {"row_offset": row_offset, "col_offset": col_offset, "backend": backend}
     try:
         nearest = quantize_packed(x, fmt, name, None, **place)
@@ -139,7 +134,7 @@ def harden_fused(
         format=fmt.name,
         mode=config.mode,
         elements=n,
-        steerable=round(score.steerable * n / sample.numel()),
+        steerable=round(score.steerable * n / score.elements),
         codes_changed=changed,
         mean_change_steps=changed / n,
         max_change_steps=int(changed > 0),

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..detection import CellScore, cell_score, sample_rows, verdict
+from ..detection import CellScore, Verdict, cell_score, sample_rows, verdict
 from ..errors import QcbguardError
 from ..formats.base import Encoding, Format, QuantizedTensor
 from .config import HardeningConfig
@@ -28,6 +28,7 @@ __all__ = [
     "detector_score",
     "harden_encoding",
     "harden_tensor",
+    "screen",
     "stochastic_codes",
 ]
 
@@ -89,11 +90,25 @@ def stochastic_codes(enc: Encoding, key: int, row_offset: int = 0, col_offset: i
     return torch.where(upper.reshape(shape), cells.upper, cells.lower)
 
 
-def detector_score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding) -> CellScore:
-    """cell_score of x on the detector's sample (detection.sample_rows); enc = fmt.encode(x) is reused when the
-    sample is the whole tensor, and the sample is re-encoded otherwise."""
+def detector_score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding | None = None) -> CellScore:
+    """cell_score of x on the detector's sample (detection.sample_rows), on the CPU wherever x lives; enc =
+    fmt.encode(x) is reused when given and the sample is the whole tensor, and the sample is encoded otherwise."""
     sample = sample_rows(x)
-    return cell_score(x, fmt, name, enc) if sample is x else cell_score(sample, fmt, name)
+    if sample is x and enc is not None:
+        return cell_score(x, fmt, name, enc)
+    return cell_score(sample.detach().cpu(), fmt, name)
+
+
+def screen(
+    x: torch.Tensor, fmt: Format, name: str, config: HardeningConfig, enc: Encoding | None = None
+) -> tuple[CellScore, Verdict]:
+    """The detector's score and verdict for x; under on_suspicious="refuse" a flagged tensor raises
+    SuspiciousTensorError (before anything is quantized)."""
+    score = detector_score(x, fmt, name, enc)
+    judged = verdict(score, threshold=config.detector_threshold)
+    if judged.suspicious and config.on_suspicious == "refuse":
+        raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
+    return score, judged
 
 
 def harden_tensor(
@@ -138,10 +153,7 @@ def harden_encoding(
     """
     config = config or HardeningConfig()
     start = time.perf_counter() if started is None else started
-    score = detector_score(x, fmt, name, enc)
-    judged = verdict(score, threshold=config.detector_threshold)
-    if judged.suspicious and config.on_suspicious == "refuse":
-        raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
+    score, judged = screen(x, fmt, name, config, enc)
     if config.mode == "harden":
         key = seed.key_for(name)
         codes = draw(enc, key) if draw is not None else stochastic_codes(enc, key, row_offset, col_offset)
