@@ -97,11 +97,14 @@ def wrap_online_linear_process(fmt_name: str, call: str, amax_rule: AmaxRule | N
     return make
 
 
-def _require_e4m3(job: LayerJob, out: torch.Tensor) -> None:
-    if out.dtype != torch.float8_e4m3fn:
+def _hardened(job: LayerJob, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fp8: bool = True) -> torch.Tensor:
+    """vLLM's codes q (with its scale) checked against the reference and replaced by the hardened codes."""
+    if fp8 and q.dtype != torch.float8_e4m3fn:
         raise UnsupportedVllmError(
-            f"qcbguard: {job.name} quantizes to {out.dtype}; the hook's fp8 references are float8_e4m3fn only"
+            f"qcbguard: {job.name} quantizes to {q.dtype}; the hook's fp8 references are float8_e4m3fn only"
         )
+    packed = harden_against_vllm(job, x, {"weight": q, "scale": scale})
+    return as_vllm(packed.tensors["weight"], q)
 
 
 def wrap_fp8_channel_quant(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,9 +113,7 @@ def wrap_fp8_channel_quant(original: Callable[..., Any]) -> Callable[..., Any]:
         job = current_job("_fp8_quant_per_channel")
         if job is None:
             return out
-        _require_e4m3(job, out)
-        packed = harden_against_vllm(job, weight, {"weight": out, "scale": scale})
-        return as_vllm(packed.tensors["weight"], out)
+        return _hardened(job, weight, out, scale)
 
     return _fp8_quant_per_channel
 
@@ -131,9 +132,7 @@ def wrap_scaled_fp8_quant(original: Callable[..., Any]) -> Callable[..., Any]:
                 f"qcbguard: vLLM's {job.method} quantized {job.name} with scaled_fp8_quant options the hook does not "
                 "know (expected one static per-tensor scale); this vLLM's code path is not one qcbguard supports"
             )
-        _require_e4m3(job, out)
-        packed = harden_against_vllm(job, input, {"weight": out, "scale": out_scale})
-        return as_vllm(packed.tensors["weight"], out), out_scale
+        return _hardened(job, input, out, out_scale), out_scale
 
     return scaled_fp8_quant
 
@@ -151,9 +150,7 @@ def wrap_per_block_cast(original: Callable[..., Any]) -> Callable[..., Any]:
                 f"qcbguard: vLLM's {job.method} quantized {job.name} in blocks {list(block)} (ue8m0 scales: {ue8m0}); "
                 "qcbguard's fp8_per_block reference is 128x128 blocks with float32 scales"
             )
-        _require_e4m3(job, q)
-        packed = harden_against_vllm(job, x, {"weight": q, "scale": sf})
-        return as_vllm(packed.tensors["weight"], q), sf
+        return _hardened(job, x, q, sf), sf
 
     return per_block_cast_to_fp8
 
@@ -173,8 +170,7 @@ def wrap_mx_quantize(call: str) -> Callable[..., Any]:
                     f"qcbguard: vLLM's {job.method} quantized {job.name} with swizzled or aligned MX scales; "
                     f"qcbguard's {job.fmt.name} reference holds one e8m0 byte per 32 weights, row-major"
                 )
-            packed = harden_against_vllm(job, x, {"weight": q, "scale": scale})
-            return as_vllm(packed.tensors["weight"], q), scale
+            return _hardened(job, x, q, scale, fp8=call != "mxfp4_quantize"), scale
 
         quantize.__name__ = call
         return quantize
