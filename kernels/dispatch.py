@@ -20,7 +20,7 @@ import torch
 from .errors import QcbguardError, UnsupportedInputError
 from .formats.base import Format, QuantizedTensor
 from .hardening.config import HardeningConfig
-from .hardening.harden import TensorReport, screen, stochastic_codes
+from .hardening.harden import TensorReport, screen, stochastic_codes, tensor_report
 from .hardening.seed import DeploymentSeed
 from .triton import quantize_triton, supports, triton_available
 
@@ -129,19 +129,16 @@ def harden_fused(
             "reference (backend 'reference') hardens the same bytes without it"
         ) from exc
     n = x.numel()
-    report = TensorReport(
-        name=name,
-        format=fmt.name,
-        mode=config.mode,
+    report = tensor_report(
+        name,
+        fmt,
+        config,
+        (score, judged),
+        start,
         elements=n,
         steerable=round(score.steerable * n / score.elements),
         codes_changed=changed,
         mean_change_steps=changed / n,
         max_change_steps=int(changed > 0),
-        detector_distance=score.distance,
-        on_grid_fraction=score.on_grid_fraction,
-        suspicious=judged.suspicious,
-        reasons=judged.reasons,
-        seconds=time.perf_counter() - start,
     )
     return nearest, out, report

@@ -30,6 +30,7 @@ __all__ = [
     "harden_tensor",
     "screen",
     "stochastic_codes",
+    "tensor_report",
 ]
 
 
@@ -161,19 +162,49 @@ def harden_encoding(
         codes = enc.cells.nearest
     packed = fmt.pack(enc, codes)
     change = (codes - enc.cells.nearest).abs()
-    report = TensorReport(
-        name=name,
-        format=fmt.name,
-        mode=config.mode,
+    report = tensor_report(
+        name,
+        fmt,
+        config,
+        (score, judged),
+        start,
         elements=x.numel(),
         steerable=int(enc.cells.steerable.sum()),
         codes_changed=int((change != 0).sum()),
         mean_change_steps=float(change.double().mean()),
         max_change_steps=int(change.max()),
+    )
+    return packed, report
+
+
+def tensor_report(
+    name: str,
+    fmt: Format,
+    config: HardeningConfig,
+    screened: tuple[CellScore, Verdict],
+    started: float,
+    *,
+    elements: int,
+    steerable: int,
+    codes_changed: int,
+    mean_change_steps: float,
+    max_change_steps: int,
+) -> TensorReport:
+    """The report of one hardened tensor: the counts from the path that quantized it, the detector's fields from
+    screen(), seconds since `started`."""
+    score, judged = screened
+    return TensorReport(
+        name=name,
+        format=fmt.name,
+        mode=config.mode,
+        elements=elements,
+        steerable=steerable,
+        codes_changed=codes_changed,
+        mean_change_steps=mean_change_steps,
+        max_change_steps=max_change_steps,
         detector_distance=score.distance,
         on_grid_fraction=score.on_grid_fraction,
         suspicious=judged.suspicious,
         reasons=judged.reasons,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - started,
     )
-    return packed, report
