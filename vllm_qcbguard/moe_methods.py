@@ -111,9 +111,11 @@ def wrap_int8_moe_quantize(original: Callable[..., Any]) -> Callable[..., Any]:
         state = active_state()
         if state is None or _skip_requantized(state, self, layer):
             return original(self, layer, *args, **kwargs)
-        given = list(args) + [kwargs.get("w13_weight"), kwargs.get("w2_weight")][len(args) :]
-        w13 = given[0] if given and given[0] is not None else layer.w13_weight.data
-        w2 = given[1] if len(given) > 1 and given[1] is not None else layer.w2_weight.data
+        # vLLM 0.33 passes the weights to quantize (positionally or by name), 0.32 reads the layer's own
+        w13 = args[0] if args else kwargs.get("w13_weight")
+        w2 = args[1] if len(args) > 1 else kwargs.get("w2_weight")
+        w13 = layer.w13_weight.data if w13 is None else w13
+        w2 = layer.w2_weight.data if w2 is None else w2
         result = original(self, layer, *args, **kwargs)
         codes = (layer.w13_weight.data, layer.w2_weight.data)
         harden_experts(state, self, layer, (w13, w2), codes, (layer.w13_scale.data, layer.w2_scale.data))
