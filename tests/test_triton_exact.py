@@ -122,3 +122,19 @@ def test_affine_k_quants_match_reference(name):
     mixed = torch.cat([cases["subnormal"][:, :128], cases["largest_finite"][:, 128:]], dim=1)
     x = torch.cat([cases["normal"], cases["negative_zero_blocks"], mixed])
     _check(name, x, f"{name} float32")
+
+
+@pytest.mark.parametrize("name", ["int8_per_channel", "torchao_int4", "nf4", "fp8_per_channel", "mxfp4", "q4_0"])
+def test_shard_offsets_off_the_philox_groups(name):
+    """Kernels draw one Philox call per four adjacent columns when a shard starts on a column divisible by 4, and fall
+    back to one call per element otherwise: the same draws either way, so a shard placed at columns 4k + 1, 4k + 2 or
+    4k + 3 must still match the reference of the same elements (the launch offsets above are all multiples of 4)."""
+    shapes, block, qmax = CASES[name]
+    rows, cols = shapes[0]
+    x = awkward_input(rows, cols, block, torch.float32, SEED, qmax)
+    fmt = get_format(name)
+    for col_offset in (1, 6, 4 * 32 + 3):
+        kw = {"row_offset": 3, "col_offset": col_offset}
+        ref = quantize_packed(x, fmt, "layers.0.w", DEPLOYMENT, backend="reference", **kw)
+        ours = quantize_packed(x.to(DEVICE), fmt, "layers.0.w", DEPLOYMENT, backend="triton", **kw)
+        same_packed(ours, ref, f"{name} col_offset={col_offset}")

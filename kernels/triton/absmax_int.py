@@ -29,8 +29,11 @@ from .common import (
     clamp_keep_nan,
     collapse_outside,
     dtype_code,
+    grouped_draws,
+    hardening_uniforms,
     integer_cells,
     load_f32,
+    pair_uniforms,
     round_half_even,
     round_to,
     store_as,
@@ -50,9 +53,7 @@ _TORCHAO_EPS = float(torch.finfo(torch.float32).eps)
 
 
 @triton.jit
-def _code(
-    x, scale, recip, zero, lo_bound, key, row, col, RULE: tl.constexpr, DTYPE: tl.constexpr, HARDEN: tl.constexpr
-):
+def _code(x, scale, recip, zero, lo_bound, draw, RULE: tl.constexpr, DTYPE: tl.constexpr, HARDEN: tl.constexpr):
     """Code of float32 x (exact value of the input) given its group's scale parameters."""
     if RULE == 0:
         u = x * recip
@@ -77,7 +78,7 @@ def _code(
         u = tl.math.div_rn(x - zero, scale) + 8.0
         lower, upper, position = integer_cells(u, nearest, 0, 15)
         lower, upper, position = collapse_outside(lower, upper, position, nearest)
-    return choose_code(lower, upper, position, nearest, key, row, col, HARDEN)
+    return choose_code(lower, upper, position, nearest, draw, HARDEN)
 
 
 @triton.jit
@@ -97,6 +98,7 @@ def absmax_int_kernel(
     DTYPE: tl.constexpr,
     CHUNK: tl.constexpr,
     HARDEN: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     row = tl.program_id(0)
     group = tl.program_id(1)
@@ -152,8 +154,9 @@ def absmax_int_kernel(
             gcol = group * group_len + even
             x0 = load_f32(x_ptr, base + even, mask, DTYPE)
             x1 = load_f32(x_ptr, base + even + 1, mask, DTYPE)
-            c0 = _code(x0, scale, recip, zero, lo_bound, key, grow, gcol + col_offset, RULE, DTYPE, HARDEN)
-            c1 = _code(x1, scale, recip, zero, lo_bound, key, grow, gcol + 1 + col_offset, RULE, DTYPE, HARDEN)
+            draw0, draw1 = pair_uniforms(key, grow, gcol + col_offset, grow, gcol + 1 + col_offset, HARDEN, GROUPED)
+            c0 = _code(x0, scale, recip, zero, lo_bound, draw0, RULE, DTYPE, HARDEN)
+            c1 = _code(x1, scale, recip, zero, lo_bound, draw1, RULE, DTYPE, HARDEN)
             byte = ((c0 << 4) | c1).to(tl.uint8)
             tl.store(q_ptr + (row.to(tl.int64) * cols + gcol) // 2, byte, mask=mask)
     else:
@@ -161,7 +164,8 @@ def absmax_int_kernel(
             offs = start + lanes
             mask = offs < group_len
             x = load_f32(x_ptr, base + offs, mask, DTYPE)
-            c = _code(x, scale, recip, zero, lo_bound, key, grow, offs + col_offset, RULE, DTYPE, HARDEN)
+            draw = hardening_uniforms(key, grow, offs + col_offset, HARDEN, GROUPED)
+            c = _code(x, scale, recip, zero, lo_bound, draw, RULE, DTYPE, HARDEN)
             tl.store(q_ptr + base + offs, c.to(tl.int8), mask=mask)
 
 
@@ -193,12 +197,15 @@ def quantize_absmax_int(
         eps_value = fmt.eps if fmt.eps is not None else torch.finfo(x.dtype).smallest_normal
         eps = float(torch.tensor(eps_value, dtype=x.dtype).float())
         chunk = triton.next_power_of_2(group_len)
+        # a group is one program: four elements per thread, so each thread's Philox call serves all four draws
+        warps = max(1, min(4, chunk // 128))
     else:
         group_len, groups = cols, 1
         q = torch.empty(x.shape, dtype=torch.int8, device=device)
         scale_out = torch.empty(rows, dtype=torch.float32, device=device)
         eps = _TORCHAO_EPS
         chunk = min(triton.next_power_of_2(cols), 2048)
+        warps = 4
     absmax_int_kernel[(rows, groups)](
         src,
         q,
@@ -215,6 +222,8 @@ def quantize_absmax_int(
         DTYPE=dtype,
         CHUNK=chunk,
         HARDEN=key is not None,
+        GROUPED=grouped_draws(cols, col_offset),
+        num_warps=warps,
         **EXACT_LAUNCH,
     )
     if rule == RULE_BNB:

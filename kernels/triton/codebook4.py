@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..formats.base import Format, QuantizedTensor
 from ..formats.bnb import quantize_dynamic_blockwise
-from .common import EXACT_LAUNCH, choose_code, clamp_keep_nan, dtype_code, load_f32
+from .common import EXACT_LAUNCH, choose_code, clamp_keep_nan, dtype_code, grouped_draws, load_f32, pair_uniforms
 
 __all__ = ["quantize_codebook4"]
 
@@ -31,9 +31,7 @@ _FLOOR = 1e-38  # bitsandbytes' absmax floor (a float32 subnormal)
 
 
 @triton.jit
-def _element(
-    x, absmax, tail, key, row, col, grid_ptr, mid_ptr, low_ptr, high_ptr, NGRID: tl.constexpr, HARDEN: tl.constexpr
-):
+def _element(x, absmax, tail, draw, grid_ptr, mid_ptr, low_ptr, high_ptr, NGRID: tl.constexpr, HARDEN: tl.constexpr):
     """Storage nibble of one element given its block's absmax (``tail``: the short last block's rule)."""
     floor = tl.maximum(absmax, 1e-38)
     v_full = x * tl.math.div_rn(1.0, floor)
@@ -51,7 +49,7 @@ def _element(
     upper = tl.where(stay, lower, tl.minimum(lower + 1, NGRID - 1))
     span = tl.load(grid_ptr + upper) - g_lower
     position = tl.where(span > 0.0, tl.math.div_rn(v - g_lower, tl.where(span > 0.0, span, 1.0)), 0.0)
-    code = choose_code(lower, upper, position, nearest, key, row, col, HARDEN)
+    code = choose_code(lower, upper, position, nearest, draw, HARDEN)
     return tl.where(v > 0.0, tl.load(high_ptr + code), tl.load(low_ptr + code))
 
 
@@ -75,6 +73,7 @@ def codebook4_kernel(
     DTYPE: tl.constexpr,
     BLOCKS: tl.constexpr,
     HARDEN: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     pair = tl.arange(0, 32)
@@ -89,34 +88,17 @@ def codebook4_kernel(
     a = absmax[:, None]
     t = tail[:, None]
     # hardening counters: the (row, col) of each element in the logical tensor, shifted by the shard's offsets
-    n0 = _element(
-        x0,
-        a,
-        t,
+    draw0, draw1 = pair_uniforms(
         key,
         first // cols + row_offset,
         first % cols + col_offset,
-        grid_ptr,
-        mid_ptr,
-        low_ptr,
-        high_ptr,
-        NGRID,
-        HARDEN,
-    )
-    n1 = _element(
-        x1,
-        a,
-        t,
-        key,
         (first + 1) // cols + row_offset,
         (first + 1) % cols + col_offset,
-        grid_ptr,
-        mid_ptr,
-        low_ptr,
-        high_ptr,
-        NGRID,
         HARDEN,
+        GROUPED,
     )
+    n0 = _element(x0, a, t, draw0, grid_ptr, mid_ptr, low_ptr, high_ptr, NGRID, HARDEN)
+    n1 = _element(x1, a, t, draw1, grid_ptr, mid_ptr, low_ptr, high_ptr, NGRID, HARDEN)
     n1 = tl.where(m1, n1, zero_nibble)
     tl.store(out_ptr + first // 2, ((n0 << 4) | n1).to(tl.uint8), mask=m0)
     stored = tl.where(tail, tl.maximum(absmax, 1e-38), absmax)
@@ -169,6 +151,7 @@ def quantize_codebook4(
         DTYPE=dtype_code(x.dtype),
         BLOCKS=blocks,
         HARDEN=key is not None,
+        GROUPED=grouped_draws(cols, col_offset),
         **EXACT_LAUNCH,
     )
     if not fmt.double_quant:

@@ -9,8 +9,9 @@ plain-torch references on a CPU:
   INT_MIN for NaN and out-of-range values. ``x86_to_int`` states the x86 rule explicitly.
 - clamps use comparisons and ``tl.where`` (a GPU's fminf/fmaxf drop NaN, torch.clamp keeps it).
 - bfloat16 values are read and rounded through their bits (the interpreter's bf16 cast flushes subnormals).
-- The hardening draw is Philox-4x32-10 keyed by the tensor's 64-bit key, counter (col, row, 0, 0), first word >> 8
-  times 2**-24: bit for bit what ``qcbguard_kernels.hardening.stochastic_codes`` draws.
+- The hardening draw is Philox-4x32-10 keyed by the tensor's 64-bit key, counter (col // 4, row, 0, 0), word col % 4,
+  top 24 bits times 2**-24: bit for bit what ``qcbguard_kernels.hardening.stochastic_codes`` draws. Kernels draw a
+  whole tile at once (``hardening_uniforms``), one Philox call per four adjacent columns where the tile allows.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ __all__ = [
     "clamp_keep_nan",
     "collapse_outside",
     "dtype_code",
+    "grouped_draws",
+    "hardening_uniforms",
     "integer_cells",
     "load_f32",
+    "pair_uniforms",
     "round_half_even",
     "round_to",
     "store_as",
     "trunc",
-    "uniform24",
     "x86_to_int",
     "x86_to_int8",
 ]
@@ -54,6 +57,12 @@ def dtype_code(dtype: object) -> int:
 
     codes = {torch.float32: DTYPE_FP32, torch.float16: DTYPE_FP16, torch.bfloat16: DTYPE_BF16}
     return codes[dtype]
+
+
+def grouped_draws(cols: int, col_offset: int) -> bool:
+    """Whether a kernel's tiles may draw one Philox call per four columns (hardening_uniforms' GROUPED): every run of
+    four adjacent elements of a row starts at a global column divisible by 4."""
+    return cols % 4 == 0 and col_offset % 4 == 0
 
 
 @triton.jit
@@ -92,23 +101,52 @@ def store_as(ptr, offs, value, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def uniform24(key, row, col):
-    """The hardening uniform of element (row, col): word col % 4 of Philox(key, (col // 4, row, 0, 0)), top 24 bits,
-    times 2**-24 (hardening/rng.py). Every element runs its group's Philox; lanes of one group agree bit for bit."""
-    c0 = (col >> 2).to(tl.uint32)
-    c1 = row.to(tl.uint32)
-    zero = c0 * 0
-    a, b, c, d = tl.philox(key, c0, c1, zero, zero)
-    lane = col & 3
-    word = tl.where(lane == 0, a, tl.where(lane == 1, b, tl.where(lane == 2, c, d)))
+def _words(a, b, c, d):
+    """Philox's four output words of each group laid out as the group's four adjacent columns (lane 0..3, in order)."""
+    grouped = tl.join(tl.join(a, c), tl.join(b, d))  # [..., 2, 2]: [k, m] = word 2k + m
+    return tl.reshape(grouped, (a.numel * 4,))
+
+
+@triton.jit
+def hardening_uniforms(key, row, col, HARDEN: tl.constexpr, GROUPED: tl.constexpr):
+    """The hardening uniform of every element (row, col) of a tile: word col % 4 of Philox(key, (col // 4, row, 0, 0)),
+    top 24 bits, times 2**-24 (hardening/rng.py); zeros when not hardening (the draw is compiled out).
+
+    GROUPED: one Philox call per four columns. It needs a tile whose elements, in row-major order, come in runs of
+    four that are columns 4g .. 4g + 3 of one row (the launcher checks cols % 4 == 0 and col_offset % 4 == 0; every
+    kernel's tile is then built that way). Otherwise every element runs its own group's Philox and keeps its lane:
+    the same bits, four times the work.
+    """
+    row, col = tl.broadcast(row, col)
+    if not HARDEN:
+        return tl.zeros(col.shape, tl.float32)
+    if GROUPED:
+        n: tl.constexpr = col.numel
+        group = tl.min(tl.reshape(col, (n // 4, 4)), axis=1) >> 2
+        group_row = tl.min(tl.reshape(row, (n // 4, 4)), axis=1)
+        zero = group.to(tl.uint32) * 0
+        a, b, c, d = tl.philox(key, group.to(tl.uint32), group_row.to(tl.uint32), zero, zero)
+        word = tl.reshape(_words(a, b, c, d), col.shape)
+    else:
+        zero = col.to(tl.uint32) * 0
+        a, b, c, d = tl.philox(key, (col >> 2).to(tl.uint32), row.to(tl.uint32), zero, zero)
+        lane = col & 3
+        word = tl.where(lane == 0, a, tl.where(lane == 1, b, tl.where(lane == 2, c, d)))
     return (word >> 8).to(tl.float32) * 5.9604644775390625e-08
 
 
 @triton.jit
-def choose_code(lower, upper, position, nearest, key, row, col, HARDEN: tl.constexpr):
+def pair_uniforms(key, row0, col0, row1, col1, HARDEN: tl.constexpr, GROUPED: tl.constexpr):
+    """hardening_uniforms of two same-shape tiles whose elements pair up in storage (a byte's two nibbles). GROUPED
+    needs (row1, col1) = (row0, col0 + 1) with col0 even: interleaved, the pairs form runs of adjacent columns."""
+    both = hardening_uniforms(key, tl.join(row0, row1), tl.join(col0, col1), HARDEN, GROUPED)
+    return tl.split(both)
+
+
+@triton.jit
+def choose_code(lower, upper, position, nearest, u, HARDEN: tl.constexpr):
     """Hardened: upper with probability `position` (u < position, both exact on the 2**-24 grid); else nearest."""
     if HARDEN:
-        u = uniform24(key, row, col)
         return tl.where(u < position, upper, lower)
     else:
         return nearest

@@ -25,7 +25,16 @@ import triton
 import triton.language as tl
 
 from ..formats.base import Format, QuantizedTensor
-from .common import EXACT_LAUNCH, choose_code, clamp_keep_nan, dtype_code, load_f32
+from .common import (
+    EXACT_LAUNCH,
+    choose_code,
+    clamp_keep_nan,
+    dtype_code,
+    grouped_draws,
+    hardening_uniforms,
+    load_f32,
+    pair_uniforms,
+)
 
 __all__ = ["quantize_fp8_mx"]
 
@@ -49,7 +58,7 @@ def _e4m3_value(code):
 
 
 @triton.jit
-def _e4m3_code(r, key, row, col, HARDEN: tl.constexpr):
+def _e4m3_code(r, draw, HARDEN: tl.constexpr):
     """The byte written for float32 r handed to the e4m3 cast: magnitude code (cell draw or nearest) | sign << 7."""
     v = tl.abs(r)
     bits = v.to(tl.int32, bitcast=True)
@@ -65,7 +74,7 @@ def _e4m3_code(r, key, row, col, HARDEN: tl.constexpr):
     upper = tl.where((g_lower == v) | (v > 448.0), lower, next_code)
     span = _e4m3_value(upper) - g_lower
     position = tl.where(span > 0.0, tl.math.div_rn(v - g_lower, tl.where(span > 0.0, span, 1.0)), 0.0)
-    code = choose_code(lower, upper, position, nearest, key, row, col, HARDEN)
+    code = choose_code(lower, upper, position, nearest, draw, HARDEN)
     sign = (r.to(tl.int32, bitcast=True) >> 31) & 1
     return code | (sign << 7)
 
@@ -76,7 +85,7 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _e2m1_code(q, key, row, col, HARDEN: tl.constexpr):
+def _e2m1_code(q, draw, HARDEN: tl.constexpr):
     """The nibble written for float32 q: vLLM's e2m1 conversion for nearest, the cell draw when hardened, sign bit 3."""
     bits = q.to(tl.uint32, bitcast=True)
     exponent = ((bits >> 23) & 0xFF).to(tl.int32)
@@ -100,7 +109,7 @@ def _e2m1_code(q, key, row, col, HARDEN: tl.constexpr):
     upper = tl.where((g_lower == v) | (v > 6.0), lower, tl.minimum(lower + 1, 7))
     span = _e2m1_value(upper) - g_lower
     position = tl.where(span > 0.0, tl.math.div_rn(v - g_lower, tl.where(span > 0.0, span, 1.0)), 0.0)
-    code = choose_code(lower, upper, position, nearest, key, row, col, HARDEN)
+    code = choose_code(lower, upper, position, nearest, draw, HARDEN)
     return code | (((bits >> 31) & 1).to(tl.int32) << 3)
 
 
@@ -145,6 +154,7 @@ def fp8_mx_kernel(
     TR: tl.constexpr,
     TC: tl.constexpr,
     HARDEN: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     r_idx = tl.program_id(0) * TR + tl.arange(0, TR)[:, None]
     c_lane = tl.arange(0, TC)[None, :]
@@ -165,7 +175,7 @@ def fp8_mx_kernel(
             sf = amax * INV_448
             r = x * tl.math.div_rn(1.0, sf)
             tl.store(scale_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), sf)
-        byte = _e4m3_code(r, key, r_idx + row_offset, c_idx + col_offset, HARDEN)
+        byte = _e4m3_code(r, hardening_uniforms(key, r_idx + row_offset, c_idx + col_offset, HARDEN, GROUPED), HARDEN)
         tl.store(q_ptr + offs, byte.to(tl.uint8), mask=mask)
     elif GRAN == 1:
         row = tl.program_id(0)
@@ -180,7 +190,7 @@ def fp8_mx_kernel(
             offs = row.to(tl.int64) * cols + c
             x = load_f32(x_ptr, offs, c < cols, DTYPE)
             r = clamp_keep_nan(tl.math.div_rn(x, scale), -448.0, 448.0)
-            byte = _e4m3_code(r, key, row + row_offset, c + col_offset, HARDEN)
+            byte = _e4m3_code(r, hardening_uniforms(key, row + row_offset, c + col_offset, HARDEN, GROUPED), HARDEN)
             tl.store(q_ptr + offs, byte.to(tl.uint8), mask=c < cols)
     else:
         # MX: TR consecutive 32-element blocks of the flattened tensor (cols % 32 == 0, so no block spans two rows)
@@ -192,7 +202,8 @@ def fp8_mx_kernel(
             amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1.1754943508222875e-38)
             byte = tl.minimum(tl.maximum(_ceil_log2(tl.math.div_rn(amax, 448.0)) + 127, 0), 254)
             q = tl.math.div_rn(x, _e8m0(byte)[:, None])
-            code = _e4m3_code(q, key, offs // cols + row_offset, offs % cols + col_offset, HARDEN)
+            draw = hardening_uniforms(key, offs // cols + row_offset, offs % cols + col_offset, HARDEN, GROUPED)
+            code = _e4m3_code(q, draw, HARDEN)
             tl.store(q_ptr + offs, code.to(tl.uint8), mask=live)
         else:
             first = r_idx.to(tl.int64) * 32 + 2 * c_lane
@@ -204,8 +215,11 @@ def fp8_mx_kernel(
             unbiased = tl.where(field == 255, 127, unbiased)
             byte = tl.minimum(tl.maximum(unbiased, -127), 127) + 127
             inv = tl.math.div_rn(1.0, _e8m0(byte))[:, None]
-            n0 = _e2m1_code(x0 * inv, key, first // cols + row_offset, first % cols + col_offset, HARDEN)
-            n1 = _e2m1_code(x1 * inv, key, (first + 1) // cols + row_offset, (first + 1) % cols + col_offset, HARDEN)
+            row0 = first // cols + row_offset
+            col0 = first % cols + col_offset
+            draw0, draw1 = pair_uniforms(key, row0, col0, row0, col0 + 1, HARDEN, GROUPED)  # cols % 32 == 0: same row
+            n0 = _e2m1_code(x0 * inv, draw0, HARDEN)
+            n1 = _e2m1_code(x1 * inv, draw1, HARDEN)
             tl.store(q_ptr + first // 2, (n0 | (n1 << 4)).to(tl.uint8), mask=live)
         blk = tl.program_id(0) * TR + tl.arange(0, TR)
         tl.store(scale_ptr + blk, byte.to(tl.uint8), mask=blk < nblocks)
@@ -252,6 +266,7 @@ def quantize_fp8_mx(fmt: Format, x: torch.Tensor, key: int | None, row_offset: i
     fp8_mx_kernel[grid](
         src, q, scale, amax, hard["key"], rows, cols, row_offset, col_offset,
         GRAN=gran, DTYPE=dtype_code(x.dtype), TR=tr, TC=tc, HARDEN=hard["HARDEN"],
+        GROUPED=grouped_draws(cols, col_offset),
         **EXACT_LAUNCH,
     )  # fmt: skip
     if gran in (GRAN_MXFP8, GRAN_MXFP4):

@@ -25,7 +25,15 @@ import triton
 import triton.language as tl
 
 from ..formats.base import Format, QuantizedTensor
-from .common import EXACT_LAUNCH, choose_code, dtype_code, integer_cells, load_f32
+from .common import (
+    EXACT_LAUNCH,
+    choose_code,
+    dtype_code,
+    grouped_draws,
+    hardening_uniforms,
+    integer_cells,
+    load_f32,
+)
 
 __all__ = ["quantize_gguf_kquant"]
 
@@ -94,7 +102,7 @@ def _search_q6(x, mx, factor_ptr):
     slx = _pick(sumlx, cand, 0)
     sl2 = _pick(suml2, cand, 0)
     scale = tl.where(sl2 != 0.0, tl.math.div_rn(slx, tl.where(sl2 != 0.0, sl2, 1.0)), 0.0)
-    scale = tl.where(sl2 != sl2, slx / sl2, scale)  # NaN compares unequal to 0 in C: NaN propagates
+    scale = tl.where(sl2 != sl2, tl.math.div_rn(slx, sl2), scale)  # NaN compares unequal to 0 in C: NaN propagates
     best = scale * slx
     chosen = tl.zeros((16,), tl.int32)
     for k in tl.static_range(1, 19):
@@ -153,6 +161,7 @@ def symmetric_kquant_kernel(
     BITS: tl.constexpr,
     DTYPE: tl.constexpr,
     HARDEN: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     H: tl.constexpr = 1 << (BITS - 1)  # the code that stands for zero: 4 (Q3_K) or 32 (Q6_K)
     TYPE_SIZE: tl.constexpr = 110 if BITS == 3 else 210
@@ -209,9 +218,8 @@ def symmetric_kquant_kernel(
     u = tl.where(degenerate, (nearest - H).to(tl.float32), u)
     lower, upper, position = integer_cells(u, nearest - H, -H, H - 1)
     e = tl.reshape(e3, (16, 16))
-    code = choose_code(
-        lower + H, upper + H, position, nearest, key, row + row_offset, first_col + e + col_offset, HARDEN
-    )
+    draw = hardening_uniforms(key, row + row_offset, first_col + e + col_offset, HARDEN, GROUPED)
+    code = choose_code(lower + H, upper + H, position, nearest, draw, HARDEN)
 
     c3 = tl.reshape(code, (2, 4, 32))
     base = sb.to(tl.int64) * TYPE_SIZE
@@ -260,7 +268,8 @@ def quantize_gguf_kquant(
         kernel, factors = affine_kquant_kernel, _qkx2_factors(spec.rmin, spec.nstep, spec.nmax)
     kernel[(x.numel() // 256,)](
         src, out, factors.to(x.device), 0 if key is None else key, cols, row_offset, col_offset,
-        BITS=fmt.bits, DTYPE=dtype_code(x.dtype), HARDEN=key is not None, **EXACT_LAUNCH,
+        BITS=fmt.bits, DTYPE=dtype_code(x.dtype), HARDEN=key is not None,
+        GROUPED=grouped_draws(cols, col_offset), **EXACT_LAUNCH,
     )  # fmt: skip
     return QuantizedTensor(fmt.name, x.shape, {"blocks": out})
 
@@ -333,6 +342,7 @@ def affine_kquant_kernel(
     BITS: tl.constexpr,
     DTYPE: tl.constexpr,
     HARDEN: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     NMAX: tl.constexpr = (1 << BITS) - 1
     SUB: tl.constexpr = 16 if BITS == 2 else 32
@@ -437,7 +447,8 @@ def affine_kquant_kernel(
     u = tl.where(degenerate, nearest.to(tl.float32), u)
     lower, upper, position = integer_cells(u, nearest, 0, NMAX)
     e = tl.reshape(e3, (NSUB, SUB))
-    code = choose_code(lower, upper, position, nearest, key, row + row_offset, first_col + e + col_offset, HARDEN)
+    draw = hardening_uniforms(key, row + row_offset, first_col + e + col_offset, HARDEN, GROUPED)
+    code = choose_code(lower, upper, position, nearest, draw, HARDEN)
 
     c3 = tl.reshape(code, (A, B, 32))
     base = sb.to(tl.int64) * TYPE_SIZE

@@ -20,7 +20,17 @@ import triton
 import triton.language as tl
 
 from ..formats.base import Format, QuantizedTensor
-from .common import EXACT_LAUNCH, c_roundf, choose_code, dtype_code, integer_cells, load_f32, x86_to_int8
+from .common import (
+    EXACT_LAUNCH,
+    c_roundf,
+    choose_code,
+    dtype_code,
+    grouped_draws,
+    hardening_uniforms,
+    integer_cells,
+    load_f32,
+    x86_to_int8,
+)
 
 __all__ = ["quantize_gguf_legacy"]
 
@@ -41,7 +51,7 @@ def _first_hit(k_lo, k_hi, x_lo, x_hi, target):
 
 
 @triton.jit
-def _code(x, low, inv, key, row, col, BITS: tl.constexpr, AFFINE: tl.constexpr, HARDEN: tl.constexpr):
+def _code(x, low, inv, draw, BITS: tl.constexpr, AFFINE: tl.constexpr, HARDEN: tl.constexpr):
     QMAX: tl.constexpr = (1 << BITS) - 1 if (AFFINE or BITS < 8) else 127
     OFFSET: tl.constexpr = 0 if (AFFINE or BITS == 8) else (1 << (BITS - 1))
     if BITS == 8:
@@ -55,7 +65,7 @@ def _code(x, low, inv, key, row, col, BITS: tl.constexpr, AFFINE: tl.constexpr, 
         if not (AFFINE and BITS == 5):
             nearest = tl.minimum(nearest, QMAX)
         lower, upper, position = integer_cells(u, nearest, 0, QMAX)
-    return choose_code(lower, upper, position, nearest, key, row, col, HARDEN)
+    return choose_code(lower, upper, position, nearest, draw, HARDEN)
 
 
 @triton.jit
@@ -81,6 +91,7 @@ def gguf_legacy_kernel(
     DTYPE: tl.constexpr,
     BLOCKS: tl.constexpr,
     HARDEN: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     QMAX: tl.constexpr = (1 << BITS) - 1 if (AFFINE or BITS < 8) else 127
     OFFSET: tl.constexpr = 0 if (AFFINE or BITS == 8) else (1 << (BITS - 1))
@@ -107,8 +118,10 @@ def gguf_legacy_kernel(
     inv = tl.where(d != 0.0, tl.math.div_rn(1.0, tl.where(d != 0.0, d, 1.0)), 0.0)
     row_lo = first // cols + row_offset
     col_lo = first % cols + col_offset
-    c_lo = _code(x_lo, low[:, None], inv[:, None], key, row_lo, col_lo, BITS, AFFINE, HARDEN)
-    c_hi = _code(x_hi, low[:, None], inv[:, None], key, row_lo, col_lo + 16, BITS, AFFINE, HARDEN)
+    draw_lo = hardening_uniforms(key, row_lo, col_lo, HARDEN, GROUPED)  # 16 adjacent columns per block and half
+    draw_hi = hardening_uniforms(key, row_lo, col_lo + 16, HARDEN, GROUPED)
+    c_lo = _code(x_lo, low[:, None], inv[:, None], draw_lo, BITS, AFFINE, HARDEN)
+    c_hi = _code(x_hi, low[:, None], inv[:, None], draw_hi, BITS, AFFINE, HARDEN)
     base = block.to(tl.int64) * TYPE_SIZE
     _store_half(out_ptr, base, d, live)
     head = 2
@@ -144,6 +157,7 @@ def quantize_gguf_legacy(
     gguf_legacy_kernel[(triton.cdiv(nblocks, blocks),)](
         src, out, 0 if key is None else key, nblocks, cols, row_offset, col_offset,
         BITS=fmt.bits, AFFINE=fmt.affine, TYPE_SIZE=fmt.type_size, DTYPE=dtype_code(x.dtype), BLOCKS=blocks,
-        HARDEN=key is not None, **EXACT_LAUNCH,
+        HARDEN=key is not None,
+        GROUPED=grouped_draws(cols, col_offset), **EXACT_LAUNCH,
     )  # fmt: skip
     return QuantizedTensor(fmt.name, x.shape, {"blocks": out})
