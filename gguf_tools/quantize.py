@@ -7,6 +7,8 @@ the algorithm, the seed's public fingerprint and the qcbguard version (never the
 
 Streaming: one tensor at a time, in row chunks of at most CHUNK_ELEMENTS weights (GGUF formats quantize rows
 independently and the hardening draws depend only on each weight's global (row, col), so chunking changes no byte).
+The detector screens each tensor once, on its sample rows (detection.sample_row_ranges over the whole tensor, as the
+vLLM hook and `scan` read it), before any chunk is quantized: the verdict does not depend on the chunk size.
 The output goes to a temporary file in the target directory, renamed into place only when complete.
 """
 
@@ -23,13 +25,21 @@ import torch
 
 from qcbguard_kernels import UnsupportedInputError
 from qcbguard_kernels import __version__ as kernels_version
+from qcbguard_kernels.detection import CellScore, Verdict, sample_row_ranges
 from qcbguard_kernels.dispatch import harden_fused, pick_backend, quantize_packed
 from qcbguard_kernels.formats.base import Format, QuantizedTensor
-from qcbguard_kernels.hardening import ALGORITHM_VERSION, DeploymentSeed, HardeningConfig, TensorReport, harden_tensor
+from qcbguard_kernels.hardening import (
+    ALGORITHM_VERSION,
+    DeploymentSeed,
+    HardeningConfig,
+    TensorReport,
+    harden_tensor,
+    screen,
+)
 
 from .constants import FULL_PRECISION_TYPES, ValueType
 from .mixtures import Mixture, ModelInfo, TensorPlan, category, mixture, output_order, plan_types
-from .reader import GgufFile
+from .reader import GgufFile, TensorInfo
 from .tensors import from_float, read_rows, registry_format
 from .writer import GgufWriter, OutputTensor, encode_kv, publish
 
@@ -44,7 +54,11 @@ __all__ = [
     "quantize_file",
 ]
 
-CHUNK_ELEMENTS = 1 << 23
+# 4 MiB of float32 per chunk: the quantizers' temporaries stay below glibc's mmap threshold (32 MiB), so they are
+# reused from the heap instead of being mapped, faulted in and unmapped for every operation (measured on Q8_0:
+# 2**23 -> 2**20 cut the system time 5.9 s -> 1.1 s and the wall time 6.6 s -> 2.8 s, peak memory 1.1 -> 0.6 GB)
+CHUNK_ELEMENTS = 1 << 20
+Screened = tuple[CellScore, Verdict]  # screen()'s result for one tensor
 #: keys llama-quantize rewrites (removed from their place, quantization_version and file_type appended last)
 REWRITTEN_KEYS = ("general.quantization_version", "general.file_type")
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -256,6 +270,7 @@ def quantize_file(
                     info = f.by_name[p.name]
                     chunk = max(1, CHUNK_ELEMENTS // info.ne[0])
                     parts = []
+                    screened = None
                     for r0 in range(0, info.n_rows, chunk):
                         r1 = min(info.n_rows, r0 + chunk)
                         if not p.rewrite:
@@ -266,7 +281,9 @@ def quantize_file(
                             writer.write_rows(from_float(x, p.target))
                             continue
                         fmt = registry_format(p.target)
-                        packed, rep = _quantize_rows(x.to(device), fmt, p.name, r0, seed, options)
+                        if screened is None and options.harden:
+                            screened = _screen(f, info, fmt, p.name, options)
+                        packed, rep = _quantize_rows(x.to(device), fmt, p.name, r0, seed, options, screened)
                         if rep is not None:
                             parts.append(rep)
                         writer.write_rows(packed.tensors["blocks"].cpu().numpy())
@@ -299,20 +316,34 @@ def _device(backend: str) -> torch.device:
     return torch.device("cuda") if backend != "reference" and torch.cuda.is_available() else torch.device("cpu")
 
 
+def _screen(f: GgufFile, info: TensorInfo, fmt: Format, name: str, options: QuantizeOptions) -> Screened:
+    """The detector's score and verdict for a whole tensor, from its sample rows only (refuses a flagged tensor under
+    on_suspicious="refuse", before any of it is quantized)."""
+    ranges = sample_row_ranges(info.n_rows, info.ne[0])
+    sample = torch.cat([read_rows(f, info, start, end) for start, end in ranges])
+    return screen(sample, fmt, name, options.config)
+
+
 def _quantize_rows(
-    x: torch.Tensor, fmt: Format, name: str, row_offset: int, seed: DeploymentSeed | None, options: QuantizeOptions
+    x: torch.Tensor,
+    fmt: Format,
+    name: str,
+    row_offset: int,
+    seed: DeploymentSeed | None,
+    options: QuantizeOptions,
+    screened: Screened | None,
 ) -> tuple[QuantizedTensor, TensorReport | None]:
     """One row chunk: hardened (or detect-only) with its report, or plain round-to-nearest; the fused kernels when
-    the backend picks them (the same bytes as the reference, dispatch.harden_fused)."""
+    the backend picks them (the same bytes as the reference, dispatch.harden_fused). `screened`: the whole tensor's
+    detector result (_screen)."""
     if not options.harden:
         return quantize_packed(x, fmt, name, None, row_offset=row_offset, backend=options.backend), None
     assert seed is not None
+    place = {"row_offset": row_offset, "screened": screened}
     if pick_backend(x, fmt, options.backend) == "triton":
-        _, packed, report = harden_fused(
-            x, fmt, name, seed, options.config, row_offset=row_offset, backend=options.backend
-        )
+        _, packed, report = harden_fused(x, fmt, name, seed, options.config, backend=options.backend, **place)
         return packed, report
-    return harden_tensor(x, fmt, name, seed, options.config, row_offset=row_offset)
+    return harden_tensor(x, fmt, name, seed, options.config, **place)
 
 
 def layer_type(name: str) -> str:

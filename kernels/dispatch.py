@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .detection import CellScore, Verdict
 from .errors import QcbguardError, UnsupportedInputError
 from .formats.base import Format, QuantizedTensor
 from .hardening.config import HardeningConfig
@@ -102,6 +103,7 @@ def harden_fused(
     row_offset: int = 0,
     col_offset: int = 0,
     backend: str = "auto",
+    screened: tuple[CellScore, Verdict] | None = None,
 ) -> tuple[QuantizedTensor, QuantizedTensor, TensorReport]:
     """harden_tensor through the fused kernels: (round-to-nearest, what the config asks for, report), on x's device.
 
@@ -110,10 +112,11 @@ def harden_fused(
     dequantized values (a moved code dequantizes to another value, except in a block whose scale is zero, where no
     code matters); stochastic rounding moves a code by at most one step, so the mean change in steps is the share
     changed; the steerable count is the sample's (exact when the sample is the whole tensor), scaled to the tensor.
+    `screened`: screen()'s result for the whole tensor, when x is one of its row chunks (as in harden_tensor).
     """
     config = config or HardeningConfig()
     start = time.perf_counter()
-    score, judged = screen(x, fmt, name, config)
+    score, judged = screened if screened is not None else screen(x, fmt, name, config)
     place = {"row_offset": row_offset, "col_offset": col_offset, "backend": backend}
     try:
         nearest = quantize_packed(x, fmt, name, None, **place)

@@ -347,12 +347,18 @@ def test_row_chunks_change_no_byte(model_dir, tmp_path, monkeypatch):
     DeploymentSeed.fresh().write(seed_file)
     whole = tmp_path / "whole.gguf"
     argv = ["quantize", str(model_dir / "llama-f16.gguf"), str(whole), "Q5_K_M", "--seed-file", str(seed_file), "-q"]
-    assert _run(*argv) == 0
+    assert _run(*argv, "--report", str(tmp_path / "whole.json")) == 0
     monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 256 * 100)  # 100 rows of 256 (80 of 320) at a time
     chunked = tmp_path / "chunked.gguf"
     argv[2] = str(chunked)
-    assert _run(*argv) == 0
+    assert _run(*argv, "--report", str(tmp_path / "chunked.json")) == 0
     assert chunked.read_bytes() == whole.read_bytes()
+    # the detector screens each tensor once, on the same sample rows, whatever the chunk size
+    fields = ("name", "detector_distance", "suspicious", "codes_changed", "elements")
+    reports = [json.loads((tmp_path / f"{run}.json").read_text())["tensors"] for run in ("whole", "chunked")]
+    whole_fields, chunked_fields = ([{k: t.get(k) for k in fields} for t in r] for r in reports)
+    assert whole_fields == chunked_fields
+    assert any(t["detector_distance"] is not None for t in whole_fields)
 
 
 def test_threads_option_sets_torch_threads(model_dir, tmp_path):

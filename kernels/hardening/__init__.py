@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import ALGORITHM_VERSION, HardeningConfig
-from .harden import SuspiciousTensorError, TensorReport, harden_encoding, harden_tensor, stochastic_codes
+from .harden import SuspiciousTensorError, TensorReport, harden_encoding, harden_tensor, screen, stochastic_codes
 from .rng import philox4x32, tensor_key, uniform24, uniform_grid
 from .seed import DeploymentSeed, SeedFileError
 
@@ -17,6 +17,7 @@ __all__ = [
     "harden_encoding",
     "harden_tensor",
     "philox4x32",
+    "screen",
     "stochastic_codes",
     "tensor_key",
     "uniform24",

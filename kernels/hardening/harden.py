@@ -121,16 +121,20 @@ def harden_tensor(
     *,
     row_offset: int = 0,
     col_offset: int = 0,
+    screened: tuple[CellScore, Verdict] | None = None,
 ) -> tuple[QuantizedTensor, TensorReport]:
     """Quantize x in `fmt` as the config says; returns the packed tensor and what changed vs round-to-nearest.
 
     `name` keys the randomness (use the tensor's name in the checkpoint); `row_offset`/`col_offset` place a shard in
     the full tensor, so that every tensor-parallel rank draws what a single rank would for the same element.
-    The detector runs first: under on_suspicious="refuse" a flagged tensor raises SuspiciousTensorError.
+    The detector runs first: under on_suspicious="refuse" a flagged tensor raises SuspiciousTensorError. A caller
+    that quantizes a tensor in row chunks screens the whole tensor once and passes `screened` (screen()'s result)
+    with every chunk instead.
     """
     start = time.perf_counter()
     enc = fmt.encode(x, name)
-    return harden_encoding(x, enc, fmt, name, seed, config, row_offset=row_offset, col_offset=col_offset, started=start)
+    place = {"row_offset": row_offset, "col_offset": col_offset}
+    return harden_encoding(x, enc, fmt, name, seed, config, **place, started=start, screened=screened)
 
 
 def harden_encoding(
@@ -145,16 +149,17 @@ def harden_encoding(
     col_offset: int = 0,
     started: float | None = None,
     draw: Callable[[Encoding, int], torch.Tensor] | None = None,
+    screened: tuple[CellScore, Verdict] | None = None,
 ) -> tuple[QuantizedTensor, TensorReport]:
     """harden_tensor for a caller that already holds enc = fmt.encode(x, name) (and wants it: RTN values, cells).
 
     `started` is the perf_counter() reading the report's seconds count from (default: now, encoding not counted).
     `draw(enc, key)` replaces stochastic_codes(enc, key, row_offset, col_offset) where one tensor's rows are not one
-    block of the full tensor (the vLLM hook's fused, tensor-parallel shards).
+    block of the full tensor (the vLLM hook's fused, tensor-parallel shards). `screened`: as in harden_tensor.
     """
     config = config or HardeningConfig()
     start = time.perf_counter() if started is None else started
-    score, judged = screen(x, fmt, name, config, enc)
+    score, judged = screened if screened is not None else screen(x, fmt, name, config, enc)
     if config.mode == "harden":
         key = seed.key_for(name)
         codes = draw(enc, key) if draw is not None else stochastic_codes(enc, key, row_offset, col_offset)
