@@ -281,7 +281,9 @@ def quantize_file(
                             writer.write_rows(from_float(x, p.target))
                             continue
                         fmt = registry_format(p.target)
-                        if screened is None and options.harden:
+                        if screened is None and options.harden and chunk < info.n_rows:
+                            # several chunks: screen the whole tensor's sample once (one chunk screens itself,
+                            # on the same sample, reusing its encoding)
                             screened = _screen(f, info, fmt, p.name, options)
                         packed, rep = _quantize_rows(x.to(device), fmt, p.name, r0, seed, options, screened)
                         if rep is not None:
