@@ -45,6 +45,7 @@ from .writer import GgufWriter, OutputTensor, encode_kv, publish
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "GPU_CHUNK_ELEMENTS",
     "HARDENING_KEYS",
     "QuantizeOptions",
     "QuantizeResult",
@@ -58,6 +59,8 @@ __all__ = [
 # reused from the heap instead of being mapped, faulted in and unmapped for every operation (measured on Q8_0:
 # 2**23 -> 2**20 cut the system time 5.9 s -> 1.1 s and the wall time 6.6 s -> 2.8 s, peak memory 1.1 -> 0.6 GB)
 CHUNK_ELEMENTS = 1 << 20
+# On a GPU a chunk is one host-to-device copy and a few kernel launches: larger chunks amortise both (64 MiB float32)
+GPU_CHUNK_ELEMENTS = 1 << 24
 Screened = tuple[CellScore, Verdict]  # screen()'s result for one tensor
 #: keys llama-quantize rewrites (removed from their place, quantization_version and file_type appended last)
 REWRITTEN_KEYS = ("general.quantization_version", "general.file_type")
@@ -268,7 +271,8 @@ def quantize_file(
                         progress(i, len(plans), p.name)
                     t0 = time.perf_counter()
                     info = f.by_name[p.name]
-                    chunk = max(1, CHUNK_ELEMENTS // info.ne[0])
+                    per_chunk = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+                    chunk = max(1, per_chunk // info.ne[0])
                     parts = []
                     screened = None
                     for r0 in range(0, info.n_rows, chunk):
