@@ -25,13 +25,14 @@ import torch
 
 from qcbguard_kernels import UnsupportedInputError
 from qcbguard_kernels import __version__ as kernels_version
-from qcbguard_kernels.detection import CellScore, Verdict, sample_row_ranges
-from qcbguard_kernels.dispatch import harden_fused, pick_backend, quantize_packed
+from qcbguard_kernels.detection import sample_row_ranges
+from qcbguard_kernels.dispatch import harden_fused, pick_backend, quantize_packed, resolve_backend
 from qcbguard_kernels.formats.base import Format, QuantizedTensor
 from qcbguard_kernels.hardening import (
     ALGORITHM_VERSION,
     DeploymentSeed,
     HardeningConfig,
+    Screened,
     TensorReport,
     harden_tensor,
     screen,
@@ -61,7 +62,6 @@ __all__ = [
 CHUNK_ELEMENTS = 1 << 20
 # On a GPU a chunk is one host-to-device copy and a few kernel launches: larger chunks amortise both (64 MiB float32)
 GPU_CHUNK_ELEMENTS = 1 << 24
-Screened = tuple[CellScore, Verdict]  # screen()'s result for one tensor
 #: keys llama-quantize rewrites (removed from their place, quantization_version and file_type appended last)
 REWRITTEN_KEYS = ("general.quantization_version", "general.file_type")
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -317,9 +317,10 @@ def quantize_file(
 
 
 def _device(backend: str) -> torch.device:
-    """Where the rows go: a GPU when the backend may take the kernels and one is present, else the CPU (where a forced
-    triton backend runs only under TRITON_INTERPRET=1, for tests)."""
-    return torch.device("cuda") if backend != "reference" and torch.cuda.is_available() else torch.device("cpu")
+    """Where the rows go: a GPU when the backend (QCBGUARD_BACKEND included) may take the kernels and one is present,
+    else the CPU (where a forced triton backend runs only under TRITON_INTERPRET=1, for tests)."""
+    usable = resolve_backend(backend) != "reference" and torch.cuda.is_available()
+    return torch.device("cuda") if usable else torch.device("cpu")
 
 
 def _screen(f: GgufFile, info: TensorInfo, fmt: Format, name: str, options: QuantizeOptions) -> Screened:

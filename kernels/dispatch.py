@@ -17,15 +17,14 @@ import time
 
 import torch
 
-from .detection import CellScore, Verdict
 from .errors import QcbguardError, UnsupportedInputError
 from .formats.base import Format, QuantizedTensor
 from .hardening.config import HardeningConfig
-from .hardening.harden import TensorReport, screen, stochastic_codes, tensor_report
+from .hardening.harden import Screened, TensorReport, screen, stochastic_codes, tensor_report
 from .hardening.seed import DeploymentSeed
 from .triton import quantize_triton, supports, triton_available
 
-__all__ = ["BACKENDS", "FusedKernelError", "harden_fused", "pick_backend", "quantize_packed"]
+__all__ = ["BACKENDS", "FusedKernelError", "harden_fused", "pick_backend", "quantize_packed", "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "reference")
 _ENV = "QCBGUARD_BACKEND"
@@ -36,14 +35,21 @@ class FusedKernelError(QcbguardError):
     """A fused kernel failed to run (not a refusal of the input): the reference backend is the way around."""
 
 
-def pick_backend(x: torch.Tensor, fmt: Format, backend: str = "auto") -> str:
-    """'triton' or 'reference' for this tensor and format; a forced Triton that cannot run is refused."""
+def resolve_backend(backend: str = "auto") -> str:
+    """The backend a caller asked for, with "auto" replaced by QCBGUARD_BACKEND when that is set (an unknown value of
+    either is refused). Callers that place tensors before quantizing them decide with this, as pick_backend does."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get(_ENV, "auto").strip().lower() or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"{_ENV}={backend!r} is not one of {BACKENDS}")
+    return backend
+
+
+def pick_backend(x: torch.Tensor, fmt: Format, backend: str = "auto") -> str:
+    """'triton' or 'reference' for this tensor and format; a forced Triton that cannot run is refused."""
+    backend = resolve_backend(backend)
     if backend == "reference":
         return "reference"
     usable = triton_available() and supports(fmt)
@@ -103,7 +109,7 @@ def harden_fused(
     row_offset: int = 0,
     col_offset: int = 0,
     backend: str = "auto",
-    screened: tuple[CellScore, Verdict] | None = None,
+    screened: Screened | None = None,
 ) -> tuple[QuantizedTensor, QuantizedTensor, TensorReport]:
     """harden_tensor through the fused kernels: (round-to-nearest, what the config asks for, report), on x's device.
 

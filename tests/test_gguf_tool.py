@@ -361,6 +361,14 @@ def test_row_chunks_change_no_byte(model_dir, tmp_path, monkeypatch):
     assert any(t["detector_distance"] is not None for t in whole_fields)
 
 
+def test_rows_stay_on_the_cpu_when_the_environment_asks_for_the_reference(monkeypatch):
+    from gguf_tools.quantize import _device
+
+    monkeypatch.setenv("QCBGUARD_BACKEND", "reference")
+    assert _device("auto").type == "cpu"  # with a GPU present too: the reference path quantizes on the CPU
+    assert _device("reference").type == "cpu"
+
+
 def test_threads_option_sets_torch_threads(model_dir, tmp_path):
     before = torch.get_num_threads()
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qcbguard_kernels import NonFiniteInputError, UnsupportedInputError, format_names, get_format
-from qcbguard_kernels.dispatch import harden_fused, pick_backend, quantize_packed
+from qcbguard_kernels.dispatch import harden_fused, pick_backend, quantize_packed, resolve_backend
 from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig, SuspiciousTensorError, harden_tensor
 from qcbguard_kernels.triton import TRITON_FAMILIES, supports
 from tests.attacks import box_attack, clean_weights
@@ -35,6 +35,14 @@ def test_unknown_backends_are_refused(monkeypatch):
     monkeypatch.setenv("QCBGUARD_BACKEND", "fast")
     with pytest.raises(ValueError, match="QCBGUARD_BACKEND"):
         pick_backend(_x(), get_format("q4_0"))
+
+
+def test_auto_resolves_through_the_environment(monkeypatch):
+    """The rule callers that place tensors before quantizing (the GGUF tool's GPU choice) share with pick_backend."""
+    monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
+    assert resolve_backend() == "auto" and resolve_backend("reference") == "reference"
+    monkeypatch.setenv("QCBGUARD_BACKEND", "reference")
+    assert resolve_backend() == "reference" and resolve_backend("triton") == "triton"
 
 
 def test_every_format_has_a_kernel():

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from .config import ALGORITHM_VERSION, HardeningConfig
-from .harden import SuspiciousTensorError, TensorReport, harden_encoding, harden_tensor, screen, stochastic_codes
+from .harden import (
+    Screened,
+    SuspiciousTensorError,
+    TensorReport,
+    harden_encoding,
+    harden_tensor,
+    screen,
+    stochastic_codes,
+)
 from .rng import philox4x32, tensor_key, uniform24, uniform_grid
 from .seed import DeploymentSeed, SeedFileError
 
@@ -11,6 +19,7 @@ __all__ = [
     "ALGORITHM_VERSION",
     "DeploymentSeed",
     "HardeningConfig",
+    "Screened",
     "SeedFileError",
     "SuspiciousTensorError",
     "TensorReport",

@@ -23,6 +23,7 @@ from .rng import uniform_grid
 from .seed import DeploymentSeed
 
 __all__ = [
+    "Screened",
     "SuspiciousTensorError",
     "TensorReport",
     "detector_score",
@@ -59,6 +60,9 @@ class TensorReport:
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
+
+#: screen()'s result for one tensor: the detector's score and the verdict on it
+Screened = tuple[CellScore, Verdict]
 
 #: elements drawn per Philox pass (whole rows, at least one): ten rounds of a dozen int64 ops stay in cache (8x faster
 #: than one whole-tensor pass on 4M weights, measured); the draws depend only on the coordinates, so chunking changes
@@ -100,9 +104,7 @@ def detector_score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding | None
     return cell_score(sample.detach().cpu(), fmt, name)
 
 
-def screen(
-    x: torch.Tensor, fmt: Format, name: str, config: HardeningConfig, enc: Encoding | None = None
-) -> tuple[CellScore, Verdict]:
+def screen(x: torch.Tensor, fmt: Format, name: str, config: HardeningConfig, enc: Encoding | None = None) -> Screened:
     """The detector's score and verdict for x; under on_suspicious="refuse" a flagged tensor raises
     SuspiciousTensorError (before anything is quantized)."""
     score = detector_score(x, fmt, name, enc)
@@ -121,7 +123,7 @@ def harden_tensor(
     *,
     row_offset: int = 0,
     col_offset: int = 0,
-    screened: tuple[CellScore, Verdict] | None = None,
+    screened: Screened | None = None,
 ) -> tuple[QuantizedTensor, TensorReport]:
     """Quantize x in `fmt` as the config says; returns the packed tensor and what changed vs round-to-nearest.
 
@@ -149,7 +151,7 @@ def harden_encoding(
     col_offset: int = 0,
     started: float | None = None,
     draw: Callable[[Encoding, int], torch.Tensor] | None = None,
-    screened: tuple[CellScore, Verdict] | None = None,
+    screened: Screened | None = None,
 ) -> tuple[QuantizedTensor, TensorReport]:
     """harden_tensor for a caller that already holds enc = fmt.encode(x, name) (and wants it: RTN values, cells).
 
@@ -186,7 +188,7 @@ def tensor_report(
     name: str,
     fmt: Format,
     config: HardeningConfig,
-    screened: tuple[CellScore, Verdict],
+    screened: Screened,
     started: float,
     *,
     elements: int,
