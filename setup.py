@@ -3,15 +3,28 @@
 The source folder `kernels/` is installed as the import package `qcbguard_kernels`: PyPI's `kernels` (Hugging Face's
 hub kernels, imported by transformers and bitsandbytes) owns the name `kernels`, and neither package may shadow the
 other.
+
+kernels/native/kquant_search.c (the k-quant scale searches) is an optional extension: without a C compiler the
+install still succeeds and the bit-identical torch references run instead. Its flags are part of its numerics: no
+FMA contraction and no fast-math, so every float32 operation rounds once, as in ggml's reference quantizers (no
+-march=native either: a wheel built here must run on any x86-64 or aarch64 machine).
 """
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 KERNEL_PACKAGES = find_packages(include=["kernels", "kernels.*"])
 INSTALLED_AS = {p: "qcbguard_kernels" + p[len("kernels") :] for p in KERNEL_PACKAGES}
 ADAPTERS = find_packages(include=["vllm_qcbguard*", "gguf_tools*", "qcbguard", "qcbguard.*"])
 
+KQUANT_SEARCH = Extension(
+    "qcbguard_kernels.native._kquant_search",
+    sources=["kernels/native/kquant_search.c"],
+    extra_compile_args=["-O3", "-std=c11", "-fno-fast-math", "-ffp-contract=off"],
+    optional=True,
+)
+
 setup(
+    ext_modules=[KQUANT_SEARCH],
     packages=[*INSTALLED_AS.values(), *ADAPTERS],
     package_dir={installed: source.replace(".", "/") for source, installed in INSTALLED_AS.items()},
 )

@@ -27,10 +27,11 @@ from typing import TypedDict
 import numpy as np
 import torch
 
+from .. import native
 from ..numerics import div_rn, nearest_int, sqrt_rn
 from .base import Encoding, QuantizedTensor
 from .gguf_common import QK_K, fp16_field, pack_bit_fields, read_fp16_field, split_fields, unpack_bit_fields
-from .kquant_common import KQuantFormat, KQuantSpec, seq_sum, sub_block_columns
+from .kquant_common import KQuantFormat, KQuantSpec, seq_sum
 from .registry import register_format
 
 __all__ = [
@@ -197,22 +198,31 @@ class GgufKQuantAffine(KQuantFormat):
 
     # ---------------------------------------------------------------- encode
 
+    def _sub_block_search(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage 1 for sub-blocks (count, n): (scale, the_min, codes (count, n)), natively where built."""
+        spec = self.spec
+        if native.enabled():
+            return native.qkx2_search(blocks, spec.nmax, spec.rmin, _RDELTA, spec.nstep, spec.use_mad, spec.rms_weights)
+        xt = blocks.t().contiguous()  # the reference vectorizes across sub-blocks: element i of each is contiguous
+        if spec.rms_weights:
+            sum_x2 = seq_sum(xt * xt)
+            av_x = sqrt_rn(sum_x2 / torch.full_like(sum_x2, float(spec.sub_block)))
+            wt = av_x + xt.abs()
+        else:
+            wt = xt.abs()
+        scales, mins, lt = make_qkx2_quants(xt, wt, spec.nmax, spec.rmin, _RDELTA, spec.nstep, spec.use_mad)
+        return scales, mins, lt.t()
+
     def _encode_rows(self, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         spec = self.spec
         rows, ne0 = x2.shape
         nb = ne0 // QK_K
         n = spec.sub_block
-        xs, xt = sub_block_columns(x2, n)
-        if spec.rms_weights:
-            sum_x2 = seq_sum(xt * xt)
-            av_x = sqrt_rn(sum_x2 / torch.full_like(sum_x2, float(n)))
-            wt = av_x + xt.abs()
-        else:
-            wt = xt.abs()
-        scales, mins, lt = make_qkx2_quants(xt, wt, spec.nmax, spec.rmin, _RDELTA, spec.nstep, spec.use_mad)
+        xs = x2.reshape(rows, nb, spec.n_sub, n)
+        scales, mins, codes = self._sub_block_search(x2.reshape(-1, n))
         scales = scales.view(rows, nb, spec.n_sub)
         mins = mins.view(rows, nb, spec.n_sub)
-        search_codes = lt.t().reshape(rows, nb, spec.n_sub, n)
+        search_codes = codes.reshape(rows, nb, spec.n_sub, n)
 
         max_scale = _running_max(scales)
         max_min = _running_max(mins)

@@ -37,10 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import native
 from ..numerics import div_rn, nearest_int, sqrt_rn
 from .base import Encoding, QuantizedTensor
 from .gguf_common import QK_K, fp16_field, pack_bit_fields, read_fp16_field, split_fields, unpack_bit_fields
-from .kquant_common import KQuantFormat, KQuantSpec, seq_sum, sub_block_columns
+from .kquant_common import KQuantFormat, KQuantSpec, seq_sum
 from .registry import register_format
 
 __all__ = [
@@ -258,19 +259,23 @@ class GgufKQuantSymmetric(KQuantFormat):
 
     # ---------------------------------------------------------------- encode
 
-    def _sub_block_search(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.spec.bits == 3:
-            return make_q3_quants(xt, self.spec.offset, do_rmse=True)
-        return make_qx_quants(xt, self.spec.offset, rmse_type=1)
+    def _sub_block_search(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1 for sub-blocks (count, 16): (scale, codes (count, 16)), natively where built."""
+        h = self.spec.offset
+        if native.enabled():
+            return native.q3_search(blocks, h) if self.spec.bits == 3 else native.qx_search(blocks, h)
+        xt = blocks.t().contiguous()  # the reference vectorizes across sub-blocks: element i of each is contiguous
+        scale, lt = make_q3_quants(xt, h, do_rmse=True) if self.spec.bits == 3 else make_qx_quants(xt, h, rmse_type=1)
+        return scale, lt.t()
 
     def _encode_rows(self, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         spec = self.spec
         rows, ne0 = x2.shape
         nb = ne0 // QK_K
-        xs, xt = sub_block_columns(x2, SUB_BLOCK)
-        scales, lt = self._sub_block_search(xt)
+        xs = x2.reshape(rows, nb, N_SUB, SUB_BLOCK)
+        scales, codes = self._sub_block_search(x2.reshape(-1, SUB_BLOCK))
         scales = scales.view(rows, nb, N_SUB)
-        search_codes = lt.t().reshape(rows, nb, N_SUB, SUB_BLOCK)
+        search_codes = codes.reshape(rows, nb, N_SUB, SUB_BLOCK)
 
         max_abs, max_scale = _first_abs_max(scales.movedim(-1, 0))
         levels = float(spec.scale_levels)

@@ -19,7 +19,7 @@ from .base import Encoding, QuantizedTensor, RoundingCells
 from .cells import integer_grid_cells
 from .gguf_common import QK_K, GgufFormat
 
-__all__ = ["NEAREST_INT_LIMIT", "KQuantFormat", "KQuantSpec", "seq_sum", "sub_block_columns"]
+__all__ = ["NEAREST_INT_LIMIT", "KQuantFormat", "KQuantSpec", "seq_sum"]
 
 NEAREST_INT_LIMIT = 4194303.0  # nearest_int's magic-number trick is exact only up to here (asserted in debug C)
 _CHUNK_ELEMENTS = 1 << 18  # weights per encoding chunk: keeps the searches' working set in cache (fastest measured)
@@ -50,16 +50,6 @@ def seq_sum(t: torch.Tensor) -> torch.Tensor:
     for i in range(1, t.shape[0]):
         acc.add_(t[i])
     return acc
-
-
-def sub_block_columns(x2: torch.Tensor, sub_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (rows, ne0) -> (xs (rows, nb, QK_K // sub_block, sub_block), xt (sub_block, S)).
-
-    xt holds one sub-block per column (S = every sub-block of every row), so that element i of every sub-block is
-    contiguous: the searches loop over the sub_block elements in C order and vectorize across sub-blocks.
-    """
-    xs = x2.reshape(x2.shape[0], -1, QK_K // sub_block, sub_block)
-    return xs, xs.reshape(-1, sub_block).t().contiguous()
 
 
 class KQuantFormat(GgufFormat):

@@ -1,0 +1,116 @@
+"""Native CPU twins of the GGUF k-quant scale searches (kquant_search.c), bit-identical to the torch references.
+
+The scale searches are sequential per sub-block (16-21 candidates, each a C-order sum over 16 or 32 weights): in
+plain torch they cost one tensor op per element and candidate, which made them most of the GGUF tool's CPU time.
+The extension is built by `pip install` when a C compiler is there (setup.py marks it optional); without it, or with
+QCBGUARD_NATIVE=0, the torch references run instead and give the same bytes, only slower. `status()` says which.
+
+Each call splits its sub-blocks over torch.get_num_threads() threads: the C loops release the GIL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+try:
+    from . import _kquant_search as _ext
+except ImportError:  # not built (no compiler at install time): the torch references serve
+    _ext = None
+
+__all__ = ["enabled", "q3_search", "qkx2_search", "qx_search", "status"]
+
+_ENV = "QCBGUARD_NATIVE"
+_MIN_PER_THREAD = 512  # sub-blocks: below this a thread costs more than it saves
+_pool: ThreadPoolExecutor | None = None
+
+
+def enabled() -> bool:
+    """True when the extension is built and QCBGUARD_NATIVE is not 0."""
+    return _ext is not None and os.environ.get(_ENV, "1").strip() != "0"
+
+
+def status() -> str:
+    """One line for reports and --version output: which scale-search implementation runs."""
+    if _ext is None:
+        return "torch reference (native extension not built; reinstall with a C compiler for speed)"
+    return "native" if enabled() else f"torch reference ({_ENV}=0)"
+
+
+def _parallel(count: int, run: Callable[[int, int], None]) -> None:
+    """run(start, stop) over [0, count) in contiguous ranges, one per thread."""
+    global _pool
+    threads = max(1, min(torch.get_num_threads(), count // _MIN_PER_THREAD))
+    if threads == 1:
+        run(0, count)
+        return
+    if _pool is None or _pool._max_workers < threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qcbguard-kquant")
+    bounds = [count * k // threads for k in range(threads + 1)]
+    for future in [_pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]:
+        future.result()
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"sub-blocks must be a 2-D CPU tensor (count, n), got {tuple(x.shape)} on {x.device}")
+    return x.to(torch.float32).contiguous()
+
+
+def qkx2_search(
+    x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool, rms_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants over sub-blocks x (count, n), weights |x| or sqrt(sum x^2 / n) + |x| (rms_weights).
+
+    Returns (scale (count,), the_min (count,), codes (count, n) int32), as gguf_kquant_affine.make_qkx2_quants.
+    """
+    x = _blocks(x)
+    count, n = x.shape
+    scale, the_min = torch.empty(count), torch.empty(count)
+    codes = torch.empty((count, n), dtype=torch.int32)
+
+    def run(a: int, b: int) -> None:
+        _ext.qkx2(
+            x.data_ptr() + 4 * a * n,
+            b - a,
+            n,
+            nmax,
+            rmin,
+            rdelta,
+            nstep,
+            use_mad,
+            rms_weights,
+            scale.data_ptr() + 4 * a,
+            the_min.data_ptr() + 4 * a,
+            codes.data_ptr() + 4 * a * n,
+        )
+
+    _parallel(count, run)
+    return scale, the_min, codes
+
+
+def _symmetric(kernel: Callable[..., None], x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = _blocks(x)
+    count, n = x.shape
+    scale = torch.empty(count)
+    codes = torch.empty((count, n), dtype=torch.int32)
+
+    def run(a: int, b: int) -> None:
+        kernel(x.data_ptr() + 4 * a * n, b - a, n, nmax, scale.data_ptr() + 4 * a, codes.data_ptr() + 4 * a * n)
+
+    _parallel(count, run)
+    return scale, codes
+
+
+def qx_search(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(n, nmax, rmse_type 1) over sub-blocks x (count, n): (scale (count,), codes (count, n) int32)."""
+    return _symmetric(_ext.qx, x, nmax)
+
+
+def q3_search(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_q3_quants(n, nmax, do_rmse) over sub-blocks x (count, n): (scale (count,), codes (count, n) int32)."""
+    return _symmetric(_ext.q3, x, nmax)

@@ -1,0 +1,276 @@
+/* The GGUF k-quant sub-block scale searches, natively: the sequential part of Q2_K..Q6_K encoding.
+ *
+ * Each function here is the float32 twin of a plain-torch reference in qcbguard_kernels.formats
+ * (make_qkx2_quants in gguf_kquant_affine.py, make_qx_quants and make_q3_quants in gguf_kquant_symmetric.py); the
+ * references' docstrings state the rules, which follow ggml's quantize_row_q*_K_ref without an importance matrix.
+ * The torch versions vectorize across sub-blocks and pay one tensor op per element of a sub-block and per
+ * candidate; here one loop walks a sub-block in registers. The tests hold the two equal bit for bit.
+ *
+ * Numerics that must not change: every operation is float32 with one rounding (built with -ffp-contract=off and
+ * without -ffast-math: no FMA, no reassociation); sums start from +0.0f and run in element order; minima and maxima
+ * are strict first hits; nearest_int is ggml's 1.5 * 2^23 bit trick, reproduced as is for huge and non-finite
+ * arguments. Layout: x is (S, n) row-major, one sub-block per row; codes are int32 (S, n).
+ *
+ * A CPython module of three functions taking raw addresses (the caller owns and checks the tensors); each releases
+ * the GIL, so the caller's threads run sub-block ranges in parallel.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_SUB_BLOCK 32
+#define GROUP_MAX_EPS 1e-15f
+#define Q3_SWEEPS 5
+
+static inline int nearest_int(float fval) {
+    float val = fval + 12582912.f; /* 1.5 * 2^23: the low mantissa bits now hold round-half-even(fval) */
+    int32_t i;
+    memcpy(&i, &val, sizeof i);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+static inline int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+/* ------------------------------------------------------------------ make_qkx2_quants (Q2_K, Q4_K, Q5_K) */
+
+/* sum_i w_i * err((scale * L_i + min) - x_i), err = |.| (mad) or (.)^2, in element order. */
+static float weighted_error(const float *x, const float *w, const int *L, int n, float scale, float min, int use_mad) {
+    float err = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        float diff = scale * (float)L[i] + min - x[i];
+        diff = use_mad ? fabsf(diff) : diff * diff;
+        err += w[i] * diff;
+    }
+    return err;
+}
+
+static void qkx2_one(const float *x, int n, int nmax, float rmin, float rdelta, int nstep, int use_mad,
+                     int rms_weights, float *scale_out, float *min_out, int *L) {
+    float w[MAX_SUB_BLOCK];
+    int Laux[MAX_SUB_BLOCK];
+    if (rms_weights) { /* Q4_K, Q5_K: sqrtf(sum x^2 / n) + |x| */
+        float sum_x2 = 0.0f;
+        for (int i = 0; i < n; ++i) sum_x2 += x[i] * x[i];
+        float av_x = sqrtf(sum_x2 / (float)n);
+        for (int i = 0; i < n; ++i) w[i] = av_x + fabsf(x[i]);
+    } else { /* Q2_K: |x| */
+        for (int i = 0; i < n; ++i) w[i] = fabsf(x[i]);
+    }
+    float min = x[0], max = x[0];
+    float sum_w = w[0];
+    float sum_x = sum_w * x[0];
+    for (int i = 1; i < n; ++i) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if (min > 0) min = 0;
+    if (max == min) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        *scale_out = 0.0f;
+        *min_out = -min;
+        return;
+    }
+    float iscale = (float)nmax / (max - min);
+    float scale = 1.0f / iscale;
+    for (int i = 0; i < n; ++i) L[i] = clamp_int(nearest_int(iscale * (x[i] - min)), 0, nmax);
+    float best_error = weighted_error(x, w, L, n, scale, min, use_mad);
+    for (int is = 0; is <= nstep; ++is) {
+        iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
+        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            int l = clamp_int(nearest_int(iscale * (x[i] - min)), 0, nmax);
+            Laux[i] = l;
+            float w_l = w[i] * (float)l;
+            sum_l += w_l;
+            sum_l2 += w_l * (float)l;
+            sum_xl += w_l * x[i];
+        }
+        float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0) {
+                this_min = 0;
+                this_scale = sum_xl / sum_l2;
+            }
+            float cur_error = weighted_error(x, w, Laux, n, this_scale, this_min, use_mad);
+            if (cur_error < best_error) {
+                memcpy(L, Laux, (size_t)n * sizeof *L);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    *scale_out = scale;
+    *min_out = -min;
+}
+
+/* ------------------------------------------------------------------ make_qx_quants / make_q3_quants (Q6_K, Q3_K) */
+
+/* The first element of largest |x| (strict `>` from 0: zeros and NaN never win); returns it, sets *amax. */
+static float first_abs_max(const float *x, int n, float *amax) {
+    float a = 0.0f, m = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        float ax = fabsf(x[i]);
+        if (ax > a) {
+            a = ax;
+            m = x[i];
+        }
+    }
+    *amax = a;
+    return m;
+}
+
+/* make_qx_quants with rmse_type 1 and no importance: weights x^2, 18 candidates around iscale = -nmax / max. */
+static void qx_one(const float *x, int n, int nmax, float *scale_out, int *L) {
+    float amax;
+    float max = first_abs_max(x, n, &amax);
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        *scale_out = 0.0f;
+        return;
+    }
+    float iscale = -(float)nmax / max;
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        int l = clamp_int(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        L[i] = l + nmax;
+        float w = x[i] * x[i];
+        sumlx += w * x[i] * (float)l;
+        suml2 += w * (float)l * (float)l;
+    }
+    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f; /* C's `suml2 ? ... : 0`: NaN counts as true */
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        iscale = -((float)nmax + 0.1f * (float)is) / max;
+        sumlx = suml2 = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            int l = clamp_int(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+            float w = x[i] * x[i];
+            sumlx += w * x[i] * (float)l;
+            suml2 += w * (float)l * (float)l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; ++i) L[i] = nmax + clamp_int(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    *scale_out = scale;
+}
+
+/* make_q3_quants with do_rmse: iscale = -nmax / max, then coordinate descent, element by element, in 5 sweeps. */
+static void q3_one(const float *x, int n, int nmax, float *scale_out, int *L) {
+    float amax;
+    float max = first_abs_max(x, n, &amax);
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        *scale_out = 0.0f;
+        return;
+    }
+    float iscale = -(float)nmax / max;
+    int l[MAX_SUB_BLOCK];
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        l[i] = clamp_int(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        float w = x[i] * x[i];
+        sumlx += w * x[i] * (float)l[i];
+        suml2 += w * (float)l[i] * (float)l[i];
+    }
+    for (int sweep = 0; sweep < Q3_SWEEPS; ++sweep) {
+        int changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * (float)l[i];
+            if (!(slx > 0)) continue;
+            float sl2 = suml2 - w * (float)l[i] * (float)l[i];
+            int new_l = clamp_int(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1);
+            if (new_l == l[i]) continue;
+            slx += w * x[i] * (float)new_l;
+            sl2 += w * (float)new_l * (float)new_l;
+            if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                l[i] = new_l;
+                sumlx = slx;
+                suml2 = sl2;
+                changed = 1;
+            }
+        }
+        if (!changed) break; /* a sweep that changed nothing leaves the state fixed */
+    }
+    for (int i = 0; i < n; ++i) L[i] = l[i] + nmax;
+    *scale_out = suml2 > 0 ? sumlx / suml2 : 0.0f;
+}
+
+/* ------------------------------------------------------------------ Python bindings */
+
+static int check_len(int n) {
+    if (n < 1 || n > MAX_SUB_BLOCK) {
+        PyErr_Format(PyExc_ValueError, "sub-block length %d outside [1, %d]", n, MAX_SUB_BLOCK);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_qkx2(PyObject *self, PyObject *args) {
+    unsigned long long px, pscale, pmin, pL;
+    Py_ssize_t count;
+    int n, nmax, nstep, use_mad, rms_weights;
+    float rmin, rdelta;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KniiffippKKK", &px, &count, &n, &nmax, &rmin, &rdelta, &nstep, &use_mad,
+                          &rms_weights, &pscale, &pmin, &pL))
+        return NULL;
+    if (!check_len(n)) return NULL;
+    const float *x = (const float *)(uintptr_t)px;
+    float *scale = (float *)(uintptr_t)pscale, *min = (float *)(uintptr_t)pmin;
+    int *L = (int *)(uintptr_t)pL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < count; ++s)
+        qkx2_one(x + s * n, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale + s, min + s, L + s * n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *symmetric(PyObject *args, void (*one)(const float *, int, int, float *, int *)) {
+    unsigned long long px, pscale, pL;
+    Py_ssize_t count;
+    int n, nmax;
+    if (!PyArg_ParseTuple(args, "KniiKK", &px, &count, &n, &nmax, &pscale, &pL)) return NULL;
+    if (!check_len(n)) return NULL;
+    const float *x = (const float *)(uintptr_t)px;
+    float *scale = (float *)(uintptr_t)pscale;
+    int *L = (int *)(uintptr_t)pL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < count; ++s) one(x + s * n, n, nmax, scale + s, L + s * n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_qx(PyObject *self, PyObject *args) {
+    (void)self;
+    return symmetric(args, qx_one);
+}
+
+static PyObject *py_q3(PyObject *self, PyObject *args) {
+    (void)self;
+    return symmetric(args, q3_one);
+}
+
+static PyMethodDef methods[] = {
+    {"qkx2", py_qkx2, METH_VARARGS,
+     "qkx2(x, count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale, min, codes): make_qkx2_quants"},
+    {"qx", py_qx, METH_VARARGS, "qx(x, count, n, nmax, scale, codes): make_qx_quants, rmse_type 1"},
+    {"q3", py_q3, METH_VARARGS, "q3(x, count, n, nmax, scale, codes): make_q3_quants, do_rmse"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kquant_search", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kquant_search(void) { return PyModule_Create(&module); }

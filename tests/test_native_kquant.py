@@ -1,0 +1,90 @@
+"""The native k-quant scale searches (kernels/native/kquant_search.c) against their plain-torch references, bit for bit.
+
+The oracle suites (test_gguf_kquant_*.py) hold the default path, the native one, equal to ggml; this file holds the
+torch references equal to it on the same awkward cases, so both stay proven. Every run draws a fresh seed, and it is
+in every assert message.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcbguard_kernels import native
+from qcbguard_kernels.formats.registry import get_format
+from tests.inputs import fresh_seed, integer_tie_rows, standard_cases
+
+SEED = fresh_seed()
+KQUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+
+
+def _cases(fmt) -> dict[str, torch.Tensor]:
+    cases = standard_cases(6, 768, 256, SEED)
+    cases["ties"] = integer_tie_rows(4, 512, fmt.spec.sub_block, fmt.spec.qmax, SEED)
+    return cases
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal element for element, NaN equal to NaN (ints compared as they are)."""
+    if a.is_floating_point():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all()) and torch.equal(a.signbit(), b.signbit())
+    return torch.equal(a, b)
+
+
+def test_extension_is_built():
+    """The install builds the extension where a C compiler is present (it is, on CI): fail loudly, not slowly."""
+    assert native.status() == "native", native.status()
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+def test_search_matches_reference(name, monkeypatch):
+    fmt = get_format(name)
+    for case, x in _cases(fmt).items():
+        blocks = x.reshape(-1, fmt.spec.sub_block)
+        monkeypatch.setenv("QCBGUARD_NATIVE", "1")
+        fast = fmt._sub_block_search(blocks)
+        monkeypatch.setenv("QCBGUARD_NATIVE", "0")
+        ref = fmt._sub_block_search(blocks)
+        for k, (a, b) in enumerate(zip(fast, ref, strict=True)):
+            assert _same_bits(a, b.contiguous()), f"{name} {case} output {k} (seed {SEED})"
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+def test_encoding_matches_reference(name, monkeypatch):
+    """Whole encodings, through stage 2 and 3: the packed bytes, every scale field and every rounding cell."""
+    fmt = get_format(name)
+    x = _cases(fmt)["heavy_tailed"]
+    encodings = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("QCBGUARD_NATIVE", flag)
+        enc = fmt.encode(x)
+        encodings[flag] = (enc, fmt.pack(enc, enc.cells.nearest))
+    (fast, fast_q), (ref, ref_q) = encodings["1"], encodings["0"]
+    for key, t in fast_q.tensors.items():
+        assert torch.equal(t, ref_q.tensors[key]), f"{name} packed {key} (seed {SEED})"
+    for key, t in fast.scales.items():
+        assert _same_bits(t, ref.scales[key]), f"{name} scale {key} (seed {SEED})"
+    for field in ("lower", "upper", "position", "nearest"):
+        assert _same_bits(getattr(fast.cells, field), getattr(ref.cells, field)), f"{name} cells.{field} (seed {SEED})"
+
+
+def test_threads_split_without_changing_results(monkeypatch):
+    """One thread and several give the same bits (each sub-block is computed by one thread, in order)."""
+    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(SEED)) * 0.02
+    blocks = x.reshape(-1, 32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.qkx2_search(blocks, 15, -1.0, 0.1, 20, False, True)
+        torch.set_num_threads(max(2, threads))
+        many = native.qkx2_search(blocks, 15, -1.0, 0.1, 20, False, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True)), f"seed {SEED}"
+
+
+def test_rejects_what_it_cannot_address():
+    with pytest.raises(ValueError, match="2-D CPU tensor"):
+        native.qx_search(torch.zeros(16), 32)
+    with pytest.raises(ValueError, match="outside"):
+        native.qx_search(torch.zeros(2, 64), 32)
