@@ -15,7 +15,7 @@ VLLM_TESTS := tests/test_vllm_plugin.py tests/test_vllm_plugin_serve.py tests/te
 
 .PHONY: demo test lint bench clean prometheus
 
-$(BASE_STAMP): pyproject.toml setup.py kernels/native/kquant_search.c
+$(BASE_STAMP): pyproject.toml setup.py $(wildcard kernels/native/*.[ch])
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch first (a wheel on disk on these machines): a bare `torch` requirement pulls a CUDA build.
@@ -28,7 +28,7 @@ $(STAMP): $(BASE_STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-$(VLLM_STAMP): pyproject.toml setup.py kernels/native/kquant_search.c
+$(VLLM_STAMP): pyproject.toml setup.py $(wildcard kernels/native/*.[ch])
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
 	$(VLLM_PY) -m pip install --quiet "torch==2.13.0"

@@ -4,7 +4,7 @@ The source folder `kernels/` is installed as the import package `qcbguard_kernel
 hub kernels, imported by transformers and bitsandbytes) owns the name `kernels`, and neither package may shadow the
 other.
 
-kernels/native/kquant_search.c (the k-quant scale searches) is an optional extension: without a C compiler the
+kernels/native/ (the k-quant scale searches and the Philox stream in C) is an optional extension: without a C compiler the
 install still succeeds and the bit-identical torch references run instead. Its flags are part of its numerics: no
 FMA contraction and no fast-math, so every float32 operation rounds once, as in ggml's reference quantizers (no
 -march=native either: a wheel built here must run on any x86-64 or aarch64 machine).
@@ -16,9 +16,10 @@ KERNEL_PACKAGES = find_packages(include=["kernels", "kernels.*"])
 INSTALLED_AS = {p: "qcbguard_kernels" + p[len("kernels") :] for p in KERNEL_PACKAGES}
 ADAPTERS = find_packages(include=["vllm_qcbguard*", "gguf_tools*", "qcbguard", "qcbguard.*"])
 
-KQUANT_SEARCH = Extension(
-    "qcbguard_kernels.native._kquant_search",
-    sources=["kernels/native/kquant_search.c"],
+NATIVE = Extension(
+    "qcbguard_kernels.native._native",
+    sources=[f"kernels/native/{name}.c" for name in ("module", "kquant_search", "philox")],
+    depends=["kernels/native/native.h"],
     # -fno-trapping-math / -fno-math-errno change no value (they let selects and sqrtf vectorize); the other two keep
     # one rounding per operation.
     extra_compile_args=[
@@ -33,7 +34,7 @@ KQUANT_SEARCH = Extension(
 )
 
 setup(
-    ext_modules=[KQUANT_SEARCH],
+    ext_modules=[NATIVE],
     packages=[*INSTALLED_AS.values(), *ADAPTERS],
     package_dir={installed: source.replace(".", "/") for source, installed in INSTALLED_AS.items()},
 )

@@ -17,7 +17,17 @@ import hmac
 
 import torch
 
-__all__ = ["LANES", "PHILOX_ROUNDS", "philox4x32", "tensor_key", "uniform24", "uniform_grid"]
+from .. import native
+
+__all__ = [
+    "LANES",
+    "PHILOX_ROUNDS",
+    "philox4x32",
+    "tensor_key",
+    "uniform24",
+    "uniform_grid",
+    "uniform_grid_reference",
+]
 
 PHILOX_ROUNDS = 10
 LANES = 4  # output words per Philox call: adjacent columns 4g .. 4g + 3 share counter g
@@ -77,7 +87,17 @@ def uniform24(bits: torch.Tensor) -> torch.Tensor:
 
 def uniform_grid(key: int, row_start: int, rows: int, col_start: int, cols: int, stream: int = 0) -> torch.Tensor:
     """float32 uniforms [rows, cols] of the elements at global rows row_start.. and columns col_start..: word
-    col % 4 of Philox(key, (col // 4, row, stream, 0)), its top 24 bits times 2**-24."""
+    col % 4 of Philox(key, (col // 4, row, stream, 0)), its top 24 bits times 2**-24. Natively where built (the
+    same bits: qcbguard_kernels.native), else uniform_grid_reference."""
+    if native.enabled():
+        return native.philox_uniform_grid(key, row_start, rows, col_start, cols, stream)
+    return uniform_grid_reference(key, row_start, rows, col_start, cols, stream)
+
+
+def uniform_grid_reference(
+    key: int, row_start: int, rows: int, col_start: int, cols: int, stream: int = 0
+) -> torch.Tensor:
+    """uniform_grid in plain torch: philox4x32 over the row's counters, words interleaved back onto the columns."""
     first, end = col_start // LANES, -(-(col_start + cols) // LANES)
     groups = torch.arange(first, end, dtype=torch.int64).unsqueeze(0)
     row = torch.arange(row_start, row_start + rows, dtype=torch.int64).unsqueeze(1)

@@ -1,11 +1,13 @@
-"""Native CPU twins of the GGUF k-quant scale searches (kquant_search.c), bit-identical to the torch references.
+"""Native CPU twins of two plain-torch references, bit-identical to them: the GGUF k-quant scale searches
+(kquant_search.c) and the hardening's Philox stream (philox.c).
 
 The scale searches are sequential per sub-block (16-21 candidates, each a C-order sum over 16 or 32 weights): in
 plain torch they cost one tensor op per element and candidate, which made them most of the GGUF tool's CPU time.
-The extension is built by `pip install` when a C compiler is there (setup.py marks it optional); without it, or with
+Philox in torch emulates 32-bit multiplies in int64 tensors, a dozen passes over memory per round. The extension is
+built by `pip install` when a C compiler is there (setup.py marks it optional); without it, or with
 QCBGUARD_NATIVE=0, the torch references run instead and give the same bytes, only slower. `status()` says which.
 
-Each call splits its sub-blocks over torch.get_num_threads() threads: the C loops release the GIL.
+Each call splits its work over torch.get_num_threads() threads: the C loops release the GIL.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 try:
-    from . import _kquant_search as _ext
+    from . import _native as _ext
 except ImportError:  # not built (no compiler at install time): the torch references serve
     _ext = None
 
-__all__ = ["enabled", "q3_search", "qkx2_search", "qx_search", "status"]
+__all__ = ["enabled", "philox_uniform_grid", "q3_search", "qkx2_search", "qx_search", "status"]
 
 _ENV = "QCBGUARD_NATIVE"
 _MIN_PER_THREAD = 512  # sub-blocks: below this a thread costs more than it saves
+_MIN_DRAWS_PER_THREAD = 1 << 18  # Philox draws, likewise
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -41,10 +44,10 @@ def status() -> str:
     return "native" if enabled() else f"torch reference ({_ENV}=0)"
 
 
-def _parallel(count: int, run: Callable[[int, int], None]) -> None:
-    """run(start, stop) over [0, count) in contiguous ranges, one per thread."""
+def _parallel(count: int, run: Callable[[int, int], None], min_per_thread: int = _MIN_PER_THREAD) -> None:
+    """run(start, stop) over [0, count) in contiguous ranges, one per thread, each at least min_per_thread long."""
     global _pool
-    threads = max(1, min(torch.get_num_threads(), count // _MIN_PER_THREAD))
+    threads = max(1, min(torch.get_num_threads(), count // max(1, min_per_thread)))
     if threads == 1:
         run(0, count)
         return
@@ -114,3 +117,16 @@ def qx_search(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
 def q3_search(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_q3_quants(n, nmax, do_rmse) over sub-blocks x (count, n): (scale (count,), codes (count, n) int32)."""
     return _symmetric(_ext.q3, x, nmax)
+
+
+def philox_uniform_grid(
+    key: int, row_start: int, rows: int, col_start: int, cols: int, stream: int = 0
+) -> torch.Tensor:
+    """rng.uniform_grid natively: float32 (rows, cols), word col % 4 of Philox(key, (col // 4, row, stream, 0))."""
+    out = torch.empty((rows, cols), dtype=torch.float32)
+
+    def run(a: int, b: int) -> None:
+        _ext.philox(key, row_start + a, b - a, col_start, cols, stream, out.data_ptr() + 4 * a * cols)
+
+    _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
+    return out

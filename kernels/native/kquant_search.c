@@ -11,17 +11,14 @@
  * are strict first hits; nearest_int is ggml's 1.5 * 2^23 bit trick, reproduced as is for huge and non-finite
  * arguments. Layout: x is (S, n) row-major, one sub-block per row; codes are int32 (S, n).
  *
- * A CPython module of three functions taking raw addresses (the caller owns and checks the tensors); each releases
- * the GIL, so the caller's threads run sub-block ranges in parallel.
+ * Entry points (native.h) take `count` sub-blocks; module.c binds them to Python.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "native.h"
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#define MAX_SUB_BLOCK 32
 #define GROUP_MAX_EPS 1e-15f
 #define Q3_SWEEPS 5
 
@@ -116,12 +113,6 @@ static void qkx2_one(const float *x, int n, int nmax, float rmin, float rdelta, 
  * lane's sums stay sequential over its own elements. */
 #define LANES 16 /* 16 independent sum chains per loop: fastest measured (8: latency-bound, 24 no better, 32 slower) */
 
-/* x86-64: an AVX2 clone chosen at load time, SSE2 otherwise (AVX2 alone brings no FMA; -ffp-contract=off anyway). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTORIZED __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTORIZED
-#endif
 
 VECTORIZED static void qkx2_lanes(const float *x, int n, int nmax, float rmin, float rdelta, int nstep, int use_mad,
                        int rms_weights, float *scale_out, float *min_out, int *L_out) {
@@ -375,78 +366,23 @@ static void q3_one(const float *x, int n, int nmax, float *scale_out, int *L) {
     *scale_out = suml2 > 0 ? sumlx / suml2 : 0.0f;
 }
 
-/* ------------------------------------------------------------------ Python bindings */
+/* ------------------------------------------------------------------ entry points: lane groups first, then the tail */
 
-static int check_len(int n) {
-    if (n < 1 || n > MAX_SUB_BLOCK) {
-        PyErr_Format(PyExc_ValueError, "sub-block length %d outside [1, %d]", n, MAX_SUB_BLOCK);
-        return 0;
-    }
-    return 1;
-}
-
-static PyObject *py_qkx2(PyObject *self, PyObject *args) {
-    unsigned long long px, pscale, pmin, pL;
-    Py_ssize_t count;
-    int n, nmax, nstep, use_mad, rms_weights;
-    float rmin, rdelta;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KniiffippKKK", &px, &count, &n, &nmax, &rmin, &rdelta, &nstep, &use_mad,
-                          &rms_weights, &pscale, &pmin, &pL))
-        return NULL;
-    if (!check_len(n)) return NULL;
-    const float *x = (const float *)(uintptr_t)px;
-    float *scale = (float *)(uintptr_t)pscale, *min = (float *)(uintptr_t)pmin;
-    int *L = (int *)(uintptr_t)pL;
-    Py_BEGIN_ALLOW_THREADS
-    Py_ssize_t s = 0;
+void qkx2_search(const float *x, ptrdiff_t count, int n, int nmax, float rmin, float rdelta, int nstep, int use_mad,
+                 int rms_weights, float *scale, float *min, int *L) {
+    ptrdiff_t s = 0;
     for (; s + LANES <= count; s += LANES)
         qkx2_lanes(x + s * n, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale + s, min + s, L + s * n);
     for (; s < count; ++s)
         qkx2_one(x + s * n, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale + s, min + s, L + s * n);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
 }
 
-typedef void (*symmetric_fn)(const float *, int, int, float *, int *);
-
-/* one sub-block at a time, or `lanes` (may be NULL) for every full group of LANES first */
-static PyObject *symmetric(PyObject *args, symmetric_fn one, symmetric_fn lanes) {
-    unsigned long long px, pscale, pL;
-    Py_ssize_t count;
-    int n, nmax;
-    if (!PyArg_ParseTuple(args, "KniiKK", &px, &count, &n, &nmax, &pscale, &pL)) return NULL;
-    if (!check_len(n)) return NULL;
-    const float *x = (const float *)(uintptr_t)px;
-    float *scale = (float *)(uintptr_t)pscale;
-    int *L = (int *)(uintptr_t)pL;
-    Py_BEGIN_ALLOW_THREADS
-    Py_ssize_t s = 0;
-    if (lanes != NULL)
-        for (; s + LANES <= count; s += LANES) lanes(x + s * n, n, nmax, scale + s, L + s * n);
-    for (; s < count; ++s) one(x + s * n, n, nmax, scale + s, L + s * n);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+void qx_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L) {
+    ptrdiff_t s = 0;
+    for (; s + LANES <= count; s += LANES) qx_lanes(x + s * n, n, nmax, scale + s, L + s * n);
+    for (; s < count; ++s) qx_one(x + s * n, n, nmax, scale + s, L + s * n);
 }
 
-static PyObject *py_qx(PyObject *self, PyObject *args) {
-    (void)self;
-    return symmetric(args, qx_one, qx_lanes);
+void q3_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L) {
+    for (ptrdiff_t s = 0; s < count; ++s) q3_one(x + s * n, n, nmax, scale + s, L + s * n); /* sweeps stop early */
 }
-
-static PyObject *py_q3(PyObject *self, PyObject *args) {
-    (void)self;
-    return symmetric(args, q3_one, NULL); /* fast already: the sweeps stop early */
-}
-
-static PyMethodDef methods[] = {
-    {"qkx2", py_qkx2, METH_VARARGS,
-     "qkx2(x, count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale, min, codes): make_qkx2_quants"},
-    {"qx", py_qx, METH_VARARGS, "qx(x, count, n, nmax, scale, codes): make_qx_quants, rmse_type 1"},
-    {"q3", py_q3, METH_VARARGS, "q3(x, count, n, nmax, scale, codes): make_q3_quants, do_rmse"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kquant_search", NULL, -1, methods};
-
-PyMODINIT_FUNC PyInit__kquant_search(void) { return PyModule_Create(&module); }

@@ -1,8 +1,10 @@
-"""The native k-quant scale searches (kernels/native/kquant_search.c) against their plain-torch references, bit for bit.
+"""The native twins (kernels/native/) against their plain-torch references, bit for bit.
 
-The oracle suites (test_gguf_kquant_*.py) hold the default path, the native one, equal to ggml; this file holds the
-torch references equal to it on the same awkward cases, so both stay proven. Every run draws a fresh seed, and it is
-in every assert message.
+The k-quant scale searches: the oracle suites (test_gguf_kquant_*.py) hold the default path, the native one, equal
+to ggml; this file holds the torch references equal to it on the same awkward cases, so both stay proven. The
+Philox stream: test_philox_triton.py holds the torch reference equal to tl.philox, test_hardening.py the default
+path equal to the reference word by word, and this file the two equal on whole windows of the grid. Every run draws
+a fresh seed, and it is in every assert message.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 
 from qcbguard_kernels import native
 from qcbguard_kernels.formats.registry import get_format
+from qcbguard_kernels.hardening import DeploymentSeed
+from qcbguard_kernels.hardening.rng import uniform_grid_reference
 from tests.inputs import fresh_seed, integer_tie_rows, standard_cases
 
 SEED = fresh_seed()
@@ -90,3 +94,21 @@ def test_rejects_what_it_cannot_address():
         native.qx_search(torch.zeros(16), 32)
     with pytest.raises(ValueError, match="outside"):
         native.qx_search(torch.zeros(2, 64), 32)
+
+
+@pytest.mark.parametrize(
+    ("row_start", "rows", "col_start", "cols"),
+    [
+        (0, 3, 0, 1),  # one column
+        (5, 17, 3, 4097),  # offsets and lengths off the 4-column and 64-column batches
+        (7, 2, 1, 62),  # a window inside one batch
+        (0, 600, 0, 4096),  # enough rows to split over threads
+        (2**32 - 4, 4, 2**32 - 130, 130),  # the last rows and columns a 32-bit counter reaches
+    ],
+)
+def test_philox_matches_reference(row_start, rows, col_start, cols):
+    key = DeploymentSeed.fresh().key_for("w")
+    for stream in (0, 3):
+        fast = native.philox_uniform_grid(key, row_start, rows, col_start, cols, stream)
+        ref = uniform_grid_reference(key, row_start, rows, col_start, cols, stream)
+        assert torch.equal(fast, ref), (row_start, rows, col_start, cols, stream)

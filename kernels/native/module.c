@@ -1,0 +1,82 @@
+/* The CPython module qcbguard_kernels.native._native: thin bindings over native.h.
+ *
+ * Every function takes raw buffer addresses (the Python wrapper in __init__.py owns, types and sizes the tensors)
+ * and releases the GIL while it runs, so the wrapper's threads work on disjoint ranges in parallel.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "native.h"
+
+static int check_len(int n) {
+    if (n < 1 || n > MAX_SUB_BLOCK) {
+        PyErr_Format(PyExc_ValueError, "sub-block length %d outside [1, %d]", n, MAX_SUB_BLOCK);
+        return 0;
+    }
+    return 1;
+}
+
+#define ADDR(type, p) ((type *)(uintptr_t)(p))
+
+static PyObject *py_qkx2(PyObject *self, PyObject *args) {
+    unsigned long long px, pscale, pmin, pL;
+    Py_ssize_t count;
+    int n, nmax, nstep, use_mad, rms_weights;
+    float rmin, rdelta;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KniiffippKKK", &px, &count, &n, &nmax, &rmin, &rdelta, &nstep, &use_mad,
+                          &rms_weights, &pscale, &pmin, &pL) ||
+        !check_len(n))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    qkx2_search(ADDR(const float, px), count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, ADDR(float, pscale),
+                ADDR(float, pmin), ADDR(int, pL));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *symmetric(PyObject *args, void (*search)(const float *, ptrdiff_t, int, int, float *, int *)) {
+    unsigned long long px, pscale, pL;
+    Py_ssize_t count;
+    int n, nmax;
+    if (!PyArg_ParseTuple(args, "KniiKK", &px, &count, &n, &nmax, &pscale, &pL) || !check_len(n)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    search(ADDR(const float, px), count, n, nmax, ADDR(float, pscale), ADDR(int, pL));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_qx(PyObject *self, PyObject *args) {
+    (void)self;
+    return symmetric(args, qx_search);
+}
+
+static PyObject *py_q3(PyObject *self, PyObject *args) {
+    (void)self;
+    return symmetric(args, q3_search);
+}
+
+static PyObject *py_philox(PyObject *self, PyObject *args) {
+    unsigned long long key, col_start, pout;
+    unsigned int row_start, stream;
+    Py_ssize_t rows, cols;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KInKnIK", &key, &row_start, &rows, &col_start, &cols, &stream, &pout)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    philox_uniform_grid(key, row_start, rows, col_start, cols, stream, ADDR(float, pout));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"qkx2", py_qkx2, METH_VARARGS,
+     "qkx2(x, count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale, min, codes): make_qkx2_quants"},
+    {"qx", py_qx, METH_VARARGS, "qx(x, count, n, nmax, scale, codes): make_qx_quants, rmse_type 1"},
+    {"q3", py_q3, METH_VARARGS, "q3(x, count, n, nmax, scale, codes): make_q3_quants, do_rmse"},
+    {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,27 @@
+/* The native twins of qcbguard's plain-torch references (see __init__.py): plain C on raw float32/int32 buffers. */
+#ifndef QCBGUARD_NATIVE_H
+#define QCBGUARD_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MAX_SUB_BLOCK 32 /* the longest k-quant sub-block (Q4_K, Q5_K) */
+
+/* x86-64: an AVX2 clone chosen at load time, SSE2 otherwise (AVX2 alone brings no FMA; -ffp-contract=off anyway). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTORIZED __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTORIZED
+#endif
+
+/* kquant_search.c: stage 1 of the k-quants for `count` sub-blocks of n weights, x (count, n) row-major */
+void qkx2_search(const float *x, ptrdiff_t count, int n, int nmax, float rmin, float rdelta, int nstep, int use_mad,
+                 int rms_weights, float *scale, float *min, int *L);
+void qx_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L);
+void q3_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L);
+
+/* philox.c: out (rows, cols) = rng.uniform_grid(key, row_start, rows, col_start, cols, stream) */
+void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
+                         uint32_t stream, float *out);
+
+#endif
