@@ -18,7 +18,7 @@ ADAPTERS = find_packages(include=["vllm_qcbguard*", "gguf_tools*", "qcbguard", "
 
 NATIVE = Extension(
     "qcbguard_kernels.native._native",
-    sources=[f"kernels/native/{name}.c" for name in ("module", "kquant_search", "philox")],
+    sources=[f"kernels/native/{name}.c" for name in ("module", "kquant_search", "grid_cells", "philox")],
     depends=["kernels/native/native.h"],
     # -fno-trapping-math / -fno-math-errno change no value (they let selects and sqrtf vectorize); the other two keep
     # one rounding per operation.

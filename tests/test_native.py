@@ -1,5 +1,8 @@
 """The native twins (kernels/native/) against their plain-torch references, bit for bit.
 
+The rounding cells of integer grids: compared here on every kind of grid coordinate, and through every format
+that uses them (test_format_contract.py, the oracle suites) on the default path.
+
 The k-quant scale searches: the oracle suites (test_gguf_kquant_*.py) hold the default path, the native one, equal
 to ggml; this file holds the torch references equal to it on the same awkward cases, so both stay proven. The
 Philox stream: test_philox_triton.py holds the torch reference equal to tl.philox, test_hardening.py the default
@@ -13,6 +16,7 @@ import pytest
 import torch
 
 from qcbguard_kernels import native
+from qcbguard_kernels.formats.cells import integer_grid_cells, integer_grid_cells_reference
 from qcbguard_kernels.formats.registry import get_format
 from qcbguard_kernels.hardening import DeploymentSeed
 from qcbguard_kernels.hardening.rng import uniform_grid_reference
@@ -112,3 +116,26 @@ def test_philox_matches_reference(row_start, rows, col_start, cols):
         fast = native.philox_uniform_grid(key, row_start, rows, col_start, cols, stream)
         ref = uniform_grid_reference(key, row_start, rows, col_start, cols, stream)
         assert torch.equal(fast, ref), (row_start, rows, col_start, cols, stream)
+
+
+@pytest.mark.parametrize(("qmin", "qmax", "offset"), [(-127, 127, 0), (0, 15, 0), (-32, 31, 32), (-4, 3, 4)])
+def test_grid_cells_match_reference(qmin, qmax, offset):
+    """Grid coordinates of every kind: inside and beyond the grid, on grid points, +-0.0, subnormal, huge, inf, NaN
+    (where the cell collapses onto the written code), in a length that is no multiple of a SIMD width."""
+    g = torch.Generator().manual_seed(SEED)
+    n = 100_003
+    u = torch.randn(n, generator=g) * (qmax - qmin) / 2
+    u[::7] = torch.round(u[::7])  # on grid points
+    u[1::11] = -0.0
+    u[2::11] = 0.0
+    u[3::13] = 1e-40
+    u[4::13] = -3e38
+    u[5::17] = float("inf")
+    u[6::17] = float("-inf")
+    u[7::19] = float("nan")
+    u[8::19] = qmax + 0.5
+    nearest = (torch.round(u.nan_to_num(0.0)).clamp(qmin, qmax) + offset).to(torch.int32)
+    fast = integer_grid_cells(u, nearest, qmin, qmax, offset)
+    ref = integer_grid_cells_reference(u, nearest, qmin, qmax, offset)
+    for field in ("lower", "upper", "position", "nearest"):
+        assert _same_bits(getattr(fast, field), getattr(ref, field)), f"{field} (seed {SEED})"

@@ -4,27 +4,40 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
 from .base import RoundingCells
 
-__all__ = ["codebook_cells", "integer_grid_cells"]
+__all__ = ["codebook_cells", "integer_grid_cells", "integer_grid_cells_reference"]
 
 
-def integer_grid_cells(u: torch.Tensor, nearest: torch.Tensor, qmin: int, qmax: int) -> RoundingCells:
-    """Cells of a weight at grid coordinate u (value = scale * (code - offset), so u = x / scale + offset).
+def integer_grid_cells(u: torch.Tensor, nearest: torch.Tensor, qmin: int, qmax: int, offset: int = 0) -> RoundingCells:
+    """Cells of a weight at grid coordinate u (value = scale * (code - offset), so u = x / scale + offset, or, with
+    `offset`, codes stored as grid index + offset while u stays on the index: the exact quotient the quantizer rounds).
 
-    `nearest` is the code the standard quantizer computed with its own exact rule; it always lies in
-    {floor(u), ceil(u)} clamped to [qmin, qmax], because every rule here rounds u. Where u is not finite (a degenerate
-    scale: 1/d overflowing on subnormal blocks), the cell collapses onto the code the quantizer wrote.
+    `nearest` (stored codes) is what the standard quantizer computed with its own exact rule; it always lies in
+    {floor(u), ceil(u)} clamped to [qmin, qmax], plus offset, because every rule here rounds u. Where u is not finite
+    (a degenerate scale: 1/d overflowing on subnormal blocks), the cell collapses onto the code the quantizer wrote.
+    One native pass on a CPU where built (native.grid_cells, the same bits), else integer_grid_cells_reference.
     """
+    if native.enabled() and u.device.type == "cpu":
+        lower, upper, position = native.grid_cells(u, nearest, qmin, qmax, offset)
+        return RoundingCells(lower=lower, upper=upper, position=position, nearest=nearest.to(torch.int32))
+    return integer_grid_cells_reference(u, nearest, qmin, qmax, offset)
+
+
+def integer_grid_cells_reference(
+    u: torch.Tensor, nearest: torch.Tensor, qmin: int, qmax: int, offset: int = 0
+) -> RoundingCells:
+    """integer_grid_cells in plain torch."""
     finite = torch.isfinite(u)
-    u = torch.where(finite, u, nearest.to(u.dtype))
+    u = torch.where(finite, u, (nearest - offset).to(u.dtype))
     low = torch.floor(u)
     high = torch.ceil(u)
     position = u - low
     lower = low.clamp(qmin, qmax).to(torch.int32)
     upper = high.clamp(qmin, qmax).to(torch.int32)
     position = torch.where(lower == upper, torch.zeros_like(position), position)
-    return RoundingCells(lower=lower, upper=upper, position=position, nearest=nearest.to(torch.int32))
+    return RoundingCells(lower=lower + offset, upper=upper + offset, position=position, nearest=nearest.to(torch.int32))
 
 
 def codebook_cells(

@@ -88,14 +88,9 @@ class KQuantFormat(GgufFormat):
         cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         h = self.spec.offset
         # Cells on l = L - h, whose grid coordinate is the exact quotient C rounds (adding h to it could round).
-        cells = integer_grid_cells(cat.pop("u"), cat.pop("nearest") - h, -h, self.spec.qmax - h)
+        cells = integer_grid_cells(cat.pop("u"), cat.pop("nearest"), -h, self.spec.qmax - h, offset=h)
         shape = x.shape
-        cells = RoundingCells(
-            lower=(cells.lower + h).view(shape),
-            upper=(cells.upper + h).view(shape),
-            position=cells.position.view(shape),
-            nearest=(cells.nearest + h).view(shape),
-        )
+        cells = RoundingCells(*(t.view(shape) for t in (cells.lower, cells.upper, cells.position, cells.nearest)))
         return Encoding(self.name, shape, cells, cat)
 
     def _round_on_final_grid(

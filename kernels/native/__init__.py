@@ -1,5 +1,5 @@
-"""Native CPU twins of two plain-torch references, bit-identical to them: the GGUF k-quant scale searches
-(kquant_search.c) and the hardening's Philox stream (philox.c).
+"""Native CPU twins of plain-torch references, bit-identical to them: the GGUF k-quant scale searches
+(kquant_search.c), the rounding cells of integer grids (grid_cells.c) and the hardening's Philox stream (philox.c).
 
 The scale searches are sequential per sub-block (16-21 candidates, each a C-order sum over 16 or 32 weights): in
 plain torch they cost one tensor op per element and candidate, which made them most of the GGUF tool's CPU time.
@@ -24,11 +24,11 @@ try:
 except ImportError:  # not built (no compiler at install time): the torch references serve
     _ext = None
 
-__all__ = ["enabled", "philox_uniform_grid", "q3_search", "qkx2_search", "qx_search", "status"]
+__all__ = ["enabled", "grid_cells", "philox_uniform_grid", "q3_search", "qkx2_search", "qx_search", "status"]
 
 _ENV = "QCBGUARD_NATIVE"
 _MIN_PER_THREAD = 512  # sub-blocks: below this a thread costs more than it saves
-_MIN_DRAWS_PER_THREAD = 1 << 18  # Philox draws, likewise
+_MIN_DRAWS_PER_THREAD = 1 << 18  # Philox draws or elements, likewise
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -130,3 +130,32 @@ def philox_uniform_grid(
 
     _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return out
+
+
+def grid_cells(
+    u: torch.Tensor, nearest: torch.Tensor, qmin: int, qmax: int, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """formats.cells.integer_grid_cells' arithmetic in one pass: (lower, upper, position) shaped like u."""
+    u = u.to(torch.float32).contiguous()
+    nearest = nearest.to(torch.int32).contiguous()
+    if u.shape != nearest.shape or u.device.type != "cpu" or nearest.device.type != "cpu":
+        raise ValueError("grid_cells needs CPU tensors u and nearest of one shape")
+    lower, upper = torch.empty_like(nearest), torch.empty_like(nearest)
+    position = torch.empty_like(u)
+    count = u.numel()
+
+    def run(a: int, b: int) -> None:
+        _ext.grid_cells(
+            u.data_ptr() + 4 * a,
+            nearest.data_ptr() + 4 * a,
+            b - a,
+            qmin,
+            qmax,
+            offset,
+            lower.data_ptr() + 4 * a,
+            upper.data_ptr() + 4 * a,
+            position.data_ptr() + 4 * a,
+        )
+
+    _parallel(count, run, _MIN_DRAWS_PER_THREAD)
+    return lower, upper, position

@@ -68,11 +68,28 @@ static PyObject *py_philox(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_grid_cells(PyObject *self, PyObject *args) {
+    unsigned long long pu, pnearest, plower, pupper, pposition;
+    Py_ssize_t count;
+    int qmin, qmax, offset;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKniiiKKK", &pu, &pnearest, &count, &qmin, &qmax, &offset, &plower, &pupper,
+                          &pposition))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    grid_cells(ADDR(const float, pu), ADDR(const int32_t, pnearest), count, qmin, qmax, offset, ADDR(int32_t, plower),
+               ADDR(int32_t, pupper), ADDR(float, pposition));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"qkx2", py_qkx2, METH_VARARGS,
      "qkx2(x, count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale, min, codes): make_qkx2_quants"},
     {"qx", py_qx, METH_VARARGS, "qx(x, count, n, nmax, scale, codes): make_qx_quants, rmse_type 1"},
     {"q3", py_q3, METH_VARARGS, "q3(x, count, n, nmax, scale, codes): make_q3_quants, do_rmse"},
+    {"grid_cells", py_grid_cells, METH_VARARGS,
+     "grid_cells(u, nearest, count, qmin, qmax, offset, lower, upper, position): integer_grid_cells"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},
     {NULL, NULL, 0, NULL},
 };

@@ -20,6 +20,10 @@ void qkx2_search(const float *x, ptrdiff_t count, int n, int nmax, float rmin, f
 void qx_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L);
 void q3_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L);
 
+/* grid_cells.c: formats.cells.integer_grid_cells for `count` elements (codes stored as grid index + offset) */
+void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,
+                int32_t *lower, int32_t *upper, float *position);
+
 /* philox.c: out (rows, cols) = rng.uniform_grid(key, row_start, rows, col_start, cols, stream) */
 void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
                          uint32_t stream, float *out);
