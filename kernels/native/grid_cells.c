@@ -15,7 +15,8 @@ VECTORIZED void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t cou
         float v = u[i];
         v = isfinite(v) ? v : (float)(nearest[i] - offset);
         float lo = floorf(v), hi = ceilf(v);
-        float lo_c = fminf(fmaxf(lo, fmin), fmax), hi_c = fminf(fmaxf(hi, fmin), fmax);
+        float lo_c = lo < fmin ? fmin : (lo > fmax ? fmax : lo); /* v is finite here: no NaN to order */
+        float hi_c = hi < fmin ? fmin : (hi > fmax ? fmax : hi);
         int32_t l = (int32_t)lo_c, h = (int32_t)hi_c;
         lower[i] = l + offset;
         upper[i] = h + offset;
