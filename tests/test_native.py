@@ -1,13 +1,14 @@
 """The native twins (kernels/native/) against their plain-torch references, bit for bit.
 
-The rounding cells of integer grids: compared here on every kind of grid coordinate, and through every format
-that uses them (test_format_contract.py, the oracle suites) on the default path.
+- k-quant scale searches and the GGUF legacy encoding: the oracle suites (test_gguf_*_exact.py,
+  test_gguf_kquant_*.py) hold the default path, the native one, equal to ggml; this file holds the torch references
+  equal to it on the same awkward cases, so both stay proven.
+- Rounding cells of integer grids: compared here on every kind of grid coordinate, and through every format that
+  uses them on the default path (test_format_contract.py, the oracle suites).
+- The Philox stream: test_philox_triton.py holds the torch reference equal to tl.philox, test_hardening.py the
+  default path equal to the reference word by word, and this file the two equal on whole windows of the grid.
 
-The k-quant scale searches: the oracle suites (test_gguf_kquant_*.py) hold the default path, the native one, equal
-to ggml; this file holds the torch references equal to it on the same awkward cases, so both stay proven. The
-Philox stream: test_philox_triton.py holds the torch reference equal to tl.philox, test_hardening.py the default
-path equal to the reference word by word, and this file the two equal on whole windows of the grid. Every run draws
-a fresh seed, and it is in every assert message.
+Every run draws a fresh seed, and it is in every assert message.
 """
 
 from __future__ import annotations
@@ -139,3 +140,20 @@ def test_grid_cells_match_reference(qmin, qmax, offset):
     ref = integer_grid_cells_reference(u, nearest, qmin, qmax, offset)
     for field in ("lower", "upper", "position", "nearest"):
         assert _same_bits(getattr(fast, field), getattr(ref, field)), f"{field} (seed {SEED})"
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_legacy_encoding_matches_reference(name):
+    fmt = get_format(name)
+    cases = standard_cases(6, 1024, 32, SEED)
+    cases["ties"] = integer_tie_rows(4, 512, 32, fmt.qmax // 2 or 1, SEED)
+    cases["many_rows"] = torch.randn(2048, 160, generator=torch.Generator().manual_seed(SEED))  # split over threads
+    for case, x in cases.items():
+        blocks = fmt.rows(x)
+        fast = native.legacy_encode(blocks.reshape(-1, 32), fmt.bits, fmt.affine)
+        ref = fmt._encode_reference(blocks)
+        for field, a, b in zip(("d", "m", "u", "nearest"), fast, ref, strict=True):
+            if b is None:
+                assert a is None, f"{name} {case}: {field}"
+                continue
+            assert _same_bits(a, b.reshape(a.shape)), f"{name} {case}: {field} (seed {SEED})"

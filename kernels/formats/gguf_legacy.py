@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
 from ..numerics import c_float_to_int8, c_roundf, div_rn
 from .base import Encoding, QuantizedTensor
 from .cells import integer_grid_cells
@@ -65,6 +66,24 @@ class GgufLegacy(GgufFormat):
 
     def _encode(self, x: torch.Tensor) -> Encoding:
         blocks = self.rows(x)
+        if native.enabled():  # the same rules in one pass (native/legacy.c)
+            d, low, u, nearest = native.legacy_encode(blocks.reshape(-1, QK), self.bits, self.affine)
+            d, u, nearest = d.view(blocks.shape[:-1]), u.view(blocks.shape), nearest.view(blocks.shape)
+            low = None if low is None else low.view(blocks.shape[:-1])
+        else:
+            d, low, u, nearest = self._encode_reference(blocks)
+        cells = integer_grid_cells(u, nearest, self.qmin, self.qmax)
+        cells = type(cells)(*(t.reshape(x.shape) for t in (cells.lower, cells.upper, cells.position, cells.nearest)))
+        scales = {"d": d}
+        if self.affine:
+            scales["m"] = low
+        return Encoding(self.name, x.shape, cells, scales)
+
+    def _encode_reference(
+        self, blocks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The rules in torch, blocks (rows, nb, 32): (d, the minimum (affine types) or None, u, nearest)."""
+        low = None
         if self.affine:
             low = _first_hit(blocks, blocks, blocks.amin(dim=-1))  # C: `if (v < min) min = v;`
             high = _first_hit(blocks, blocks, blocks.amax(dim=-1))
@@ -87,12 +106,7 @@ class GgufLegacy(GgufFormat):
             nearest = c_float_to_int8(w)
             if not (self.affine and self.bits == 5):
                 nearest = nearest.clamp(max=self.qmax)  # MIN(15, ...) / MIN(31, ...); Q5_1 has no cap
-        cells = integer_grid_cells(u, nearest, self.qmin, self.qmax)
-        cells = type(cells)(*(t.reshape(x.shape) for t in (cells.lower, cells.upper, cells.position, cells.nearest)))
-        scales = {"d": d}
-        if self.affine:
-            scales["m"] = low
-        return Encoding(self.name, x.shape, cells, scales)
+        return d, low, u, nearest
 
     # ---- bytes ----
 

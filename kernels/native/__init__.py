@@ -1,5 +1,6 @@
 """Native CPU twins of plain-torch references, bit-identical to them: the GGUF k-quant scale searches
-(kquant_search.c), the rounding cells of integer grids (grid_cells.c) and the hardening's Philox stream (philox.c).
+(kquant_search.c), the GGUF legacy blocks' encoding (legacy.c), the rounding cells of integer grids (grid_cells.c)
+and the hardening's Philox stream (philox.c).
 
 The scale searches are sequential per sub-block (16-21 candidates, each a C-order sum over 16 or 32 weights): in
 plain torch they cost one tensor op per element and candidate, which made them most of the GGUF tool's CPU time.
@@ -159,3 +160,31 @@ def grid_cells(
 
     _parallel(count, run, _MIN_DRAWS_PER_THREAD)
     return lower, upper, position
+
+
+def legacy_encode(
+    blocks: torch.Tensor, bits: int, affine: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """GgufLegacy's encoding of blocks (count, 32): (d (count,), m (count,) or None, u (count, 32), nearest int32)."""
+    blocks = _blocks(blocks)
+    count = blocks.shape[0]
+    if blocks.shape[1] != 32:
+        raise ValueError(f"legacy blocks hold 32 weights, got {blocks.shape[1]}")
+    d, m = torch.empty(count), torch.empty(count if affine else 0)
+    u = torch.empty_like(blocks)
+    nearest = torch.empty(blocks.shape, dtype=torch.int32)
+
+    def run(a: int, b: int) -> None:
+        _ext.legacy(
+            blocks.data_ptr() + 128 * a,
+            b - a,
+            bits,
+            affine,
+            d.data_ptr() + 4 * a,
+            m.data_ptr() + 4 * a if affine else 0,
+            u.data_ptr() + 128 * a,
+            nearest.data_ptr() + 128 * a,
+        )
+
+    _parallel(count, run, _MIN_DRAWS_PER_THREAD // 32)
+    return d, (m if affine else None), u, nearest

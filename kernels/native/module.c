@@ -68,6 +68,23 @@ static PyObject *py_philox(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_legacy(PyObject *self, PyObject *args) {
+    unsigned long long px, pd, pm, pu, pnearest;
+    Py_ssize_t nblocks;
+    int bits, affine;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnipKKKK", &px, &nblocks, &bits, &affine, &pd, &pm, &pu, &pnearest)) return NULL;
+    if (bits != 4 && bits != 5 && bits != 8) {
+        PyErr_Format(PyExc_ValueError, "legacy blocks have 4, 5 or 8 bits, not %d", bits);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    legacy_encode(ADDR(const float, px), nblocks, bits, affine, ADDR(float, pd), ADDR(float, pm), ADDR(float, pu),
+                  ADDR(int32_t, pnearest));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_grid_cells(PyObject *self, PyObject *args) {
     unsigned long long pu, pnearest, plower, pupper, pposition;
     Py_ssize_t count;
@@ -88,6 +105,7 @@ static PyMethodDef methods[] = {
      "qkx2(x, count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale, min, codes): make_qkx2_quants"},
     {"qx", py_qx, METH_VARARGS, "qx(x, count, n, nmax, scale, codes): make_qx_quants, rmse_type 1"},
     {"q3", py_q3, METH_VARARGS, "q3(x, count, n, nmax, scale, codes): make_q3_quants, do_rmse"},
+    {"legacy", py_legacy, METH_VARARGS, "legacy(x, nblocks, bits, affine, d, m, u, nearest): GgufLegacy encoding"},
     {"grid_cells", py_grid_cells, METH_VARARGS,
      "grid_cells(u, nearest, count, qmin, qmax, offset, lower, upper, position): integer_grid_cells"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},

@@ -20,6 +20,10 @@ void qkx2_search(const float *x, ptrdiff_t count, int n, int nmax, float rmin, f
 void qx_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L);
 void q3_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L);
 
+/* legacy.c: GgufLegacy's encoding of `nblocks` blocks of 32: d (and m when affine), u and the written codes */
+void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int affine, float *d, float *m, float *u,
+                   int32_t *nearest);
+
 /* grid_cells.c: formats.cells.integer_grid_cells for `count` elements (codes stored as grid index + offset) */
 void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,
                 int32_t *lower, int32_t *upper, float *position);
