@@ -3,8 +3,8 @@
 - k-quant scale searches and the GGUF legacy encoding: the oracle suites (test_gguf_*_exact.py,
   test_gguf_kquant_*.py) hold the default path, the native one, equal to ggml; this file holds the torch references
   equal to it on the same awkward cases, so both stay proven.
-- Rounding cells of integer grids: compared here on every kind of grid coordinate, and through every format that
-  uses them on the default path (test_format_contract.py, the oracle suites).
+- Rounding cells of integer grids and of the e4m3 grid: compared here on every kind of grid coordinate, and through
+  every format that uses them on the default path (test_format_contract.py, the oracle suites).
 - The Philox stream: test_philox_triton.py holds the torch reference equal to tl.philox, test_hardening.py the
   default path equal to the reference word by word, and this file the two equal on whole windows of the grid.
 
@@ -18,6 +18,7 @@ import torch
 
 from qcbguard_kernels import native
 from qcbguard_kernels.formats.cells import integer_grid_cells, integer_grid_cells_reference
+from qcbguard_kernels.formats.fp8 import fp8_cells, fp8_cells_reference
 from qcbguard_kernels.formats.registry import get_format
 from qcbguard_kernels.hardening import DeploymentSeed
 from qcbguard_kernels.hardening.rng import uniform_grid_reference
@@ -157,3 +158,25 @@ def test_legacy_encoding_matches_reference(name):
                 assert a is None, f"{name} {case}: {field}"
                 continue
             assert _same_bits(a, b.reshape(a.shape)), f"{name} {case}: {field} (seed {SEED})"
+
+
+def test_fp8_cells_match_reference():
+    """Values handed to the e4m3 cast: every magnitude code and every midpoint between two (the ties), just off them,
+    the subnormal range, beyond 448, +-0.0, inf and NaN, both signs."""
+    g = torch.Generator().manual_seed(SEED)
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (grid[:-1] + grid[1:]) * 0.5
+    special = torch.tensor([0.0, -0.0, 448.0, 449.0, 464.0, 1e6, float("inf"), float("nan"), 2.0**-10, 2.0**-6])
+    pieces = [
+        grid,
+        mids,
+        torch.nextafter(mids, torch.full_like(mids, 1e9)),
+        torch.nextafter(mids, torch.zeros_like(mids)),
+    ]
+    pieces += [special, torch.randn(50_001, generator=g) * 100, torch.rand(10_000, generator=g) * 2.0**-6]
+    r = torch.cat(pieces)
+    r = torch.cat([r, -r])
+    (fast, fast_neg), (ref, ref_neg) = fp8_cells(r), fp8_cells_reference(r)
+    assert torch.equal(fast_neg, ref_neg), f"negative (seed {SEED})"
+    for field in ("lower", "upper", "position", "nearest"):
+        assert _same_bits(getattr(fast, field), getattr(ref, field)), f"{field} (seed {SEED})"

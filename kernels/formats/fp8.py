@@ -36,6 +36,7 @@ import functools
 
 import torch
 
+from .. import native
 from ..errors import UnsupportedInputError
 from ..numerics import signbit
 from .base import Encoding, Format, QuantizedTensor, RoundingCells
@@ -50,6 +51,7 @@ __all__ = [
     "e4m3_magnitudes",
     "e4m3_round_magnitude",
     "fp8_cells",
+    "fp8_cells_reference",
 ]
 
 E4M3_MAX = 448.0
@@ -95,7 +97,16 @@ def e4m3_round_magnitude(v: torch.Tensor, lower: torch.Tensor | None = None) -> 
 
 
 def fp8_cells(r: torch.Tensor) -> tuple[RoundingCells, torch.Tensor]:
-    """Cells and written sign of the float32 values ``r`` the quantizer hands to its e4m3 cast."""
+    """Cells and written sign of the float32 values ``r`` the quantizer hands to its e4m3 cast: one native pass on a
+    CPU where built (native.fp8_cells, the same bits), else fp8_cells_reference."""
+    if native.enabled() and r.device.type == "cpu":
+        lower, upper, position, nearest, negative = native.fp8_cells(r)
+        return RoundingCells(lower=lower, upper=upper, position=position, nearest=nearest), negative
+    return fp8_cells_reference(r)
+
+
+def fp8_cells_reference(r: torch.Tensor) -> tuple[RoundingCells, torch.Tensor]:
+    """fp8_cells in plain torch."""
     v = r.abs()
     lower = e4m3_floor_code(v)
     nearest = e4m3_round_magnitude(v, lower)

@@ -1,6 +1,6 @@
 """Native CPU twins of plain-torch references, bit-identical to them: the GGUF k-quant scale searches
 (kquant_search.c), the GGUF legacy blocks' encoding (legacy.c), the rounding cells of integer grids (grid_cells.c)
-and the hardening's Philox stream (philox.c).
+and of the e4m3 grid (fp8_cells.c), and the hardening's Philox stream (philox.c).
 
 The scale searches are sequential per sub-block (16-21 candidates, each a C-order sum over 16 or 32 weights): in
 plain torch they cost one tensor op per element and candidate, which made them most of the GGUF tool's CPU time.
@@ -188,3 +188,29 @@ def legacy_encode(
 
     _parallel(count, run, _MIN_DRAWS_PER_THREAD // 32)
     return d, (m if affine else None), u, nearest
+
+
+def fp8_cells(
+    r: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """formats.fp8.fp8_cells' arithmetic in one pass: (lower, upper, position, nearest, negative) shaped like r."""
+    r = r.to(torch.float32).contiguous()
+    if r.device.type != "cpu":
+        raise ValueError("fp8_cells needs a CPU tensor")
+    lower, upper, nearest = (torch.empty(r.shape, dtype=torch.int32) for _ in range(3))
+    position = torch.empty_like(r)
+    negative = torch.empty(r.shape, dtype=torch.bool)
+
+    def run(a: int, b: int) -> None:
+        _ext.fp8_cells(
+            r.data_ptr() + 4 * a,
+            b - a,
+            lower.data_ptr() + 4 * a,
+            upper.data_ptr() + 4 * a,
+            position.data_ptr() + 4 * a,
+            nearest.data_ptr() + 4 * a,
+            negative.data_ptr() + a,
+        )
+
+    _parallel(r.numel(), run, _MIN_DRAWS_PER_THREAD)
+    return lower, upper, position, nearest, negative

@@ -85,6 +85,19 @@ static PyObject *py_legacy(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_fp8_cells(PyObject *self, PyObject *args) {
+    unsigned long long pr, plower, pupper, pposition, pnearest, pnegative;
+    Py_ssize_t count;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnKKKKK", &pr, &count, &plower, &pupper, &pposition, &pnearest, &pnegative))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fp8_cells(ADDR(const float, pr), count, ADDR(int32_t, plower), ADDR(int32_t, pupper), ADDR(float, pposition),
+              ADDR(int32_t, pnearest), ADDR(uint8_t, pnegative));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_grid_cells(PyObject *self, PyObject *args) {
     unsigned long long pu, pnearest, plower, pupper, pposition;
     Py_ssize_t count;
@@ -106,6 +119,8 @@ static PyMethodDef methods[] = {
     {"qx", py_qx, METH_VARARGS, "qx(x, count, n, nmax, scale, codes): make_qx_quants, rmse_type 1"},
     {"q3", py_q3, METH_VARARGS, "q3(x, count, n, nmax, scale, codes): make_q3_quants, do_rmse"},
     {"legacy", py_legacy, METH_VARARGS, "legacy(x, nblocks, bits, affine, d, m, u, nearest): GgufLegacy encoding"},
+    {"fp8_cells", py_fp8_cells, METH_VARARGS,
+     "fp8_cells(r, count, lower, upper, position, nearest, negative): formats.fp8.fp8_cells"},
     {"grid_cells", py_grid_cells, METH_VARARGS,
      "grid_cells(u, nearest, count, qmin, qmax, offset, lower, upper, position): integer_grid_cells"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},
@@ -114,4 +129,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    fp8_cells_init();
+    return PyModule_Create(&module);
+}

@@ -28,6 +28,11 @@ void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int affine, floa
 void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,
                 int32_t *lower, int32_t *upper, float *position);
 
+/* fp8_cells.c: formats.fp8.fp8_cells for `count` values (fp8_cells_init fills the grid once, at import) */
+void fp8_cells_init(void);
+void fp8_cells(const float *r, ptrdiff_t count, int32_t *lower, int32_t *upper, float *position, int32_t *nearest,
+               uint8_t *negative);
+
 /* philox.c: out (rows, cols) = rng.uniform_grid(key, row_start, rows, col_start, cols, stream) */
 void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
                          uint32_t stream, float *out);
