@@ -5,11 +5,11 @@ hub kernels, imported by transformers and bitsandbytes) owns the name `kernels`,
 other.
 
 kernels/native/ (C twins of the hottest references: the k-quant scale searches, the GGUF legacy encoding, the
-rounding cells of integer and e4m3 grids, the Philox stream) is an optional extension: without a C compiler the
-install still succeeds and the bit-identical torch references run instead. Its flags are part of its numerics: no
-FMA contraction and no fast-math, so every float32 operation rounds once, as in ggml's reference quantizers (no
--march=native either: a wheel built here must run on any x86-64 or aarch64 machine; x86-64 gets an AVX2 clone of the
-vectorized loops, picked at load).
+rounding cells of integer and e4m3 grids, the detector's histograms, the Philox stream) is an optional extension:
+without a C compiler the install still succeeds and the bit-identical torch references run instead. Its flags are
+part of its numerics: no FMA contraction and no fast-math, so every float32 operation rounds once, as in ggml's
+reference quantizers (no -march=native either: a wheel built here must run on any x86-64 or aarch64 machine; x86-64
+gets an AVX2 clone of the vectorized loops, picked at load).
 """
 
 from setuptools import Extension, find_packages, setup
@@ -22,7 +22,7 @@ NATIVE = Extension(
     "qcbguard_kernels.native._native",
     sources=[
         f"kernels/native/{name}.c"
-        for name in ("module", "kquant_search", "legacy", "grid_cells", "fp8_cells", "philox")
+        for name in ("module", "kquant_search", "legacy", "grid_cells", "fp8_cells", "histogram", "philox")
     ],
     depends=["kernels/native/native.h"],
     # -fno-trapping-math / -fno-math-errno change no value (they let selects and sqrtf vectorize); the other two keep

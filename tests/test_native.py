@@ -5,6 +5,7 @@
   equal to it on the same awkward cases, so both stay proven.
 - Rounding cells of integer grids and of the e4m3 grid: compared here on every kind of grid coordinate, and through
   every format that uses them on the default path (test_format_contract.py, the oracle suites).
+- The detector's counting passes: compared here on positions at every bin edge, on codes and just off them.
 - The Philox stream: test_philox_triton.py holds the torch reference equal to tl.philox, test_hardening.py the
   default path equal to the reference word by word, and this file the two equal on whole windows of the grid.
 
@@ -180,3 +181,23 @@ def test_fp8_cells_match_reference():
     assert torch.equal(fast_neg, ref_neg), f"negative (seed {SEED})"
     for field in ("lower", "upper", "position", "nearest"):
         assert _same_bits(getattr(fast, field), getattr(ref, field)), f"{field} (seed {SEED})"
+
+
+def test_detector_histograms_match_reference():
+    """Positions on bin edges (k / 2048 from the boundary), on codes (0, 1), within 1e-5 of them and random, with
+    decoy shifts of both signs that wrap around the cell (and land on -1e-9, which wraps to 1.0)."""
+    from qcbguard_kernels.detection import cell_statistic as cs
+
+    g = torch.Generator().manual_seed(SEED)
+    edges = 0.5 + torch.arange(-1024, 1025, dtype=torch.float32) / 2048
+    near = torch.tensor([0.0, 1.0, 1e-5, 1 - 1e-5, 9.99e-6, 0.99999, 1e-9, 0.5, 0.49999997, 0.50000006])
+    p = torch.cat([edges, near, torch.rand(100_003, generator=g)])
+    shift = torch.cat([torch.full((edges.numel() + near.numel(),), 1.0 / 2048), torch.randn(100_003, generator=g)])
+    shift[:7] = -1e-9
+    exact = torch.tensor(cs._ON_CODE_F32 * 3)  # decoys exactly on the on-code bounds (shift 0)
+    p, shift = torch.cat([p, exact]), torch.cat([shift, torch.zeros(exact.numel())])
+    keep = torch.rand(p.numel(), generator=g) < 0.8
+    assert torch.equal(cs._boundary_counts(p, keep), cs._boundary_counts_reference(p, keep)), f"seed {SEED}"
+    fast = native.decoy_histogram(p, shift, keep, cs.DECOY_SHIFTS, *cs._ON_CODE_F32, cs._CDF_POINTS)
+    ref = cs._decoy_counts_reference(p, shift, keep)
+    assert torch.equal(fast[0], ref[0]) and fast[1] == ref[1], f"seed {SEED}"

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .. import native
 from ..formats.base import Encoding, Format
 
 __all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "verdict"]
@@ -35,6 +37,8 @@ REFIT_SHIFTS = (-2, 1)
 _CDF_POINTS = 1024
 _DECOY_RESOLUTION = 64  # decoy shifts are at least step / 64
 _ON_CODE = 1e-5  # cells: a decoy this close to a code sits on it
+# the bounds as a float32 tensor compares with them (a Python float operand is cast to the tensor's float32)
+_ON_CODE_F32 = (float(np.float32(_ON_CODE)), float(np.float32(1.0 - _ON_CODE)))
 _THRESHOLD = 0.02
 _GRID_ALIGNED = 0.9  # share of weights at a code (to storage precision) above which a tensor is already on a grid
 # One threshold, 0.02 of the weights, for every format since k-quants get re-fitted decoys (their clean distances
@@ -113,8 +117,16 @@ def _decoy_spacing(ulp: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 def _boundary_counts(position: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Histogram of b = |position - 0.5| over the kept elements, on the CDF grid: bin k holds the values in
-    ((k - 1) / (2 * _CDF_POINTS), k / (2 * _CDF_POINTS)]. A counting pass over masks (no sort, no gather):
-    ceil(b * 2 * _CDF_POINTS) is exact in float32 (power-of-two scaling); dropped elements go to a spill bin."""
+    ((k - 1) / (2 * _CDF_POINTS), k / (2 * _CDF_POINTS)]. ceil(b * 2 * _CDF_POINTS) is exact in float32
+    (power-of-two scaling). One native pass on a CPU where built (the same counts), else the torch reference."""
+    if native.enabled() and position.device.type == "cpu":
+        return native.boundary_histogram(position, keep, _CDF_POINTS)
+    return _boundary_counts_reference(position, keep)
+
+
+def _boundary_counts_reference(position: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """_boundary_counts in torch: a counting pass over masks (no sort, no gather); dropped elements go to a spill
+    bin."""
     index = (position - 0.5).abs_().mul_(2 * _CDF_POINTS).ceil_().to(torch.int32).clamp_(0, _CDF_POINTS)
     index.masked_fill_(~keep, _CDF_POINTS + 1)  # in place, int32: this pass runs 7 times per score (2.3x faster)
     return torch.bincount(index.reshape(-1), minlength=_CDF_POINTS + 2)[: _CDF_POINTS + 1]
@@ -149,6 +161,16 @@ def _in_cell_decoys(
     step = torch.where(source, torch.where(live, hi - lo, pinned_step), 1.0)
     p = torch.where(live, cells.position, torch.zeros_like(cells.position))
     shift = _decoy_spacing(ulp, step) / step  # in cells, signed like the cell's orientation
+    if native.enabled() and p.device.type == "cpu":  # the same counts in one pass
+        counts, on_code_total = native.decoy_histogram(p, shift, source, DECOY_SHIFTS, *_ON_CODE_F32, _CDF_POINTS)
+    else:
+        counts, on_code_total = _decoy_counts_reference(p, shift, source)
+    return counts, on_code_total / max(len(DECOY_SHIFTS) * int(source.sum()), 1)
+
+
+def _decoy_counts_reference(p: torch.Tensor, shift: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Boundary histogram of the decoys p + k * shift (k in DECOY_SHIFTS, wrapped into the cell) of the source
+    weights, and how many decoys sit on a code (those are not binned)."""
     counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
     on_code_total = 0
     for k in DECOY_SHIFTS:
@@ -156,9 +178,9 @@ def _in_cell_decoys(
         # Within float32 noise of a code counts as on it, for real weights and decoys alike (positions carry the
         # rounding of the scale's reciprocal).
         on_code = (decoy < _ON_CODE) | (decoy > 1.0 - _ON_CODE)
-        counts += _boundary_counts(decoy, source & ~on_code)
+        counts += _boundary_counts_reference(decoy, source & ~on_code)
         on_code_total += int((on_code & source).sum())
-    return counts, on_code_total / max(len(DECOY_SHIFTS) * int(source.sum()), 1)
+    return counts, on_code_total
 
 
 def _refit_decoys(

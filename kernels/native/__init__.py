@@ -1,6 +1,7 @@
 """Native CPU twins of plain-torch references, bit-identical to them: the GGUF k-quant scale searches
 (kquant_search.c), the GGUF legacy blocks' encoding (legacy.c), the rounding cells of integer grids (grid_cells.c)
-and of the e4m3 grid (fp8_cells.c), and the hardening's Philox stream (philox.c).
+and of the e4m3 grid (fp8_cells.c), the detector's counting passes (histogram.c) and the hardening's Philox stream
+(philox.c).
 
 The scale searches are sequential per sub-block (16-21 candidates, each a C-order sum over 16 or 32 weights): in
 plain torch they cost one tensor op per element and candidate, which made them most of the GGUF tool's CPU time.
@@ -214,3 +215,63 @@ def fp8_cells(
 
     _parallel(r.numel(), run, _MIN_DRAWS_PER_THREAD)
     return lower, upper, position, nearest, negative
+
+
+def _histogram(count: int, run: Callable[[int, int, torch.Tensor, torch.Tensor], None], bins: int) -> tuple:
+    """Counts over [0, count) summed over threads: run(a, b, counts, on_code) accumulates into its own arrays."""
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def one(a: int, b: int) -> None:
+        counts, on = torch.zeros(bins, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        run(a, b, counts, on)
+        parts.append((counts, on))
+
+    _parallel(count, one, _MIN_DRAWS_PER_THREAD)
+    if not parts:
+        return torch.zeros(bins, dtype=torch.int64), 0
+    return sum(c for c, _ in parts), int(sum(int(o) for _, o in parts))
+
+
+def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.reshape(-1).to(dtype).contiguous()
+
+
+def boundary_histogram(position: torch.Tensor, keep: torch.Tensor, cdf_points: int) -> torch.Tensor:
+    """detection's _boundary_counts: counts (cdf_points + 1,) of clamp(ceil(|p - 0.5| * 2 * cdf_points)) over keep."""
+    p, k = _flat(position, torch.float32), _flat(keep, torch.bool)
+
+    def run(a: int, b: int, counts: torch.Tensor, _: torch.Tensor) -> None:
+        _ext.boundary_histogram(p.data_ptr() + 4 * a, k.data_ptr() + a, b - a, cdf_points, counts.data_ptr())
+
+    return _histogram(p.numel(), run, cdf_points + 1)[0]
+
+
+def decoy_histogram(
+    position: torch.Tensor,
+    shift: torch.Tensor,
+    source: torch.Tensor,
+    shifts: tuple[int, ...],
+    on_low: float,
+    on_high: float,
+    cdf_points: int,
+) -> tuple[torch.Tensor, int]:
+    """detection's in-cell decoy loop: (counts (cdf_points + 1,), decoys within (on_low, on_high)'s complement)."""
+    p, s, src = _flat(position, torch.float32), _flat(shift, torch.float32), _flat(source, torch.bool)
+    ks = torch.tensor(shifts, dtype=torch.int32)
+
+    def run(a: int, b: int, counts: torch.Tensor, on: torch.Tensor) -> None:
+        _ext.decoy_histogram(
+            p.data_ptr() + 4 * a,
+            s.data_ptr() + 4 * a,
+            src.data_ptr() + a,
+            b - a,
+            ks.data_ptr(),
+            len(shifts),
+            on_low,
+            on_high,
+            cdf_points,
+            counts.data_ptr(),
+            on.data_ptr(),
+        )
+
+    return _histogram(p.numel(), run, cdf_points + 1)

@@ -98,6 +98,36 @@ static PyObject *py_fp8_cells(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_boundary_histogram(PyObject *self, PyObject *args) {
+    unsigned long long pposition, pkeep, pcounts;
+    Py_ssize_t count;
+    int cdf_points;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKniK", &pposition, &pkeep, &count, &cdf_points, &pcounts)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    boundary_histogram(ADDR(const float, pposition), ADDR(const uint8_t, pkeep), count, cdf_points,
+                       ADDR(int64_t, pcounts));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_decoy_histogram(PyObject *self, PyObject *args) {
+    unsigned long long pposition, pshift, psource, pshifts, pcounts, pon;
+    Py_ssize_t count;
+    int nshifts, cdf_points;
+    float on_low, on_high;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKnKiffiKK", &pposition, &pshift, &psource, &count, &pshifts, &nshifts, &on_low,
+                          &on_high, &cdf_points, &pcounts, &pon))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    decoy_histogram(ADDR(const float, pposition), ADDR(const float, pshift), ADDR(const uint8_t, psource), count,
+                    ADDR(const int32_t, pshifts), nshifts, on_low, on_high, cdf_points, ADDR(int64_t, pcounts),
+                    ADDR(int64_t, pon));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_grid_cells(PyObject *self, PyObject *args) {
     unsigned long long pu, pnearest, plower, pupper, pposition;
     Py_ssize_t count;
@@ -121,6 +151,10 @@ static PyMethodDef methods[] = {
     {"legacy", py_legacy, METH_VARARGS, "legacy(x, nblocks, bits, affine, d, m, u, nearest): GgufLegacy encoding"},
     {"fp8_cells", py_fp8_cells, METH_VARARGS,
      "fp8_cells(r, count, lower, upper, position, nearest, negative): formats.fp8.fp8_cells"},
+    {"boundary_histogram", py_boundary_histogram, METH_VARARGS,
+     "boundary_histogram(position, keep, count, cdf_points, counts): the detector's counting pass"},
+    {"decoy_histogram", py_decoy_histogram, METH_VARARGS,
+     "decoy_histogram(position, shift, source, count, shifts, nshifts, on_low, on_high, cdf_points, counts, on_code)"},
     {"grid_cells", py_grid_cells, METH_VARARGS,
      "grid_cells(u, nearest, count, qmin, qmax, offset, lower, upper, position): integer_grid_cells"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},

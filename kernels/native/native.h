@@ -33,6 +33,13 @@ void fp8_cells_init(void);
 void fp8_cells(const float *r, ptrdiff_t count, int32_t *lower, int32_t *upper, float *position, int32_t *nearest,
                uint8_t *negative);
 
+/* histogram.c: the detector's counting passes (counts has cdf_points + 1 bins and accumulates) */
+void boundary_histogram(const float *position, const uint8_t *keep, ptrdiff_t count, int cdf_points,
+                        int64_t *counts);
+void decoy_histogram(const float *position, const float *shift, const uint8_t *source, ptrdiff_t count,
+                     const int32_t *shifts, int nshifts, float on_low, float on_high, int cdf_points, int64_t *counts,
+                     int64_t *on_code);
+
 /* philox.c: out (rows, cols) = rng.uniform_grid(key, row_start, rows, col_start, cols, stream) */
 void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
                          uint32_t stream, float *out);
