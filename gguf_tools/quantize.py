@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from qcbguard_kernels import UnsupportedInputError
+from qcbguard_kernels import UnsupportedInputError, native
 from qcbguard_kernels import __version__ as kernels_version
 from qcbguard_kernels.detection import sample_row_ranges
 from qcbguard_kernels.dispatch import harden_fused, pick_backend, quantize_packed, resolve_backend
@@ -132,6 +132,7 @@ class QuantizeResult:
             "algorithm": ALGORITHM_VERSION if self.seed_fingerprint else None,
             "seed_fingerprint": self.seed_fingerprint,
             "seconds": round(self.elapsed, 3),
+            "cpu_kernels": native.status(),
             "tensors": tensors,
         }
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from qcbguard_kernels import QcbguardError, format_names, get_format
+from qcbguard_kernels import QcbguardError, format_names, get_format, native
 from qcbguard_kernels.hardening import DeploymentSeed, harden_encoding
 
 from .tiny_model import build_tiny_llama, linear_weight_names
@@ -41,6 +41,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     names = linear_weight_names(model)
     elements = sum(model[n].numel() for n in names)
     print(f"embedded tiny Llama: {len(names)} linear weights, {elements:,} parameters (bf16); seed {seed.fingerprint}")
+    print(f"CPU kernels: {native.status()}")
     header = (
         f"{'format':<17}{'bits/w':>7}{'RTN dB':>8}{'hard dB':>8}{'changed':>9}{'near-tie':>9}"
         f"{'detector':>9}{'flagged':>8}{'ms':>7}"

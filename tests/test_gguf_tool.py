@@ -329,6 +329,7 @@ def test_hardened_output_records_the_seed_fingerprint_never_the_seed(model_dir, 
 
     rep = json.loads(report.read_text())
     assert rep["seed_fingerprint"] == seed.fingerprint and rep["hardened"]
+    assert rep["cpu_kernels"] == "native"  # which implementation ran is on record (the test install builds it)
     by_name = {t["name"]: t for t in rep["tensors"]}
     assert by_name["blk.0.ffn_down.weight"]["type"] == "Q5_0"
     assert by_name["blk.0.ffn_down.weight"]["fallback_from"] == "Q4_K"
