@@ -69,6 +69,15 @@ def synthetic(path: Path, spec: str) -> Path:
     return write_llama(path, shape)
 
 
+def write_synthetic(path: Path, spec: str) -> Path:
+    """synthetic() in a child process: a child forked from a parent that held the model would inherit its peak
+    resident memory (Linux keeps ru_maxrss across fork and exec), inflating every measured peak."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.bench_gguf_quantize import synthetic; "
+    code += f"from pathlib import Path; synthetic(Path({str(path)!r}), {spec!r})"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return path
+
+
 def main() -> int:
     from gguf_tools.mixtures import mixture
 
@@ -83,7 +92,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
         tmpdir = Path(tmp)
-        inp = args.input or synthetic(tmpdir / "synthetic-f16.gguf", args.synthetic)
+        inp = args.input or write_synthetic(tmpdir / "synthetic-f16.gguf", args.synthetic)
         seed = tmpdir / "seed"
         from qcbguard_kernels.hardening import DeploymentSeed
 
