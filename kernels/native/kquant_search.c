@@ -4,7 +4,8 @@
  * (make_qkx2_quants in gguf_kquant_affine.py, make_qx_quants and make_q3_quants in gguf_kquant_symmetric.py); the
  * references' docstrings state the rules, which follow ggml's quantize_row_q*_K_ref without an importance matrix.
  * The torch versions vectorize across sub-blocks and pay one tensor op per element of a sub-block and per
- * candidate; here one loop walks a sub-block in registers. The tests hold the two equal bit for bit.
+ * candidate; here Q2_K/Q4_K/Q5_K and Q6_K run 16 sub-blocks at once, one per SIMD lane, in registers (Q3_K's
+ * coordinate descent, fast already, one sub-block at a time). The tests hold the two equal bit for bit.
  *
  * Numerics that must not change: every operation is float32 with one rounding (built with -ffp-contract=off and
  * without -ffast-math: no FMA, no reassociation); sums start from +0.0f and run in element order; minima and maxima
@@ -33,84 +34,9 @@ static inline int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > h
 
 /* ------------------------------------------------------------------ make_qkx2_quants (Q2_K, Q4_K, Q5_K) */
 
-/* sum_i w_i * err((scale * L_i + min) - x_i), err = |.| (mad) or (.)^2, in element order. */
-static float weighted_error(const float *x, const float *w, const int *L, int n, float scale, float min, int use_mad) {
-    float err = 0.0f;
-    for (int i = 0; i < n; ++i) {
-        float diff = scale * (float)L[i] + min - x[i];
-        diff = use_mad ? fabsf(diff) : diff * diff;
-        err += w[i] * diff;
-    }
-    return err;
-}
-
-static void qkx2_one(const float *x, int n, int nmax, float rmin, float rdelta, int nstep, int use_mad,
-                     int rms_weights, float *scale_out, float *min_out, int *L) {
-    float w[MAX_SUB_BLOCK];
-    int Laux[MAX_SUB_BLOCK];
-    if (rms_weights) { /* Q4_K, Q5_K: sqrtf(sum x^2 / n) + |x| */
-        float sum_x2 = 0.0f;
-        for (int i = 0; i < n; ++i) sum_x2 += x[i] * x[i];
-        float av_x = sqrtf(sum_x2 / (float)n);
-        for (int i = 0; i < n; ++i) w[i] = av_x + fabsf(x[i]);
-    } else { /* Q2_K: |x| */
-        for (int i = 0; i < n; ++i) w[i] = fabsf(x[i]);
-    }
-    float min = x[0], max = x[0];
-    float sum_w = w[0];
-    float sum_x = sum_w * x[0];
-    for (int i = 1; i < n; ++i) {
-        if (x[i] < min) min = x[i];
-        if (x[i] > max) max = x[i];
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
-    }
-    if (min > 0) min = 0;
-    if (max == min) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        *scale_out = 0.0f;
-        *min_out = -min;
-        return;
-    }
-    float iscale = (float)nmax / (max - min);
-    float scale = 1.0f / iscale;
-    for (int i = 0; i < n; ++i) L[i] = clamp_int(nearest_int(iscale * (x[i] - min)), 0, nmax);
-    float best_error = weighted_error(x, w, L, n, scale, min, use_mad);
-    for (int is = 0; is <= nstep; ++is) {
-        iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
-        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
-        for (int i = 0; i < n; ++i) {
-            int l = clamp_int(nearest_int(iscale * (x[i] - min)), 0, nmax);
-            Laux[i] = l;
-            float w_l = w[i] * (float)l;
-            sum_l += w_l;
-            sum_l2 += w_l * (float)l;
-            sum_xl += w_l * x[i];
-        }
-        float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0) {
-                this_min = 0;
-                this_scale = sum_xl / sum_l2;
-            }
-            float cur_error = weighted_error(x, w, Laux, n, this_scale, this_min, use_mad);
-            if (cur_error < best_error) {
-                memcpy(L, Laux, (size_t)n * sizeof *L);
-                best_error = cur_error;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    *scale_out = scale;
-    *min_out = -min;
-}
-
-/* qkx2_one for LANES sub-blocks at once, one per SIMD lane: the same operations in the same order per lane (so the
- * same bits), with branches turned into selects, which the compiler vectorizes across lanes. Lanes never mix: a
- * lane's sums stay sequential over its own elements. */
+/* make_qkx2_quants for LANES sub-blocks at once, one per SIMD lane: per lane, the reference's operations in its order
+ * (so its bits), with branches turned into selects, which the compiler vectorizes across lanes. Lanes never mix: a
+ * lane's sums stay sequential over its own elements. The weights are |x| (Q2_K) or sqrtf(sum x^2 / n) + |x|. */
 #define LANES 16 /* 16 independent sum chains per loop: fastest measured (8: latency-bound, 24 no better, 32 slower) */
 
 
@@ -205,7 +131,7 @@ VECTORIZED static void qkx2_lanes(const float *x, int n, int nmax, float rmin, f
             for (int k = 0; k < LANES; ++k) L[i][k] = (Laux[i][k] & -better[k]) | (L[i][k] & (better[k] - 1));
     }
     for (int k = 0; k < LANES; ++k) {
-        int flat = max[k] == min0[k]; /* qkx2_one's early exit */
+        int flat = max[k] == min0[k]; /* the reference's early exit: scale 0, codes 0 */
         scale_out[k] = flat ? 0.0f : scale[k];
         min_out[k] = flat ? -min0[k] : -cur_min[k];
         for (int i = 0; i < n; ++i) L_out[k * n + i] = flat ? 0 : L[i][k];
@@ -228,46 +154,8 @@ static float first_abs_max(const float *x, int n, float *amax) {
     return m;
 }
 
-/* make_qx_quants with rmse_type 1 and no importance: weights x^2, 18 candidates around iscale = -nmax / max. */
-static void qx_one(const float *x, int n, int nmax, float *scale_out, int *L) {
-    float amax;
-    float max = first_abs_max(x, n, &amax);
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        *scale_out = 0.0f;
-        return;
-    }
-    float iscale = -(float)nmax / max;
-    float sumlx = 0.0f, suml2 = 0.0f;
-    for (int i = 0; i < n; ++i) {
-        int l = clamp_int(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-        L[i] = l + nmax;
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * (float)l;
-        suml2 += w * (float)l * (float)l;
-    }
-    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f; /* C's `suml2 ? ... : 0`: NaN counts as true */
-    float best = scale * sumlx;
-    for (int is = -9; is <= 9; ++is) {
-        if (is == 0) continue;
-        iscale = -((float)nmax + 0.1f * (float)is) / max;
-        sumlx = suml2 = 0.0f;
-        for (int i = 0; i < n; ++i) {
-            int l = clamp_int(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-            float w = x[i] * x[i];
-            sumlx += w * x[i] * (float)l;
-            suml2 += w * (float)l * (float)l;
-        }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) L[i] = nmax + clamp_int(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    *scale_out = scale;
-}
-
-/* qx_one for LANES sub-blocks at once (see qkx2_lanes). */
+/* make_qx_quants (rmse_type 1, no importance: weights x^2, 18 candidates around iscale = -nmax / max) for LANES
+ * sub-blocks at once (see qkx2_lanes). */
 VECTORIZED static void qx_lanes(const float *x, int n, int nmax, float *scale_out, int *L_out) {
     float xt[MAX_SUB_BLOCK][LANES], w[MAX_SUB_BLOCK][LANES];
     int L[MAX_SUB_BLOCK][LANES], Laux[MAX_SUB_BLOCK][LANES], better[LANES];
@@ -318,7 +206,7 @@ VECTORIZED static void qx_lanes(const float *x, int n, int nmax, float *scale_ou
             for (int k = 0; k < LANES; ++k) L[i][k] = (Laux[i][k] & -better[k]) | (L[i][k] & (better[k] - 1));
     }
     for (int k = 0; k < LANES; ++k) {
-        int zero = amax[k] < GROUP_MAX_EPS; /* qx_one's early exit */
+        int zero = amax[k] < GROUP_MAX_EPS; /* the reference's early exit: scale 0, codes 0 */
         scale_out[k] = zero ? 0.0f : scale[k];
         for (int i = 0; i < n; ++i) L_out[k * n + i] = zero ? 0 : L[i][k];
     }
@@ -366,21 +254,37 @@ static void q3_one(const float *x, int n, int nmax, float *scale_out, int *L) {
     *scale_out = suml2 > 0 ? sumlx / suml2 : 0.0f;
 }
 
-/* ------------------------------------------------------------------ entry points: lane groups first, then the tail */
+/* ------------------------------------------------------------------ entry points */
 
 void qkx2_search(const float *x, ptrdiff_t count, int n, int nmax, float rmin, float rdelta, int nstep, int use_mad,
                  int rms_weights, float *scale, float *min, int *L) {
     ptrdiff_t s = 0;
     for (; s + LANES <= count; s += LANES)
         qkx2_lanes(x + s * n, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale + s, min + s, L + s * n);
-    for (; s < count; ++s)
-        qkx2_one(x + s * n, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale + s, min + s, L + s * n);
+    if (s < count) { /* the tail: a zero-padded group (lanes are independent; the padding changes nothing else) */
+        float xpad[LANES * MAX_SUB_BLOCK] = {0}, spad[LANES], mpad[LANES];
+        int Lpad[LANES * MAX_SUB_BLOCK];
+        size_t rest = (size_t)(count - s);
+        memcpy(xpad, x + s * n, rest * (size_t)n * sizeof *xpad);
+        qkx2_lanes(xpad, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, spad, mpad, Lpad);
+        memcpy(scale + s, spad, rest * sizeof *spad);
+        memcpy(min + s, mpad, rest * sizeof *mpad);
+        memcpy(L + s * n, Lpad, rest * (size_t)n * sizeof *Lpad);
+    }
 }
 
 void qx_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L) {
     ptrdiff_t s = 0;
     for (; s + LANES <= count; s += LANES) qx_lanes(x + s * n, n, nmax, scale + s, L + s * n);
-    for (; s < count; ++s) qx_one(x + s * n, n, nmax, scale + s, L + s * n);
+    if (s < count) { /* the tail, as in qkx2_search */
+        float xpad[LANES * MAX_SUB_BLOCK] = {0}, spad[LANES];
+        int Lpad[LANES * MAX_SUB_BLOCK];
+        size_t rest = (size_t)(count - s);
+        memcpy(xpad, x + s * n, rest * (size_t)n * sizeof *xpad);
+        qx_lanes(xpad, n, nmax, spad, Lpad);
+        memcpy(scale + s, spad, rest * sizeof *spad);
+        memcpy(L + s * n, Lpad, rest * (size_t)n * sizeof *Lpad);
+    }
 }
 
 void q3_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L) {
