@@ -14,6 +14,9 @@ Every run draws a fresh seed, and it is in every assert message.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -201,3 +204,31 @@ def test_detector_histograms_match_reference():
     fast = native.decoy_histogram(p, shift, keep, cs.DECOY_SHIFTS, *cs._ON_CODE_F32, cs._CDF_POINTS)
     ref = cs._decoy_counts_reference(p, shift, keep)
     assert torch.equal(fast[0], ref[0]) and fast[1] == ref[1], f"seed {SEED}"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_gets_working_threads():
+    """vLLM forks its workers: a child forked after our thread pool started must not wait on the parent's threads
+    (it hung before the pool was reset at fork). The child runs only the pool and the C code (torch's own OpenMP
+    pool is not fork-safe), writing into buffers allocated before the fork."""
+    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(SEED)) * 0.02
+    blocks = x.reshape(-1, 32).contiguous()
+    expected = native.qkx2_search(blocks, 15, -1.0, 0.1, 20, False, True)  # starts the pool here
+    count = blocks.shape[0]
+    scale, the_min, codes = torch.empty(count), torch.empty(count), torch.empty((count, 32), dtype=torch.int32)
+
+    def run(a: int, b: int) -> None:
+        native._ext.qkx2(
+            blocks.data_ptr() + 128 * a, b - a, 32, 15, -1.0, 0.1, 20, False, True,
+            scale.data_ptr() + 4 * a, the_min.data_ptr() + 4 * a, codes.data_ptr() + 128 * a,
+        )  # fmt: skip
+
+    pid = os.fork()
+    if pid == 0:  # child: a hang or a wrong result must show in the exit status
+        signal.alarm(60)
+        native._parallel(count, run, 1)
+        outputs = zip((scale, the_min, codes), expected, strict=True)
+        same = all(a.numpy().tobytes() == b.numpy().tobytes() for a, b in outputs)
+        os._exit(0 if same else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

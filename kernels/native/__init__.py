@@ -26,12 +26,40 @@ try:
 except ImportError:  # not built (no compiler at install time): the torch references serve
     _ext = None
 
-__all__ = ["enabled", "grid_cells", "philox_uniform_grid", "q3_search", "qkx2_search", "qx_search", "status"]
+__all__ = [
+    "boundary_histogram",
+    "decoy_histogram",
+    "enabled",
+    "fp8_cells",
+    "grid_cells",
+    "legacy_encode",
+    "philox_uniform_grid",
+    "q3_search",
+    "qkx2_search",
+    "qx_search",
+    "status",
+]
 
 _ENV = "QCBGUARD_NATIVE"
 _MIN_PER_THREAD = 512  # sub-blocks: below this a thread costs more than it saves
 _MIN_DRAWS_PER_THREAD = 1 << 18  # Philox draws or elements, likewise
-_pool: ThreadPoolExecutor | None = None
+_pool: ThreadPoolExecutor | None = None  # made on first use; its threads start as needed, up to the core count
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qcbguard-native")
+    return _pool
+
+
+def _forget_pool() -> None:
+    """A forked child (vLLM forks its workers) inherits the pool object but none of its threads: start afresh."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def enabled() -> bool:
@@ -40,23 +68,21 @@ def enabled() -> bool:
 
 
 def status() -> str:
-    """One line for reports and --version output: which scale-search implementation runs."""
+    """One line for reports: which CPU implementation of the twins runs."""
     if _ext is None:
         return "torch reference (native extension not built; reinstall with a C compiler for speed)"
     return "native" if enabled() else f"torch reference ({_ENV}=0)"
 
 
 def _parallel(count: int, run: Callable[[int, int], None], min_per_thread: int = _MIN_PER_THREAD) -> None:
-    """run(start, stop) over [0, count) in contiguous ranges, one per thread, each at least min_per_thread long."""
-    global _pool
+    """run(start, stop) over [0, count) in contiguous ranges, one per thread (torch's thread count), each at least
+    min_per_thread long; the calling thread takes the first range."""
     threads = max(1, min(torch.get_num_threads(), count // max(1, min_per_thread)))
-    if threads == 1:
-        run(0, count)
-        return
-    if _pool is None or _pool._max_workers < threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qcbguard-kquant")
     bounds = [count * k // threads for k in range(threads + 1)]
-    for future in [_pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]:
+    ranges = list(itertools.pairwise(bounds))
+    futures = [_workers().submit(run, a, b) for a, b in ranges[1:]]
+    run(*ranges[0])
+    for future in futures:
         future.result()
 
 
