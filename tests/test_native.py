@@ -99,6 +99,12 @@ def test_threads_split_without_changing_results(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True)), f"seed {SEED}"
 
 
+def test_tensors_off_the_cpu_keep_the_reference_path():
+    """The twins read host memory: a tensor elsewhere (a GPU; "meta" stands in for one here) takes the torch path."""
+    assert native.enabled(torch.zeros(1))
+    assert not native.enabled(torch.zeros(1, device="meta"))
+
+
 def test_rejects_what_it_cannot_address():
     with pytest.raises(ValueError, match="2-D CPU tensor"):
         native.qx_search(torch.zeros(16), 32)

@@ -119,7 +119,7 @@ def _boundary_counts(position: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
     """Histogram of b = |position - 0.5| over the kept elements, on the CDF grid: bin k holds the values in
     ((k - 1) / (2 * _CDF_POINTS), k / (2 * _CDF_POINTS)]. ceil(b * 2 * _CDF_POINTS) is exact in float32
     (power-of-two scaling). One native pass on a CPU where built (the same counts), else the torch reference."""
-    if native.enabled() and position.device.type == "cpu":
+    if native.enabled(position):
         return native.boundary_histogram(position, keep, _CDF_POINTS)
     return _boundary_counts_reference(position, keep)
 
@@ -161,7 +161,7 @@ def _in_cell_decoys(
     step = torch.where(source, torch.where(live, hi - lo, pinned_step), 1.0)
     p = torch.where(live, cells.position, torch.zeros_like(cells.position))
     shift = _decoy_spacing(ulp, step) / step  # in cells, signed like the cell's orientation
-    if native.enabled() and p.device.type == "cpu":  # the same counts in one pass
+    if native.enabled(p):  # the same counts in one pass
         counts, on_code_total = native.decoy_histogram(p, shift, source, DECOY_SHIFTS, *_ON_CODE_F32, _CDF_POINTS)
     else:
         counts, on_code_total = _decoy_counts_reference(p, shift, source)

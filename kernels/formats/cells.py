@@ -19,7 +19,7 @@ def integer_grid_cells(u: torch.Tensor, nearest: torch.Tensor, qmin: int, qmax: 
     (a degenerate scale: 1/d overflowing on subnormal blocks), the cell collapses onto the code the quantizer wrote.
     One native pass on a CPU where built (native.grid_cells, the same bits), else integer_grid_cells_reference.
     """
-    if native.enabled() and u.device.type == "cpu":
+    if native.enabled(u):
         lower, upper, position = native.grid_cells(u, nearest, qmin, qmax, offset)
         return RoundingCells(lower=lower, upper=upper, position=position, nearest=nearest.to(torch.int32))
     return integer_grid_cells_reference(u, nearest, qmin, qmax, offset)

@@ -99,7 +99,7 @@ def e4m3_round_magnitude(v: torch.Tensor, lower: torch.Tensor | None = None) -> 
 def fp8_cells(r: torch.Tensor) -> tuple[RoundingCells, torch.Tensor]:
     """Cells and written sign of the float32 values ``r`` the quantizer hands to its e4m3 cast: one native pass on a
     CPU where built (native.fp8_cells, the same bits), else fp8_cells_reference."""
-    if native.enabled() and r.device.type == "cpu":
+    if native.enabled(r):
         lower, upper, position, nearest, negative = native.fp8_cells(r)
         return RoundingCells(lower=lower, upper=upper, position=position, nearest=nearest), negative
     return fp8_cells_reference(r)

@@ -201,7 +201,7 @@ class GgufKQuantAffine(KQuantFormat):
     def _sub_block_search(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage 1 for sub-blocks (count, n): (scale, the_min, codes (count, n)), natively where built."""
         spec = self.spec
-        if native.enabled():
+        if native.enabled(blocks):
             return native.qkx2_search(blocks, spec.nmax, spec.rmin, _RDELTA, spec.nstep, spec.use_mad, spec.rms_weights)
         xt = blocks.t().contiguous()  # the reference vectorizes across sub-blocks: element i of each is contiguous
         if spec.rms_weights:

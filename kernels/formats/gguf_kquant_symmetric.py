@@ -262,7 +262,7 @@ class GgufKQuantSymmetric(KQuantFormat):
     def _sub_block_search(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 1 for sub-blocks (count, 16): (scale, codes (count, 16)), natively where built."""
         h = self.spec.offset
-        if native.enabled():
+        if native.enabled(blocks):
             return native.q3_search(blocks, h) if self.spec.bits == 3 else native.qx_search(blocks, h)
         xt = blocks.t().contiguous()  # the reference vectorizes across sub-blocks: element i of each is contiguous
         scale, lt = make_q3_quants(xt, h, do_rmse=True) if self.spec.bits == 3 else make_qx_quants(xt, h, rmse_type=1)

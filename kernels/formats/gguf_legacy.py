@@ -66,7 +66,7 @@ class GgufLegacy(GgufFormat):
 
     def _encode(self, x: torch.Tensor) -> Encoding:
         blocks = self.rows(x)
-        if native.enabled():  # the same rules in one pass (native/legacy.c)
+        if native.enabled(blocks):  # the same rules in one pass (native/legacy.c)
             d, low, u, nearest = native.legacy_encode(blocks.reshape(-1, QK), self.bits, self.affine)
             d, u, nearest = d.view(blocks.shape[:-1]), u.view(blocks.shape), nearest.view(blocks.shape)
             low = None if low is None else low.view(blocks.shape[:-1])

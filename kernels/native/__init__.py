@@ -62,8 +62,11 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def enabled() -> bool:
-    """True when the extension is built and QCBGUARD_NATIVE is not 0."""
+def enabled(on: torch.Tensor | None = None) -> bool:
+    """True when the extension is built and QCBGUARD_NATIVE is not 0 (and `on`, when given, is a CPU tensor: the
+    twins read host memory; a CUDA tensor keeps the torch reference path)."""
+    if on is not None and on.device.type != "cpu":
+        return False
     return _ext is not None and os.environ.get(_ENV, "1").strip() != "0"
 
 
