@@ -238,3 +238,48 @@ def test_forked_child_gets_working_threads():
         os._exit(0 if same else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "row_offset", "col_offset"),
+    [
+        ("q8_0", (37, 2080), 0, 0),  # rows wider than one 1024-column window, and a partial window
+        ("q4_k", (9, 1280), 5, 256),  # a shard placed off the origin
+        ("q8_0", (3, 7, 160), 2**32 - 30, 2**32 - 170),  # leading dims, near the counter limit
+        ("fp8_per_tensor", (5, 131), 0, 3),  # an odd width
+        ("fp8_per_channel", (600, 512), 3, 1),  # enough rows to split over threads; a column offset off the 4-grid
+    ],
+)
+def test_stochastic_codes_match_reference(name, shape, row_offset, col_offset, monkeypatch):
+    from qcbguard_kernels.hardening.harden import stochastic_codes
+
+    fmt = get_format(name)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(SEED)) * 0.02
+    enc = fmt.encode(x)
+    key = DeploymentSeed.fresh().key_for("w")
+    monkeypatch.setenv("QCBGUARD_NATIVE", "1")
+    fast = stochastic_codes(enc, key, row_offset, col_offset)
+    monkeypatch.setenv("QCBGUARD_NATIVE", "0")
+    ref = stochastic_codes(enc, key, row_offset, col_offset)
+    assert fast.shape == ref.shape and torch.equal(fast, ref), f"{name} {shape} (seed {SEED})"
+    assert not torch.equal(fast, enc.cells.nearest), "the draw moved no code: the test would not see a wrong stream"
+
+
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_stochastic_codes_tie_between_draw_and_position(flag, monkeypatch):
+    """A uniform exactly equal to its position draws lower (u < position is strict): positions set to the very
+    uniforms the elements draw, on both paths."""
+    from qcbguard_kernels.formats.base import Encoding, RoundingCells
+    from qcbguard_kernels.hardening.harden import stochastic_codes
+    from qcbguard_kernels.hardening.rng import uniform_grid_reference
+
+    key = DeploymentSeed.fresh().key_for("w")
+    rows, cols = 16, 300
+    position = uniform_grid_reference(key, 0, rows, 0, cols)
+    position[:, ::2] = torch.rand(rows, (cols + 1) // 2, generator=torch.Generator().manual_seed(SEED))
+    lower = torch.zeros(rows, cols, dtype=torch.int32)
+    cells = RoundingCells(lower=lower, upper=lower + 1, position=position, nearest=lower)
+    enc = Encoding("q8_0", torch.Size((rows, cols)), cells)
+    monkeypatch.setenv("QCBGUARD_NATIVE", flag)
+    codes = stochastic_codes(enc, key)
+    assert not bool(codes[:, 1::2].any()), f"a draw equal to its position took the upper code (seed {SEED})"

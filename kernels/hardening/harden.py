@@ -65,10 +65,10 @@ class TensorReport:
 #: screen()'s result for one tensor: the detector's score and the verdict on it
 Screened = tuple[CellScore, Verdict]
 
-#: elements drawn per Philox pass (whole rows, at least one): in torch, ten rounds of a dozen int64 ops stay in cache
-#: (8x faster than one whole-tensor pass on 4M weights, measured); natively, passes big enough to split over threads.
-#: The draws depend only on the coordinates, so chunking changes no bit.
-_PHILOX_CHUNK = {"torch": 1 << 16, "native": 1 << 20}
+#: elements drawn per Philox pass in torch (whole rows, at least one): ten rounds of a dozen int64 ops stay in cache
+#: (8x faster than one whole-tensor pass on 4M weights, measured); the draws depend only on the coordinates, so
+#: chunking changes no bit
+_PHILOX_CHUNK = 1 << 16
 
 
 def stochastic_codes(enc: Encoding, key: int, row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
@@ -87,8 +87,11 @@ def stochastic_codes(enc: Encoding, key: int, row_offset: int = 0, col_offset: i
     if rows + row_offset > 2**32 or cols + col_offset > 2**32:
         raise ValueError("tensor coordinates must stay below 2**32 (Philox counters are 32-bit)")
     position = cells.position.reshape(rows, cols)
+    if native.enabled(position):  # the same draws and choices in one pass (native/philox.c)
+        lower, upper = cells.lower.reshape(rows, cols), cells.upper.reshape(rows, cols)
+        return native.stochastic_codes(key, row_offset, col_offset, position, lower, upper).reshape(shape)
     upper = torch.empty((rows, cols), dtype=torch.bool)
-    step = max(1, _PHILOX_CHUNK["native" if native.enabled() else "torch"] // max(cols, 1))
+    step = max(1, _PHILOX_CHUNK // max(cols, 1))
     for start in range(0, rows, step):
         n = min(step, rows - start)
         u = uniform_grid(key, start + row_offset, n, col_offset, cols)

@@ -38,6 +38,7 @@ __all__ = [
     "qkx2_search",
     "qx_search",
     "status",
+    "stochastic_codes",
 ]
 
 _ENV = "QCBGUARD_NATIVE"
@@ -304,3 +305,31 @@ def decoy_histogram(
         )
 
     return _histogram(p.numel(), run, cdf_points + 1)
+
+
+def stochastic_codes(
+    key: int, row_start: int, col_start: int, position: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
+) -> torch.Tensor:
+    """harden.stochastic_codes for cells (rows, cols) at global (row_start, col_start): upper where the element's
+    uniform (philox_uniform_grid, stream 0) is below its position, else lower; int32 (rows, cols)."""
+    p, lo, up = position.to(torch.float32).contiguous(), lower.to(torch.int32).contiguous(), upper.to(torch.int32)
+    up = up.contiguous()
+    rows, cols = p.shape
+    codes = torch.empty((rows, cols), dtype=torch.int32)
+
+    def run(a: int, b: int) -> None:
+        offset = 4 * a * cols
+        _ext.stochastic_codes(
+            key,
+            row_start + a,
+            b - a,
+            col_start,
+            cols,
+            p.data_ptr() + offset,
+            lo.data_ptr() + offset,
+            up.data_ptr() + offset,
+            codes.data_ptr() + offset,
+        )
+
+    _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
+    return codes

@@ -143,6 +143,21 @@ static PyObject *py_grid_cells(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_stochastic_codes(PyObject *self, PyObject *args) {
+    unsigned long long key, col_start, pposition, plower, pupper, pcodes;
+    unsigned int row_start;
+    Py_ssize_t rows, cols;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KInKnKKKK", &key, &row_start, &rows, &col_start, &cols, &pposition, &plower, &pupper,
+                          &pcodes))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    stochastic_codes(key, row_start, rows, col_start, cols, ADDR(const float, pposition), ADDR(const int32_t, plower),
+                     ADDR(const int32_t, pupper), ADDR(int32_t, pcodes));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"qkx2", py_qkx2, METH_VARARGS,
      "qkx2(x, count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale, min, codes): make_qkx2_quants"},
@@ -157,6 +172,8 @@ static PyMethodDef methods[] = {
      "decoy_histogram(position, shift, source, count, shifts, nshifts, on_low, on_high, cdf_points, counts, on_code)"},
     {"grid_cells", py_grid_cells, METH_VARARGS,
      "grid_cells(u, nearest, count, qmin, qmax, offset, lower, upper, position): integer_grid_cells"},
+    {"stochastic_codes", py_stochastic_codes, METH_VARARGS,
+     "stochastic_codes(key, row_start, rows, col_start, cols, position, lower, upper, codes): harden.stochastic_codes"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},
     {NULL, NULL, 0, NULL},
 };

@@ -43,5 +43,8 @@ void decoy_histogram(const float *position, const float *shift, const uint8_t *s
 /* philox.c: out (rows, cols) = rng.uniform_grid(key, row_start, rows, col_start, cols, stream) */
 void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
                          uint32_t stream, float *out);
+/* philox.c: harden.stochastic_codes for (rows, cols) cells placed at (row_start, col_start), stream 0 */
+void stochastic_codes(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
+                      const float *position, const int32_t *lower, const int32_t *upper, int32_t *codes);
 
 #endif

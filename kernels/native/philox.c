@@ -1,7 +1,7 @@
 /* Philox-4x32-10 uniforms on the global (row, col) grid: the native twin of qcbguard_kernels.hardening.rng.uniform_grid.
  *
  * Element (row, col) takes word col % 4 of Philox(key, (col / 4, row, stream, 0)), its top 24 bits times 2^-24 (exact
- * in float32). The rounds are Philox-4x32's as Triton's tl.philox runs them (Salmon et al. 2011, 10 rounds, 64-bit
+ * in float32). stochastic_codes draws with it, window by window, and picks each element's code. The rounds are Philox-4x32's as Triton's tl.philox runs them (Salmon et al. 2011, 10 rounds, 64-bit
  * key bumped by the Weyl constants each round); the tests hold this file equal to the torch reference, and the torch
  * reference equal to tl.philox. A batch of adjacent counters runs in SIMD lanes.
  */
@@ -69,4 +69,21 @@ void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint6
                 }
         }
     }
+}
+
+/* harden.stochastic_codes: codes = upper where u < position, else lower, u the element's uniform above; a window of
+ * WINDOW columns at a time keeps the uniforms in L1. */
+#define WINDOW 1024
+
+void stochastic_codes(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
+                      const float *position, const int32_t *lower, const int32_t *upper, int32_t *codes) {
+    float u[WINDOW];
+    for (ptrdiff_t r = 0; r < rows; ++r)
+        for (ptrdiff_t c0 = 0; c0 < cols; c0 += WINDOW) {
+            ptrdiff_t width = cols - c0 < WINDOW ? cols - c0 : WINDOW;
+            philox_uniform_grid(key, row_start + (uint32_t)r, 1, col_start + (uint64_t)c0, width, 0, u);
+            ptrdiff_t base = r * cols + c0;
+            for (ptrdiff_t c = 0; c < width; ++c)
+                codes[base + c] = u[c] < position[base + c] ? upper[base + c] : lower[base + c];
+        }
 }
