@@ -122,12 +122,18 @@ def test_rejects_what_it_cannot_address():
         (2**32 - 4, 4, 2**32 - 130, 130),  # the last rows and columns a 32-bit counter reaches
     ],
 )
-def test_philox_matches_reference(row_start, rows, col_start, cols):
+@pytest.mark.parametrize("portable", [False, True])
+def test_philox_matches_reference(row_start, rows, col_start, cols, portable):
+    """Both Philox batches: the widest the CPU runs (AVX2 intrinsics on x86-64) and the portable C one."""
     key = DeploymentSeed.fresh().key_for("w")
-    for stream in (0, 3):
-        fast = native.philox_uniform_grid(key, row_start, rows, col_start, cols, stream)
-        ref = uniform_grid_reference(key, row_start, rows, col_start, cols, stream)
-        assert torch.equal(fast, ref), (row_start, rows, col_start, cols, stream)
+    try:
+        native._ext.philox_isa(portable)
+        for stream in (0, 3):
+            fast = native.philox_uniform_grid(key, row_start, rows, col_start, cols, stream)
+            ref = uniform_grid_reference(key, row_start, rows, col_start, cols, stream)
+            assert torch.equal(fast, ref), (row_start, rows, col_start, cols, stream, portable)
+    finally:
+        native._ext.philox_isa(False)
 
 
 @pytest.mark.parametrize(("qmin", "qmax", "offset"), [(-127, 127, 0), (0, 15, 0), (-32, 31, 32), (-4, 3, 4)])

@@ -158,6 +158,13 @@ static PyObject *py_stochastic_codes(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_philox_isa(PyObject *self, PyObject *args) {
+    int portable;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "p", &portable)) return NULL;
+    return PyUnicode_FromString(philox_init(portable) ? "avx2" : "portable");
+}
+
 static PyMethodDef methods[] = {
     {"qkx2", py_qkx2, METH_VARARGS,
      "qkx2(x, count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale, min, codes): make_qkx2_quants"},
@@ -174,6 +181,8 @@ static PyMethodDef methods[] = {
      "grid_cells(u, nearest, count, qmin, qmax, offset, lower, upper, position): integer_grid_cells"},
     {"stochastic_codes", py_stochastic_codes, METH_VARARGS,
      "stochastic_codes(key, row_start, rows, col_start, cols, position, lower, upper, codes): harden.stochastic_codes"},
+    {"philox_isa", py_philox_isa, METH_VARARGS,
+     "philox_isa(portable): pick the Philox batch (the widest the CPU runs, or portable C); returns its name"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},
     {NULL, NULL, 0, NULL},
 };
@@ -182,5 +191,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 PyMODINIT_FUNC PyInit__native(void) {
     fp8_cells_init();
+    philox_init(0);
     return PyModule_Create(&module);
 }

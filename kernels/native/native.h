@@ -40,6 +40,9 @@ void decoy_histogram(const float *position, const float *shift, const uint8_t *s
                      const int32_t *shifts, int nshifts, float on_low, float on_high, int cdf_points, int64_t *counts,
                      int64_t *on_code);
 
+/* philox.c: philox_init picks the widest Philox batch the CPU runs (at import), or the portable C one (tests);
+ * returns 1 for AVX2 */
+int philox_init(int portable);
 /* philox.c: out (rows, cols) = rng.uniform_grid(key, row_start, rows, col_start, cols, stream) */
 void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
                          uint32_t stream, float *out);
