@@ -1,4 +1,4 @@
-/* Philox-4x32-10 uniforms on the global (row, col) grid: the native twin of qcbguard_kernels.hardening.rng.uniform_grid.
+/* Philox-4x32-10 uniforms on the global (row, col) grid: the native twin of hardening.rng.uniform_grid.
  *
  * Element (row, col) takes word col % 4 of Philox(key, (col / 4, row, stream, 0)), its top 24 bits times 2^-24 (exact
  * in float32); stochastic_codes draws with it, window by window, and picks each element's code. The rounds are
