@@ -130,7 +130,7 @@ void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint6
  * WINDOW columns at a time keeps the uniforms in L1. */
 #define WINDOW 1024
 
-void stochastic_codes(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
+VECTORIZED void stochastic_codes(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
                       const float *position, const int32_t *lower, const int32_t *upper, int32_t *codes) {
     float u[WINDOW];
     for (ptrdiff_t r = 0; r < rows; ++r)
@@ -138,7 +138,9 @@ void stochastic_codes(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t
             ptrdiff_t width = cols - c0 < WINDOW ? cols - c0 : WINDOW;
             philox_uniform_grid(key, row_start + (uint32_t)r, 1, col_start + (uint64_t)c0, width, 0, u);
             ptrdiff_t base = r * cols + c0;
-            for (ptrdiff_t c = 0; c < width; ++c)
-                codes[base + c] = u[c] < position[base + c] ? upper[base + c] : lower[base + c];
+            for (ptrdiff_t c = 0; c < width; ++c) {
+                int32_t lo = lower[base + c], up = upper[base + c]; /* both loaded: a select, not a branch */
+                codes[base + c] = u[c] < position[base + c] ? up : lo;
+            }
         }
 }
