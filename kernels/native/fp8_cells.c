@@ -24,29 +24,29 @@ void fp8_cells_init(void) {
 static inline int32_t floor_code(float v) {
     int32_t bits;
     memcpy(&bits, &v, sizeof bits);
-    int32_t code;
-    if (v >= 0x1p-6f) {
-        code = ((bits >> 23) - 120) * 8 + ((bits >> 20) & 7); /* exponent and top 3 mantissa bits */
-    } else {
-        float f = floorf(v * 512.0f); /* fixed point below the normal range: exact */
-        code = f == f ? (int32_t)f : INT32_MIN; /* NaN converts as on x86 (then clamps to 0) */
-    }
+    /* both candidates, then a select (v's range is data, a branch on it mispredicts) */
+    int32_t normal = ((bits >> 23) - 120) * 8 + ((bits >> 20) & 7); /* exponent and top 3 mantissa bits */
+    float f = floorf(v * 512.0f);                                    /* fixed point below the normal range: exact */
+    int32_t subnormal = (f >= 0.0f && f < 2147483648.0f) ? (int32_t)f : INT32_MIN; /* NaN as on x86 (-> 0) */
+    int32_t code = v >= 0x1p-6f ? normal : subnormal;
     return code < 0 ? 0 : (code > TOP_CODE ? TOP_CODE : code);
 }
 
-void fp8_cells(const float *r, ptrdiff_t count, int32_t *lower, int32_t *upper, float *position, int32_t *nearest,
-               uint8_t *negative) {
+VECTORIZED void fp8_cells(const float *r, ptrdiff_t count, int32_t *lower, int32_t *upper, float *position,
+                          int32_t *nearest, uint8_t *negative) {
     for (ptrdiff_t i = 0; i < count; ++i) {
         float v = fabsf(r[i]);
         int32_t lo = floor_code(v);
         int32_t next = lo < TOP_CODE ? lo + 1 : TOP_CODE;
         float mid = (grid[lo] + grid[next]) * 0.5f; /* exact in float32 */
-        nearest[i] = (v > mid || (v == mid && (lo & 1))) ? next : lo;
-        int32_t up = (grid[lo] == v || v > grid[TOP_CODE] || v < grid[0]) ? lo : next;
+        /* bitwise | and & rather than || and &&: selects, not data-dependent branches */
+        nearest[i] = ((v > mid) | ((v == mid) & (lo & 1))) ? next : lo;
+        int32_t up = ((grid[lo] == v) | (v > grid[TOP_CODE]) | (v < grid[0])) ? lo : next;
         float span = grid[up] - grid[lo];
+        float within = (v - grid[lo]) / (span > 0 ? span : 1.0f);
         lower[i] = lo;
         upper[i] = up;
-        position[i] = span > 0 ? (v - grid[lo]) / span : 0.0f;
+        position[i] = span > 0 ? within : 0.0f;
         negative[i] = signbit(r[i]) != 0;
     }
 }
