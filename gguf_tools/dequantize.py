@@ -45,6 +45,7 @@ def dequantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], ou
                             writer.write_rows(from_float(read_rows(f, t, r0, r1), target))
                         else:
                             writer.write_rows(f.tensor_bytes(t, r0, r1))
+                            f.release(t, r0, r1)
                 writer.finish()
             publish(Path(tmp), dst)
         except BaseException:

@@ -280,6 +280,7 @@ def quantize_file(
                         r1 = min(info.n_rows, r0 + chunk)
                         if not p.rewrite:
                             writer.write_rows(f.tensor_bytes(info, r0, r1))
+                            f.release(info, r0, r1)
                             continue
                         x = read_rows(f, info, r0, r1)
                         if p.target.name in FULL_PRECISION_TYPES:

@@ -327,6 +327,21 @@ class GgufFile:
         flat = np.frombuffer(self._map, dtype=np.uint8, count=count, offset=start)
         return flat.reshape(row_end - row_start, info.row_bytes)
 
+    def release(self, info: TensorInfo, row_start: int = 0, row_end: int | None = None) -> None:
+        """Drop the map's pages of rows [row_start, row_end) from this process once they are copied out: the file is
+        read once, front to back, and its pages would otherwise all stay mapped (resident memory growing to the file's
+        size). The map is read-only and file-backed, so MADV_DONTNEED only unmaps: a later read faults the same bytes
+        back in from the page cache or the file (pages shared with a neighbouring tensor included)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        row_end = info.n_rows if row_end is None else row_end
+        start = info.data_start + row_start * info.row_bytes
+        end = info.data_start + row_end * info.row_bytes
+        first = start - start % mmap.PAGESIZE
+        end = min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, self.file_size)
+        if end > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
+
     def iter_tensors(self) -> Iterator[TensorInfo]:
         return iter(self.tensors)
 

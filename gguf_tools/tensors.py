@@ -33,18 +33,21 @@ def registry_format(gtype: GgmlType) -> GgufFormat:
 
 
 def read_rows(f: GgufFile, info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
-    """Rows [row_start, row_end) as a (rows, ne0) tensor: float32/float16/bfloat16, or dequantized float32."""
-    raw = f.tensor_bytes(info, row_start, row_end)
+    """Rows [row_start, row_end) as a (rows, ne0) tensor: float32/float16/bfloat16, or dequantized float32. The rows
+    are copied out of the file's map and its pages released (GgufFile.release): memory follows the chunk, not the
+    file."""
+    raw = f.tensor_bytes(info, row_start, row_end).copy()
+    f.release(info, row_start, row_end)
     name = info.type.name
     if name == "F32":
-        return torch.from_numpy(raw.copy().view(np.float32))
+        return torch.from_numpy(raw.view(np.float32))
     if name == "F16":
-        return torch.from_numpy(raw.copy().view(np.float16))
+        return torch.from_numpy(raw.view(np.float16))
     if name == "BF16":
-        return torch.from_numpy(raw.copy().view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
     fmt = registry_format(info.type)
     rows = row_end - row_start
-    packed = QuantizedTensor(fmt.name, torch.Size((rows, info.ne[0])), {"blocks": torch.from_numpy(raw.copy())})
+    packed = QuantizedTensor(fmt.name, torch.Size((rows, info.ne[0])), {"blocks": torch.from_numpy(raw)})
     return fmt.dequantize(packed).reshape(rows, info.ne[0])
 
 
