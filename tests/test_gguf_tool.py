@@ -40,6 +40,21 @@ def _run(*argv: str) -> int:
 # -- reader ------------------------------------------------------------------------------------------------------
 
 
+def test_released_pages_read_back_the_same(model_dir):
+    """release() drops the map's pages from the process (memory follows the chunk); a later read of the same rows,
+    or of a neighbouring tensor sharing a page, gets the same bytes back."""
+    from gguf_tools.tensors import read_rows
+
+    with GgufFile(model_dir / "llama-f16.gguf") as f:
+        before = {t.name: bytes(f.tensor_bytes(t)) for t in f.tensors}
+        for t in f.tensors:
+            half = max(1, t.n_rows // 2)
+            first = read_rows(f, t, 0, half)  # copies, then releases those rows' pages
+            f.release(t)
+            assert torch.equal(first.view(torch.uint8), read_rows(f, t, 0, half).view(torch.uint8)), t.name
+        assert {t.name: bytes(f.tensor_bytes(t)) for t in f.tensors} == before
+
+
 @pytest.mark.parametrize("name", ["llama-f16.gguf", "odd.gguf"])
 def test_reader_agrees_with_gguf_py(model_dir, name):
     path = model_dir / name
