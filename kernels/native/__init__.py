@@ -90,10 +90,19 @@ def _parallel(count: int, run: Callable[[int, int], None], min_per_thread: int =
         future.result()
 
 
+def _at(t: torch.Tensor, index: int) -> int:
+    """Address of t[index] (along t's first dimension) in a contiguous tensor: where a thread's range starts."""
+    return t.data_ptr() + index * t.stride(0) * t.element_size()
+
+
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).contiguous()
+
+
 def _blocks(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2 or x.device.type != "cpu":
         raise ValueError(f"sub-blocks must be a 2-D CPU tensor (count, n), got {tuple(x.shape)} on {x.device}")
-    return x.to(torch.float32).contiguous()
+    return _contiguous(x, torch.float32)
 
 
 def qkx2_search(
@@ -110,7 +119,7 @@ def qkx2_search(
 
     def run(a: int, b: int) -> None:
         _ext.qkx2(
-            x.data_ptr() + 4 * a * n,
+            _at(x, a),
             b - a,
             n,
             nmax,
@@ -119,9 +128,9 @@ def qkx2_search(
             nstep,
             use_mad,
             rms_weights,
-            scale.data_ptr() + 4 * a,
-            the_min.data_ptr() + 4 * a,
-            codes.data_ptr() + 4 * a * n,
+            _at(scale, a),
+            _at(the_min, a),
+            _at(codes, a),
         )
 
     _parallel(count, run)
@@ -135,7 +144,7 @@ def _symmetric(kernel: Callable[..., None], x: torch.Tensor, nmax: int) -> tuple
     codes = torch.empty((count, n), dtype=torch.int32)
 
     def run(a: int, b: int) -> None:
-        kernel(x.data_ptr() + 4 * a * n, b - a, n, nmax, scale.data_ptr() + 4 * a, codes.data_ptr() + 4 * a * n)
+        kernel(_at(x, a), b - a, n, nmax, _at(scale, a), _at(codes, a))
 
     _parallel(count, run)
     return scale, codes
@@ -158,7 +167,7 @@ def philox_uniform_grid(
     out = torch.empty((rows, cols), dtype=torch.float32)
 
     def run(a: int, b: int) -> None:
-        _ext.philox(key, row_start + a, b - a, col_start, cols, stream, out.data_ptr() + 4 * a * cols)
+        _ext.philox(key, row_start + a, b - a, col_start, cols, stream, _at(out, a))
 
     _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return out
@@ -168,8 +177,7 @@ def grid_cells(
     u: torch.Tensor, nearest: torch.Tensor, qmin: int, qmax: int, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """formats.cells.integer_grid_cells' arithmetic in one pass: (lower, upper, position) shaped like u."""
-    u = u.to(torch.float32).contiguous()
-    nearest = nearest.to(torch.int32).contiguous()
+    u, nearest = _contiguous(u, torch.float32), _contiguous(nearest, torch.int32)
     if u.shape != nearest.shape or u.device.type != "cpu" or nearest.device.type != "cpu":
         raise ValueError("grid_cells needs CPU tensors u and nearest of one shape")
     lower, upper = torch.empty_like(nearest), torch.empty_like(nearest)
@@ -178,15 +186,15 @@ def grid_cells(
 
     def run(a: int, b: int) -> None:
         _ext.grid_cells(
-            u.data_ptr() + 4 * a,
-            nearest.data_ptr() + 4 * a,
+            _at(u.view(-1), a),
+            _at(nearest.view(-1), a),
             b - a,
             qmin,
             qmax,
             offset,
-            lower.data_ptr() + 4 * a,
-            upper.data_ptr() + 4 * a,
-            position.data_ptr() + 4 * a,
+            _at(lower.view(-1), a),
+            _at(upper.view(-1), a),
+            _at(position.view(-1), a),
         )
 
     _parallel(count, run, _MIN_DRAWS_PER_THREAD)
@@ -207,14 +215,14 @@ def legacy_encode(
 
     def run(a: int, b: int) -> None:
         _ext.legacy(
-            blocks.data_ptr() + 128 * a,
+            _at(blocks, a),
             b - a,
             bits,
             affine,
-            d.data_ptr() + 4 * a,
-            m.data_ptr() + 4 * a if affine else 0,
-            u.data_ptr() + 128 * a,
-            nearest.data_ptr() + 128 * a,
+            _at(d, a),
+            _at(m, a) if affine else 0,
+            _at(u, a),
+            _at(nearest, a),
         )
 
     _parallel(count, run, _MIN_DRAWS_PER_THREAD // 32)
@@ -225,7 +233,7 @@ def fp8_cells(
     r: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """formats.fp8.fp8_cells' arithmetic in one pass: (lower, upper, position, nearest, negative) shaped like r."""
-    r = r.to(torch.float32).contiguous()
+    r = _contiguous(r, torch.float32)
     if r.device.type != "cpu":
         raise ValueError("fp8_cells needs a CPU tensor")
     lower, upper, nearest = (torch.empty(r.shape, dtype=torch.int32) for _ in range(3))
@@ -234,13 +242,13 @@ def fp8_cells(
 
     def run(a: int, b: int) -> None:
         _ext.fp8_cells(
-            r.data_ptr() + 4 * a,
+            _at(r.view(-1), a),
             b - a,
-            lower.data_ptr() + 4 * a,
-            upper.data_ptr() + 4 * a,
-            position.data_ptr() + 4 * a,
-            nearest.data_ptr() + 4 * a,
-            negative.data_ptr() + a,
+            _at(lower.view(-1), a),
+            _at(upper.view(-1), a),
+            _at(position.view(-1), a),
+            _at(nearest.view(-1), a),
+            _at(negative.view(-1), a),
         )
 
     _parallel(r.numel(), run, _MIN_DRAWS_PER_THREAD)
@@ -256,14 +264,12 @@ def _histogram(count: int, run: Callable[[int, int, torch.Tensor, torch.Tensor],
         run(a, b, counts, on)
         parts.append((counts, on))
 
-    _parallel(count, one, _MIN_DRAWS_PER_THREAD)
-    if not parts:
-        return torch.zeros(bins, dtype=torch.int64), 0
+    _parallel(count, one, _MIN_DRAWS_PER_THREAD)  # runs at least one range, so parts is never empty
     return sum(c for c, _ in parts), int(sum(int(o) for _, o in parts))
 
 
 def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.reshape(-1).to(dtype).contiguous()
+    return _contiguous(t.reshape(-1), dtype)
 
 
 def boundary_histogram(position: torch.Tensor, keep: torch.Tensor, cdf_points: int) -> torch.Tensor:
@@ -271,7 +277,7 @@ def boundary_histogram(position: torch.Tensor, keep: torch.Tensor, cdf_points: i
     p, k = _flat(position, torch.float32), _flat(keep, torch.bool)
 
     def run(a: int, b: int, counts: torch.Tensor, _: torch.Tensor) -> None:
-        _ext.boundary_histogram(p.data_ptr() + 4 * a, k.data_ptr() + a, b - a, cdf_points, counts.data_ptr())
+        _ext.boundary_histogram(_at(p, a), _at(k, a), b - a, cdf_points, counts.data_ptr())
 
     return _histogram(p.numel(), run, cdf_points + 1)[0]
 
@@ -291,9 +297,9 @@ def decoy_histogram(
 
     def run(a: int, b: int, counts: torch.Tensor, on: torch.Tensor) -> None:
         _ext.decoy_histogram(
-            p.data_ptr() + 4 * a,
-            s.data_ptr() + 4 * a,
-            src.data_ptr() + a,
+            _at(p, a),
+            _at(s, a),
+            _at(src, a),
             b - a,
             ks.data_ptr(),
             len(shifts),
@@ -312,23 +318,14 @@ def stochastic_codes(
 ) -> torch.Tensor:
     """harden.stochastic_codes for cells (rows, cols) at global (row_start, col_start): upper where the element's
     uniform (philox_uniform_grid, stream 0) is below its position, else lower; int32 (rows, cols)."""
-    p, lo, up = position.to(torch.float32).contiguous(), lower.to(torch.int32).contiguous(), upper.to(torch.int32)
-    up = up.contiguous()
+    p = _contiguous(position, torch.float32)
+    lo, up = _contiguous(lower, torch.int32), _contiguous(upper, torch.int32)
     rows, cols = p.shape
     codes = torch.empty((rows, cols), dtype=torch.int32)
 
     def run(a: int, b: int) -> None:
-        offset = 4 * a * cols
         _ext.stochastic_codes(
-            key,
-            row_start + a,
-            b - a,
-            col_start,
-            cols,
-            p.data_ptr() + offset,
-            lo.data_ptr() + offset,
-            up.data_ptr() + offset,
-            codes.data_ptr() + offset,
+            key, row_start + a, b - a, col_start, cols, _at(p, a), _at(lo, a), _at(up, a), _at(codes, a)
         )
 
     _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
