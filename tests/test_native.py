@@ -5,7 +5,8 @@
   equal to it on the same awkward cases, so both stay proven.
 - Rounding cells of integer grids and of the e4m3 grid: compared here on every kind of grid coordinate, and through
   every format that uses them on the default path (test_format_contract.py, the oracle suites).
-- The detector's counting passes: compared here on positions at every bin edge, on codes and just off them.
+- The detector's counting pass: compared here on positions at every bin edge, on codes and just off them, and
+  through whole scores of every kind of format.
 - The Philox stream: test_philox_triton.py holds the torch reference equal to tl.philox, test_hardening.py the
   default path equal to the reference word by word, and this file the two equal on whole windows of the grid.
 
@@ -21,12 +22,14 @@ import pytest
 import torch
 
 from qcbguard_kernels import native
+from qcbguard_kernels.formats.base import RoundingCells
 from qcbguard_kernels.formats.cells import integer_grid_cells, integer_grid_cells_reference
 from qcbguard_kernels.formats.fp8 import fp8_cells, fp8_cells_reference
 from qcbguard_kernels.formats.registry import get_format
 from qcbguard_kernels.hardening import DeploymentSeed
 from qcbguard_kernels.hardening.rng import uniform_grid_reference
 from tests.inputs import fresh_seed, integer_tie_rows, standard_cases
+from tests.threads import torch_threads
 
 SEED = fresh_seed()
 KQUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
@@ -198,24 +201,69 @@ def test_fp8_cells_match_reference():
         assert _same_bits(getattr(fast, field), getattr(ref, field)), f"{field} (seed {SEED})"
 
 
-def test_detector_histograms_match_reference():
-    """Positions on bin edges (k / 2048 from the boundary), on codes (0, 1), within 1e-5 of them and random, with
-    decoy shifts of both signs that wrap around the cell (and land on -1e-9, which wraps to 1.0)."""
+def _tally_inputs(dtype: torch.dtype, g: torch.Generator) -> tuple:
+    """Cells whose positions sit on bin edges (k / 2048 from the boundary), on codes (0, 1), within 1e-5 of them and
+    at random; ascending and descending cells, zero-width ones, clamped ones (lower == upper); values on the
+    checkpoint's lattice, some equal to a code's value, zeros of both signs, values below the dtype's smallest normal;
+    `above` codes at zero distance from the nearest (no decoy) and far from it (decoys that wrap around the cell)."""
+    edges = 0.5 + torch.arange(-1024, 1025, dtype=torch.float32) / 2048
+    near_code = torch.tensor([0.0, 1.0, 1e-5, 1 - 1e-5, 9.99e-6, 0.99999, 1e-9, 0.5, 0.49999997, 0.50000006])
+    p = torch.cat([edges, near_code, torch.rand(600_003, generator=g)])  # two threads' worth (2 * 2**18)
+    n = p.numel()
+    lower = torch.randint(0, 16, (n,), generator=g, dtype=torch.int32)
+    upper = lower + (torch.rand(n, generator=g) < 0.9).int()
+    nearest = torch.where(torch.rand(n, generator=g) < 0.5, lower, upper)
+    step = torch.randn(n, generator=g) * 0.01 * (torch.rand(n, generator=g) < 0.95)  # both signs, some zero
+    lo = torch.randn(n, generator=g) * 0.1
+    hi = lo + step
+    values = (lo + p * step).to(dtype).float()
+    pick = torch.rand(n, generator=g)
+    values = torch.where(pick < 0.05, lo, torch.where(pick < 0.1, hi, values))
+    values[:12] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 6e-8, 1e-6, -1e-6, 2.0**-126, 2.0**-14, 3.0, -448.0, 1e-40])
+    near = torch.where(nearest == lower, lo, hi)
+    above = torch.where(torch.rand(n, generator=g) < 0.1, near, near + torch.randn(n, generator=g) * 0.01)
+    cells = RoundingCells(lower=lower, upper=upper, position=p, nearest=nearest)
+    return values, cells, lo, hi, near, above
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_detector_tally_matches_reference(dtype):
+    """The detector's counting pass: every count and both histograms equal to the torch reference, with in-cell
+    decoys and without (the re-fitted decoys' use: no near, no above), over 1 and 2 threads."""
     from qcbguard_kernels.detection import cell_statistic as cs
 
     g = torch.Generator().manual_seed(SEED)
-    edges = 0.5 + torch.arange(-1024, 1025, dtype=torch.float32) / 2048
-    near = torch.tensor([0.0, 1.0, 1e-5, 1 - 1e-5, 9.99e-6, 0.99999, 1e-9, 0.5, 0.49999997, 0.50000006])
-    p = torch.cat([edges, near, torch.rand(100_003, generator=g)])
-    shift = torch.cat([torch.full((edges.numel() + near.numel(),), 1.0 / 2048), torch.randn(100_003, generator=g)])
-    shift[:7] = -1e-9
-    exact = torch.tensor(cs._ON_CODE_F32 * 3)  # decoys exactly on the on-code bounds (shift 0)
-    p, shift = torch.cat([p, exact]), torch.cat([shift, torch.zeros(exact.numel())])
-    keep = torch.rand(p.numel(), generator=g) < 0.8
-    assert torch.equal(cs._boundary_counts(p, keep), cs._boundary_counts_reference(p, keep)), f"seed {SEED}"
-    fast = native.decoy_histogram(p, shift, keep, cs.DECOY_SHIFTS, *cs._ON_CODE_F32, cs._CDF_POINTS)
-    ref = cs._decoy_counts_reference(p, shift, keep)
-    assert torch.equal(fast[0], ref[0]) and fast[1] == ref[1], f"seed {SEED}"
+    values, cells, lo, hi, near, above = _tally_inputs(dtype, g)
+    for code_values in ((lo, hi, near, above), (lo, hi, None, None)):
+        ref = cs._tally_reference(values, dtype, cells, code_values, (0, 16))
+        for threads in (1, 2):
+            with torch_threads(threads):
+                fast = cs._tally(values, dtype, cells, code_values, (0, 16))
+            for field in native.TALLY_FIELDS:
+                assert getattr(fast, field) == getattr(ref, field), f"{field}, {threads} threads (seed {SEED})"
+            assert torch.equal(fast.live_counts, ref.live_counts), f"live counts (seed {SEED})"
+            assert torch.equal(fast.decoy_counts, ref.decoy_counts), f"decoy counts (seed {SEED})"
+        assert ref.source > 0 if code_values[3] is not None else ref.source == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["fp8_per_channel", "fp8_per_tensor", "nf4", "fp4", "bnb_int8", "mxfp4", "q8_0", "q4_1", "q4_k", "q6_k"]
+)
+def test_cell_score_matches_reference(name, monkeypatch):
+    """Whole detector scores, native against torch, on the standard awkward cases stored as bfloat16 and float32:
+    the in-cell decoy formats and the re-fitted ones (k-quants)."""
+    from qcbguard_kernels.detection import cell_score
+
+    fmt = get_format(name)
+    for case, x in standard_cases(4, 512, 256, SEED).items():
+        for dtype in (torch.bfloat16, torch.float32):
+            w = x.to(dtype)
+            if not bool(w.isfinite().all()):
+                continue  # bf16 overflow of the largest floats: refused by encode, not a detector case
+            monkeypatch.setenv("QCBGUARD_NATIVE", "1")
+            fast = cell_score(w, fmt)
+            monkeypatch.setenv("QCBGUARD_NATIVE", "0")
+            assert cell_score(w, fmt) == fast, f"{case} {dtype} (seed {SEED})"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import native
-from ..formats.base import Encoding, Format
+from ..formats.base import Encoding, Format, RoundingCells
 
 __all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "verdict"]
 
@@ -100,13 +100,15 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
+_MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
 def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of the checkpoint's dtype at each weight (the lattice its values were rounded to)."""
     finfo = torch.finfo(dtype)
-    mantissa_bits = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
     mag = x.abs().clamp(min=finfo.tiny).float()
     _, exponent = torch.frexp(mag)  # mag = m * 2**exponent, m in [0.5, 1): exact, unlike floor(log2(mag))
-    return torch.ldexp(torch.ones_like(mag), exponent - 1 - mantissa_bits)
+    return torch.ldexp(torch.ones_like(mag), exponent - 1 - _MANTISSA_BITS[dtype])
 
 
 def _decoy_spacing(ulp: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -115,18 +117,95 @@ def _decoy_spacing(ulp: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return torch.maximum(ulp, step.abs() / _DECOY_RESOLUTION)
 
 
-def _boundary_counts(position: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Histogram of b = |position - 0.5| over the kept elements, on the CDF grid: bin k holds the values in
-    ((k - 1) / (2 * _CDF_POINTS), k / (2 * _CDF_POINTS)]. ceil(b * 2 * _CDF_POINTS) is exact in float32
-    (power-of-two scaling). One native pass on a CPU where built (the same counts), else the torch reference."""
-    if native.enabled(position):
-        return native.boundary_histogram(position, keep, _CDF_POINTS)
-    return _boundary_counts_reference(position, keep)
+@dataclass(frozen=True)
+class _Tally:
+    """What one counting pass over a tensor's cells finds (see _tally_reference for each count's rule)."""
+
+    on_grid: int
+    interior_on_grid: int
+    near_code: int
+    steerable: int
+    live: int
+    source: int
+    decoy_on_code: int
+    live_counts: torch.Tensor  # boundary histogram of the live weights
+    decoy_counts: torch.Tensor  # boundary histogram of the in-cell decoys (zeros when none were asked for)
+
+
+def _tally(
+    values: torch.Tensor,
+    dtype: torch.dtype,
+    cells: RoundingCells,
+    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    end_codes: tuple[int, int],
+) -> _Tally:
+    """The detector's counts over float32 `values` (a checkpoint of `dtype`) in their cells, with the code values
+    (lo, hi, near, above) of each weight's lower, upper, nearest and next-interior code (near None: lo stands in;
+    above None: no in-cell decoys) and the grid's end codes (bottom, top). One native pass on a CPU where built (the
+    same counts), else the torch reference."""
+    if native.enabled(values):
+        live_counts, decoy_counts, counts = native.cell_tally(
+            values,
+            (cells.position, cells.lower, cells.upper, cells.nearest),
+            code_values,
+            end_codes,
+            (_MANTISSA_BITS[dtype], torch.finfo(dtype).tiny),
+            (DECOY_SHIFTS, *_ON_CODE_F32),
+            _CDF_POINTS,
+        )
+        return _Tally(**counts, live_counts=live_counts, decoy_counts=decoy_counts)
+    return _tally_reference(values, dtype, cells, code_values, end_codes)
+
+
+def _tally_reference(
+    values: torch.Tensor,
+    dtype: torch.dtype,
+    cells: RoundingCells,
+    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    end_codes: tuple[int, int],
+) -> _Tally:
+    """_tally in torch. A weight is on the grid when it equals one of its codes' values or sits within float32 noise
+    of one (positions carry the rounding of the scale's reciprocal); live when its cell has two distinct codes of
+    distinct values and it is not on the grid; near a code when on the grid, not steerable, or within half a storage
+    ulp of its nearest code's value (what a dequantized model re-rounded to the checkpoint's dtype holds)."""
+    lo, hi, near, above = code_values
+    near = lo if near is None else near
+    bottom, top = end_codes
+    at_code = (cells.position < _ON_CODE) | (cells.position > 1.0 - _ON_CODE)
+    on_grid = (values == near) | (values == lo) | (values == hi) | at_code
+    end_code = (cells.nearest == bottom) | (cells.nearest == top)
+    steerable = cells.steerable
+    live = steerable & ~on_grid & ((hi - lo).abs() > 0)
+    ulp = _storage_ulp(values, dtype)  # the checkpoint's lattice spacing per weight, computed once
+    near_code = on_grid | ~steerable | ((values - near).abs() <= 0.5 * ulp)
+    decoy_counts, source, decoy_on_code = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64), 0, 0
+    if above is not None:
+        # Decoy sources: every live weight, and every weight on an interior code (position 0 in the cell toward the
+        # code next to it, `above`). Leaving the on-code ones out would thin the decoys next to codes.
+        pinned_step = above - near
+        sources = live | (on_grid & ~end_code & (pinned_step != 0))
+        step = torch.where(sources, torch.where(live, hi - lo, pinned_step), 1.0)
+        p = torch.where(live, cells.position, torch.zeros_like(cells.position))
+        shift = _decoy_spacing(ulp, step) / step  # in cells, signed like the cell's orientation
+        decoy_counts, decoy_on_code = _decoy_counts_reference(p, shift, sources)
+        source = int(sources.count_nonzero())
+    return _Tally(
+        on_grid=int(on_grid.count_nonzero()),
+        interior_on_grid=int((on_grid & ~end_code).count_nonzero()),
+        near_code=int(near_code.count_nonzero()),
+        steerable=int(steerable.count_nonzero()),
+        live=int(live.count_nonzero()),
+        source=source,
+        decoy_on_code=decoy_on_code,
+        live_counts=_boundary_counts_reference(cells.position, live),
+        decoy_counts=decoy_counts,
+    )
 
 
 def _boundary_counts_reference(position: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """_boundary_counts in torch: a counting pass over masks (no sort, no gather); dropped elements go to a spill
-    bin."""
+    """Histogram of b = |position - 0.5| over the kept elements, on the CDF grid: bin k holds the values in
+    ((k - 1) / (2 * _CDF_POINTS), k / (2 * _CDF_POINTS)]. ceil(b * 2 * _CDF_POINTS) is exact in float32
+    (power-of-two scaling). A counting pass over masks (no sort, no gather); dropped elements go to a spill bin."""
     index = (position - 0.5).abs_().mul_(2 * _CDF_POINTS).ceil_().to(torch.int32).clamp_(0, _CDF_POINTS)
     index.masked_fill_(~keep, _CDF_POINTS + 1)  # in place, int32: this pass runs 7 times per score (2.3x faster)
     return torch.bincount(index.reshape(-1), minlength=_CDF_POINTS + 2)[: _CDF_POINTS + 1]
@@ -137,37 +216,6 @@ def _cdf(counts: torch.Tensor) -> torch.Tensor:
     return (counts.cumsum(0)[1:].double() / max(int(counts.sum()), 1)).float()
 
 
-def _in_cell_decoys(
-    ulp: torch.Tensor,
-    fmt: Format,
-    enc: Encoding,
-    nearest: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    live: torch.Tensor,
-    pinned: torch.Tensor,
-    top: torch.Tensor,
-) -> tuple[torch.Tensor, float]:
-    """Decoys for formats whose scales do not depend on where interior weights sit: each weight shifted by k * h,
-    positioned in its own cell geometry (scales held fixed). `ulp` is the checkpoint's lattice spacing per weight,
-    `nearest`, `lo`, `hi` the values of each weight's nearest, lower and upper codes. Returns the decoys'
-    boundary-distance histogram and the share of decoys exactly on a code."""
-    cells = enc.cells
-    # Decoy sources: every weight off the grid, and every weight on an interior code (position 0 in the cell above
-    # it). Leaving the on-code ones out would thin the decoys next to codes.
-    above = torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1)
-    pinned_step = fmt.code_values(enc, above) - nearest
-    source = live | (pinned & (pinned_step != 0))
-    step = torch.where(source, torch.where(live, hi - lo, pinned_step), 1.0)
-    p = torch.where(live, cells.position, torch.zeros_like(cells.position))
-    shift = _decoy_spacing(ulp, step) / step  # in cells, signed like the cell's orientation
-    if native.enabled(p):  # the same counts in one pass
-        counts, on_code_total = native.decoy_histogram(p, shift, source, DECOY_SHIFTS, *_ON_CODE_F32, _CDF_POINTS)
-    else:
-        counts, on_code_total = _decoy_counts_reference(p, shift, source)
-    return counts, on_code_total / max(len(DECOY_SHIFTS) * int(source.sum()), 1)
-
-
 def _decoy_counts_reference(p: torch.Tensor, shift: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Boundary histogram of the decoys p + k * shift (k in DECOY_SHIFTS, wrapped into the cell) of the source
     weights, and how many decoys sit on a code (those are not binned)."""
@@ -175,16 +223,15 @@ def _decoy_counts_reference(p: torch.Tensor, shift: torch.Tensor, source: torch.
     on_code_total = 0
     for k in DECOY_SHIFTS:
         decoy = torch.remainder(p + k * shift, 1.0)
-        # Within float32 noise of a code counts as on it, for real weights and decoys alike (positions carry the
-        # rounding of the scale's reciprocal).
+        # Within float32 noise of a code counts as on it, for real weights and decoys alike.
         on_code = (decoy < _ON_CODE) | (decoy > 1.0 - _ON_CODE)
         counts += _boundary_counts_reference(decoy, source & ~on_code)
-        on_code_total += int((on_code & source).sum())
+        on_code_total += int((on_code & source).count_nonzero())
     return counts, on_code_total
 
 
 def _refit_decoys(
-    values: torch.Tensor, ulp: torch.Tensor, fmt: Format, enc: Encoding, lo: torch.Tensor, hi: torch.Tensor
+    values: torch.Tensor, dtype: torch.dtype, fmt: Format, enc: Encoding, lo: torch.Tensor, hi: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
     """Decoys for formats that fit their scales to the block (k-quants): the whole tensor shifted by k * h and
     quantized again, scale search included. A clean tensor's fit pulls weights toward codes (Q6_K weighs its fit
@@ -192,7 +239,7 @@ def _refit_decoys(
     the same pull, an attacker's alignment does not survive the shift. Costs one encode per shift."""
     step = (hi - lo).abs()
     fallback = step[step > 0].median() if bool((step > 0).any()) else torch.ones(())
-    h = _decoy_spacing(ulp, torch.where(step > 0, step, fallback))
+    h = _decoy_spacing(_storage_ulp(values, dtype), torch.where(step > 0, step, fallback))
     big = torch.finfo(torch.float32).max
     counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
     on_grid = []
@@ -201,10 +248,10 @@ def _refit_decoys(
         denc = fmt.encode(shifted)
         c = denc.cells
         dlo, dhi = fmt.code_values(denc, c.lower), fmt.code_values(denc, c.upper)
-        at_code = (c.position < _ON_CODE) | (c.position > 1.0 - _ON_CODE) | (shifted == dlo) | (shifted == dhi)
-        end_code = (c.nearest == c.nearest.min()) | (c.nearest == c.nearest.max())
-        counts += _boundary_counts(c.position, c.steerable & ~at_code & ((dhi - dlo).abs() > 0))
-        on_grid.append(float((at_code & ~end_code).float().mean()))
+        # the decoy's live weights and interior on-grid share, counted as for the real weights (float32 lattice)
+        t = _tally(shifted, torch.float32, c, (dlo, dhi, None, None), (int(c.nearest.min()), int(c.nearest.max())))
+        counts += t.live_counts
+        on_grid.append(t.interior_on_grid / shifted.numel())
     return counts, sum(on_grid) / len(on_grid)
 
 
@@ -214,46 +261,37 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     `enc` is fmt.encode(x) when the caller already has it (hardening does)."""
     enc = enc if enc is not None else fmt.encode(x, name)
     cells = enc.cells
-    lo = fmt.code_values(enc, cells.lower)
-    hi = fmt.code_values(enc, cells.upper)
     values = x.float()
-    at_code = (cells.position < _ON_CODE) | (cells.position > 1.0 - _ON_CODE)
+    lo, hi = fmt.code_values(enc, cells.lower), fmt.code_values(enc, cells.upper)
     nearest = fmt.code_values(enc, cells.nearest)
-    on_grid = (values == nearest) | (values == lo) | (values == hi) | at_code
-    top, bottom = cells.nearest.max(), cells.nearest.min()
-    end_code = (cells.nearest == bottom) | (cells.nearest == top)
-    live = cells.steerable & ~on_grid & ((hi - lo).abs() > 0)
-    n = int(live.sum())
-    on_grid_fraction = float(on_grid.float().mean())
-    interior_on_grid = float((on_grid & ~end_code).float().mean())
-    ulp = _storage_ulp(values, x.dtype)  # the checkpoint's lattice spacing per weight, computed once
-    half_ulp = 0.5 * ulp
-    near = on_grid | ~cells.steerable | ((values - nearest).abs() <= half_ulp)
-    near_code = float(near.float().mean())
-    steerable = int(cells.steerable.sum())
-    if n == 0:
-        return CellScore(
-            fmt.name, fmt.family, x.numel(), 0, 0.0, 0.0, on_grid_fraction, interior_on_grid, 0.0, near_code, steerable
-        )
+    bottom, top = int(cells.nearest.min()), int(cells.nearest.max())
+    above = None
+    if not fmt.fits_scales:  # in-cell decoys (scales held fixed) need the code next to each on-code weight's
+        above = fmt.code_values(enc, torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1))
+    t = _tally(values, x.dtype, cells, (lo, hi, nearest, above), (bottom, top))
+    n = x.numel()
+    fractions = (t.on_grid / n, t.interior_on_grid / n)
+    if t.live == 0:
+        return CellScore(fmt.name, fmt.family, n, 0, 0.0, 0.0, *fractions, 0.0, t.near_code / n, t.steerable)
     if fmt.fits_scales:
-        decoy_counts, decoy_on_grid = _refit_decoys(values, ulp, fmt, enc, lo, hi)
+        decoy_counts, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi)
     else:
-        decoy_counts, decoy_on_grid = _in_cell_decoys(ulp, fmt, enc, nearest, lo, hi, live, on_grid & ~end_code, top)
+        decoy_counts, decoy_on_grid = t.decoy_counts, t.decoy_on_code / max(len(DECOY_SHIFTS) * t.source, 1)
     grid = torch.linspace(0, 0.5, _CDF_POINTS + 1)[1:]
-    excess = _cdf(_boundary_counts(cells.position, live)) - _cdf(decoy_counts)
+    excess = _cdf(t.live_counts) - _cdf(decoy_counts)
     at = int(torch.argmax(excess.abs()))
     return CellScore(
         format=fmt.name,
         family=fmt.family,
-        elements=x.numel(),
-        off_grid=n,
+        elements=n,
+        off_grid=t.live,
         distance=float(excess[at]),
         at=float(grid[at]),
-        on_grid_fraction=on_grid_fraction,
-        interior_on_grid_fraction=interior_on_grid,
+        on_grid_fraction=fractions[0],
+        interior_on_grid_fraction=fractions[1],
         decoy_on_grid_fraction=decoy_on_grid,
-        near_code_fraction=near_code,
-        steerable=steerable,
+        near_code_fraction=t.near_code / n,
+        steerable=t.steerable,
     )
 
 

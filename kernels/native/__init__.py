@@ -27,8 +27,8 @@ except ImportError:  # not built (no compiler at install time): the torch refere
     _ext = None
 
 __all__ = [
-    "boundary_histogram",
-    "decoy_histogram",
+    "TALLY_FIELDS",
+    "cell_tally",
     "enabled",
     "fp8_cells",
     "grid_cells",
@@ -255,62 +255,60 @@ def fp8_cells(
     return lower, upper, position, nearest, negative
 
 
-def _histogram(count: int, run: Callable[[int, int, torch.Tensor, torch.Tensor], None], bins: int) -> tuple:
-    """Counts over [0, count) summed over threads: run(a, b, counts, on_code) accumulates into its own arrays."""
-    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def one(a: int, b: int) -> None:
-        counts, on = torch.zeros(bins, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-        run(a, b, counts, on)
-        parts.append((counts, on))
-
-    _parallel(count, one, _MIN_DRAWS_PER_THREAD)  # runs at least one range, so parts is never empty
-    return sum(c for c, _ in parts), int(sum(int(o) for _, o in parts))
-
-
 def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _contiguous(t.reshape(-1), dtype)
 
 
-def boundary_histogram(position: torch.Tensor, keep: torch.Tensor, cdf_points: int) -> torch.Tensor:
-    """detection's _boundary_counts: counts (cdf_points + 1,) of clamp(ceil(|p - 0.5| * 2 * cdf_points)) over keep."""
-    p, k = _flat(position, torch.float32), _flat(keep, torch.bool)
-
-    def run(a: int, b: int, counts: torch.Tensor, _: torch.Tensor) -> None:
-        _ext.boundary_histogram(_at(p, a), _at(k, a), b - a, cdf_points, counts.data_ptr())
-
-    return _histogram(p.numel(), run, cdf_points + 1)[0]
+#: cell_tally's counts, in the order of the C enum (native.h)
+TALLY_FIELDS = ("on_grid", "interior_on_grid", "near_code", "steerable", "live", "source", "decoy_on_code")
+_CELL_DTYPES = (torch.float32, torch.int32, torch.int32, torch.int32)  # position, lower, upper, nearest
 
 
-def decoy_histogram(
-    position: torch.Tensor,
-    shift: torch.Tensor,
-    source: torch.Tensor,
-    shifts: tuple[int, ...],
-    on_low: float,
-    on_high: float,
+def cell_tally(
+    values: torch.Tensor,
+    cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    end_codes: tuple[int, int],
+    lattice: tuple[int, float],
+    decoys: tuple[tuple[int, ...], float, float],
     cdf_points: int,
-) -> tuple[torch.Tensor, int]:
-    """detection's in-cell decoy loop: (counts (cdf_points + 1,), decoys within (on_low, on_high)'s complement)."""
-    p, s, src = _flat(position, torch.float32), _flat(shift, torch.float32), _flat(source, torch.bool)
-    ks = torch.tensor(shifts, dtype=torch.int32)
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """detection's counting pass (cell_statistic._tally_reference) in one native pass, split over threads.
 
-    def run(a: int, b: int, counts: torch.Tensor, on: torch.Tensor) -> None:
-        _ext.decoy_histogram(
-            _at(p, a),
-            _at(s, a),
-            _at(src, a),
+    `cells` = (position, lower, upper, nearest), `code_values` = (lo, hi, near, above) (near and above may be None),
+    `end_codes` = (bottom, top), `lattice` = (mantissa bits, smallest normal) of the checkpoint's dtype, `decoys` =
+    (shifts, on_low, on_high). Returns (live weights' boundary counts, in-cell decoys' counts, TALLY_FIELDS counts)."""
+    v = _flat(values, torch.float32)
+    position, lower, upper, nearest = (_flat(t, d) for t, d in zip(cells, _CELL_DTYPES, strict=True))
+    lo, hi, near, above = (None if t is None else _flat(t, torch.float32) for t in code_values)
+    shifts, on_low, on_high = decoys
+    ks = torch.tensor(shifts, dtype=torch.int32)
+    parts: list[tuple[torch.Tensor, ...]] = []
+
+    def run(a: int, b: int) -> None:
+        out = torch.zeros(2, cdf_points + 1, dtype=torch.int64), torch.zeros(len(TALLY_FIELDS), dtype=torch.int64)
+        optional = [0 if t is None else _at(t, a) for t in (near, above)]
+        _ext.cell_tally(
+            *(_at(t, a) for t in (v, position, lower, upper, nearest, lo, hi)),
+            *optional,
             b - a,
+            *end_codes,
+            *lattice,
             ks.data_ptr(),
             len(shifts),
             on_low,
             on_high,
             cdf_points,
-            counts.data_ptr(),
-            on.data_ptr(),
+            out[0][0].data_ptr(),
+            out[0][1].data_ptr(),
+            out[1].data_ptr(),
         )
+        parts.append(out)
 
-    return _histogram(p.numel(), run, cdf_points + 1)
+    _parallel(v.numel(), run, _MIN_DRAWS_PER_THREAD)  # runs at least one range, so parts is never empty
+    counts = sum(c for c, _ in parts)
+    tally = sum(t for _, t in parts)
+    return counts[0], counts[1], dict(zip(TALLY_FIELDS, tally.tolist(), strict=True))
 
 
 def stochastic_codes(

@@ -12,13 +12,18 @@
 
 #define TOP_CODE 126
 
-static float grid[TOP_CODE + 1]; /* e4m3fn magnitudes by code; filled once by fp8_cells_init */
+static inline float from_bits(int32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
-void fp8_cells_init(void) {
-    for (int c = 0; c <= TOP_CODE; ++c) {
-        int e = c >> 3, m = c & 7;
-        grid[c] = e == 0 ? (float)m * 0x1p-9f : ldexpf(1.0f + (float)m / 8.0f, e - 7); /* exact */
-    }
+/* grid[c] from the code's bits (a gather would keep the loop scalar): (1 + m/8) * 2**(e - 7) for e >= 1, an
+ * exponent field of e + 120; m * 2**-9 in the fixed-point range e = 0. Exact, equal to the table. */
+static inline float magnitude(int32_t c) {
+    int32_t e = c >> 3, m = c & 7;
+    float normal = from_bits(((e + 120) << 23) | (m << 20));
+    return e == 0 ? (float)m * 0x1p-9f : normal;
 }
 
 static inline int32_t floor_code(float v) {
@@ -32,18 +37,22 @@ static inline int32_t floor_code(float v) {
     return code < 0 ? 0 : (code > TOP_CODE ? TOP_CODE : code);
 }
 
-VECTORIZED void fp8_cells(const float *r, ptrdiff_t count, int32_t *lower, int32_t *upper, float *position,
-                          int32_t *nearest, uint8_t *negative) {
+VECTORIZED void fp8_cells(const float *restrict r, ptrdiff_t count, int32_t *restrict lower, int32_t *restrict upper,
+                          float *restrict position, int32_t *restrict nearest, uint8_t *restrict negative) {
+    const float top = magnitude(TOP_CODE);
     for (ptrdiff_t i = 0; i < count; ++i) {
         float v = fabsf(r[i]);
         int32_t lo = floor_code(v);
         int32_t next = lo < TOP_CODE ? lo + 1 : TOP_CODE;
-        float mid = (grid[lo] + grid[next]) * 0.5f; /* exact in float32 */
-        /* bitwise | and & rather than || and &&: selects, not data-dependent branches */
-        nearest[i] = ((v > mid) | ((v == mid) & (lo & 1))) ? next : lo;
-        int32_t up = ((grid[lo] == v) | (v > grid[TOP_CODE]) | (v < grid[0])) ? lo : next;
-        float span = grid[up] - grid[lo];
-        float within = (v - grid[lo]) / (span > 0 ? span : 1.0f);
+        float g_lo = magnitude(lo), g_next = magnitude(next);
+        float mid = (g_lo + g_next) * 0.5f; /* exact in float32 */
+        /* ties to the even code (an odd lower is below 126, so lo + 1 == next); written as nested selects, the form
+         * gcc's if-conversion vectorizes (a bool | int mix here kept the whole loop scalar) */
+        nearest[i] = v > mid ? next : (v == mid ? lo + (lo & 1) : lo);
+        int32_t stays = (g_lo == v) | (v > top); /* on the lower code, or beyond the grid (v = |r| >= 0) */
+        int32_t up = stays ? lo : next;
+        float span = stays ? 0.0f : g_next - g_lo;
+        float within = (v - g_lo) / (span > 0 ? span : 1.0f);
         lower[i] = lo;
         upper[i] = up;
         position[i] = span > 0 ? within : 0.0f;

@@ -98,32 +98,22 @@ static PyObject *py_fp8_cells(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_boundary_histogram(PyObject *self, PyObject *args) {
-    unsigned long long pposition, pkeep, pcounts;
+static PyObject *py_cell_tally(PyObject *self, PyObject *args) {
+    unsigned long long pvalues, pposition, plower, pupper, pnearest, plo, phi, pnear, pabove, pshifts, plive, pdecoy,
+        ptally;
     Py_ssize_t count;
-    int cdf_points;
+    struct tally_params tp;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKniK", &pposition, &pkeep, &count, &cdf_points, &pcounts)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    boundary_histogram(ADDR(const float, pposition), ADDR(const uint8_t, pkeep), count, cdf_points,
-                       ADDR(int64_t, pcounts));
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_decoy_histogram(PyObject *self, PyObject *args) {
-    unsigned long long pposition, pshift, psource, pshifts, pcounts, pon;
-    Py_ssize_t count;
-    int nshifts, cdf_points;
-    float on_low, on_high;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KKKnKiffiKK", &pposition, &pshift, &psource, &count, &pshifts, &nshifts, &on_low,
-                          &on_high, &cdf_points, &pcounts, &pon))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKniiifKiffiKKK", &pvalues, &pposition, &plower, &pupper, &pnearest, &plo,
+                          &phi, &pnear, &pabove, &count, &tp.bottom, &tp.top, &tp.mantissa_bits, &tp.tiny, &pshifts,
+                          &tp.nshifts, &tp.on_low, &tp.on_high, &tp.cdf_points, &plive, &pdecoy, &ptally))
         return NULL;
+    tp.shifts = ADDR(const int32_t, pshifts);
     Py_BEGIN_ALLOW_THREADS
-    decoy_histogram(ADDR(const float, pposition), ADDR(const float, pshift), ADDR(const uint8_t, psource), count,
-                    ADDR(const int32_t, pshifts), nshifts, on_low, on_high, cdf_points, ADDR(int64_t, pcounts),
-                    ADDR(int64_t, pon));
+    cell_tally(ADDR(const float, pvalues), ADDR(const float, pposition), ADDR(const int32_t, plower),
+               ADDR(const int32_t, pupper), ADDR(const int32_t, pnearest), ADDR(const float, plo),
+               ADDR(const float, phi), ADDR(const float, pnear), ADDR(const float, pabove), count, &tp,
+               ADDR(int64_t, plive), ADDR(int64_t, pdecoy), ADDR(int64_t, ptally));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -173,10 +163,9 @@ static PyMethodDef methods[] = {
     {"legacy", py_legacy, METH_VARARGS, "legacy(x, nblocks, bits, affine, d, m, u, nearest): GgufLegacy encoding"},
     {"fp8_cells", py_fp8_cells, METH_VARARGS,
      "fp8_cells(r, count, lower, upper, position, nearest, negative): formats.fp8.fp8_cells"},
-    {"boundary_histogram", py_boundary_histogram, METH_VARARGS,
-     "boundary_histogram(position, keep, count, cdf_points, counts): the detector's counting pass"},
-    {"decoy_histogram", py_decoy_histogram, METH_VARARGS,
-     "decoy_histogram(position, shift, source, count, shifts, nshifts, on_low, on_high, cdf_points, counts, on_code)"},
+    {"cell_tally", py_cell_tally, METH_VARARGS,
+     "cell_tally(values, position, lower, upper, nearest, lo, hi, near, above, count, bottom, top, mantissa_bits, "
+     "tiny, shifts, nshifts, on_low, on_high, cdf_points, live_counts, decoy_counts, tally): the detector's pass"},
     {"grid_cells", py_grid_cells, METH_VARARGS,
      "grid_cells(u, nearest, count, qmin, qmax, offset, lower, upper, position): integer_grid_cells"},
     {"stochastic_codes", py_stochastic_codes, METH_VARARGS,
@@ -190,7 +179,6 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
-    fp8_cells_init();
     philox_init(0);
     return PyModule_Create(&module);
 }

@@ -28,17 +28,28 @@ void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int affine, floa
 void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,
                 int32_t *lower, int32_t *upper, float *position);
 
-/* fp8_cells.c: formats.fp8.fp8_cells for `count` values (fp8_cells_init fills the grid once, at import) */
-void fp8_cells_init(void);
-void fp8_cells(const float *r, ptrdiff_t count, int32_t *lower, int32_t *upper, float *position, int32_t *nearest,
-               uint8_t *negative);
+/* fp8_cells.c: formats.fp8.fp8_cells for `count` values (the buffers must not overlap) */
+void fp8_cells(const float *restrict r, ptrdiff_t count, int32_t *restrict lower, int32_t *restrict upper,
+               float *restrict position, int32_t *restrict nearest, uint8_t *restrict negative);
 
-/* histogram.c: the detector's counting passes (counts has cdf_points + 1 bins and accumulates) */
-void boundary_histogram(const float *position, const uint8_t *keep, ptrdiff_t count, int cdf_points,
-                        int64_t *counts);
-void decoy_histogram(const float *position, const float *shift, const uint8_t *source, ptrdiff_t count,
-                     const int32_t *shifts, int nshifts, float on_low, float on_high, int cdf_points, int64_t *counts,
-                     int64_t *on_code);
+/* histogram.c: the detector's counting pass over `count` weights (detection.cell_statistic._tally_reference): live
+ * weights' boundary histogram, in-cell decoys' histogram when `above` is given (both cdf_points + 1 bins) and the
+ * TALLY_FIELDS counts; every output accumulates. `near` may be NULL (then lo stands in for it). */
+struct tally_params {
+    int32_t bottom, top;    /* the tensor's lowest and highest nearest codes (its grid's end codes) */
+    int mantissa_bits;      /* of the checkpoint's dtype, and its smallest normal: the storage lattice */
+    float tiny;
+    const int32_t *shifts;  /* decoy shifts, in lattice steps */
+    int nshifts;
+    float on_low, on_high;  /* positions outside (on_low, on_high) sit on a code */
+    int cdf_points;
+};
+enum { TALLY_ON_GRID, TALLY_INTERIOR_ON_GRID, TALLY_NEAR_CODE, TALLY_STEERABLE, TALLY_LIVE, TALLY_SOURCE,
+       TALLY_DECOY_ON_CODE, TALLY_FIELDS };
+void cell_tally(const float *values, const float *position, const int32_t *lower, const int32_t *upper,
+                const int32_t *nearest, const float *lo, const float *hi, const float *near, const float *above,
+                ptrdiff_t count, const struct tally_params *tp, int64_t *live_counts, int64_t *decoy_counts,
+                int64_t *tally);
 
 /* philox.c: philox_init picks the widest Philox batch the CPU runs (at import), or the portable C one (tests);
  * returns 1 for AVX2 */
