@@ -129,7 +129,7 @@ def harden_fused(
         out, changed = nearest, 0
         if config.mode == "harden":
             out = quantize_packed(x, fmt, name, seed, **place)
-            changed = int((fmt.dequantize(out) != fmt.dequantize(nearest)).sum())
+            changed = int((fmt.dequantize(out) != fmt.dequantize(nearest)).count_nonzero())
     except QcbguardError:
         raise
     except Exception as exc:  # a kernel or device failure: stop, and say how to harden without the kernels

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qcbguard_kernels import NonFiniteInputError, UnsupportedInputError, format_names, get_format
+from qcbguard_kernels.errors import check_finite
 from qcbguard_kernels.formats import register_format
 from tests.inputs import fresh_seed, standard_cases
 
@@ -84,6 +85,20 @@ def test_non_finite_input_is_refused_with_tensor_and_index(name, bad):
     x[2, 400] = float("nan")
     with pytest.raises(NonFiniteInputError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight'.*\(2, 300\)"):
         get_format(name).quantize(x, "model.layers.0.mlp.up_proj.weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_value_anywhere_is_found(dtype, bad):
+    """The finiteness check's fast path (one min/max pass) misses no lone NaN or infinity, wherever it sits in a
+    tensor of odd size (vector bodies and tails alike), and still names the first bad index."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    for numel in (1, 31, 100_003):
+        for at in {0, numel // 2, numel - 1, int(torch.randint(numel, (1,), generator=g))}:
+            x = (torch.randn(numel, generator=g) * 0.02).to(dtype)
+            x[at] = bad
+            with pytest.raises(NonFiniteInputError, match=rf"\({at},\)"):
+                check_finite(x, "w")
 
 
 @pytest.mark.parametrize("name", format_names())

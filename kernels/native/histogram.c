@@ -11,68 +11,105 @@
 #include "native.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
-static inline int64_t bin_of(float p, int cdf_points) {
+static inline int32_t bin_of(float p, int cdf_points) {
     float b = ceilf(fabsf(p - 0.5f) * (float)(2 * cdf_points));
-    int64_t k = b == b ? (int64_t)(int32_t)(b < 2147483648.0f ? b : 0.0f) : 0; /* NaN and overflow: as x86, then 0 */
+    int32_t k = (int32_t)((b == b) & (b < 2147483648.0f) ? b : 0.0f); /* NaN and overflow: as x86, then 0 */
     return k < 0 ? 0 : (k > cdf_points ? cdf_points : k);
+}
+
+static inline float from_bits(int32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
 static inline float storage_ulp(float v, const struct tally_params *tp) {
     float mag = fabsf(v) < tp->tiny ? tp->tiny : fabsf(v); /* a normal float32: tiny >= 2**-126 */
-    int32_t bits, ulp_bits;
+    int32_t bits;
     memcpy(&bits, &mag, sizeof bits);
     int32_t biased = (bits >> 23) - tp->mantissa_bits; /* 2**(e - 1 - mantissa_bits)'s exponent field */
-    if (biased < 1) return ldexpf(1.0f, biased - 127); /* a float32 subnormal (float32 checkpoints only) */
-    ulp_bits = biased << 23;
-    memcpy(&mag, &ulp_bits, sizeof mag);
-    return mag;
+    /* below 1: a float32 subnormal, 2**-149 * 2**(biased + 22) (float32 checkpoints only; biased >= -22) */
+    int32_t shift = biased + 22 < 0 ? 0 : (biased + 22 > 30 ? 30 : biased + 22);
+    return biased >= 1 ? from_bits(biased << 23) : from_bits(1 << shift);
 }
 
-/* The decoys p + k * shift of one source weight: binned, or counted as on a code. */
-static inline void count_decoys(float p, float shift, const struct tally_params *tp, int64_t *decoy_counts,
-                                int64_t *on_code) {
-    for (int j = 0; j < tp->nshifts; ++j) {
-        float a = p + (float)tp->shifts[j] * shift;
-        float d = a - truncf(a); /* fmodf(a, 1.0f), exactly (a float's fractional part is a float), inline */
-        if (d != 0.0f && d < 0.0f) d += 1.0f;
-        if (d < tp->on_low || d > tp->on_high) /* within float32 noise of a code: on it */
-            ++*on_code;
-        else
-            decoy_counts[bin_of(d, tp->cdf_points)] += 1;
-    }
-}
+#define BLOCK 256 /* weights per round of the two-phase loop below */
 
-VECTORIZED void cell_tally(const float *values, const float *position, const int32_t *lower, const int32_t *upper,
-                           const int32_t *nearest, const float *lo, const float *hi, const float *near,
-                           const float *above, ptrdiff_t count, const struct tally_params *tp, int64_t *live_counts,
-                           int64_t *decoy_counts, int64_t *tally) {
+/* Two phases per block of weights: every per-weight quantity and every bin index in loops without branches (gcc
+ * vectorizes them), then the histogram increments, which are scattered stores and stay scalar. Bins beyond
+ * cdf_points: ON_CODE (a decoy on a code) and SPILL (not counted). */
+VECTORIZED int cell_tally(const float *values, const float *position, const int32_t *lower, const int32_t *upper,
+                          const int32_t *nearest, const float *lo, const float *hi, const float *near,
+                          const float *above, ptrdiff_t count, const struct tally_params *tp, int64_t *live_counts,
+                          int64_t *decoy_counts, int64_t *tally) {
+    const int points = tp->cdf_points, on_code_bin = points + 1, spill = points + 2;
+    const float resolution = 64.0f; /* DECOY_RESOLUTION */
+    /* no near: lo stands in (v == lo is tested already, and the near-code count is not read); no above: no pinned
+     * decoy sources (the live ones are computed and not counted) */
+    const float *nv_of = near ? near : lo, *above_of = above ? above : nv_of;
     int64_t t[TALLY_FIELDS] = {0};
-    for (ptrdiff_t i = 0; i < count; ++i) {
-        float v = values[i], p = position[i], l = lo[i], h = hi[i];
-        float nv = near ? near[i] : l; /* no near: v == l is tested already, and the near-code count is not read */
-        int steerable = lower[i] != upper[i];
-        int at_code = (p < tp->on_low) | (p > tp->on_high);
-        int on_grid = (v == nv) | (v == l) | (v == h) | at_code;
-        int end_code = (nearest[i] == tp->bottom) | (nearest[i] == tp->top);
-        int live = steerable & !on_grid & (fabsf(h - l) > 0.0f);
-        float ulp = storage_ulp(v, tp);
-        t[TALLY_ON_GRID] += on_grid;
-        t[TALLY_INTERIOR_ON_GRID] += on_grid & !end_code;
-        t[TALLY_NEAR_CODE] += on_grid | !steerable | (fabsf(v - nv) <= 0.5f * ulp);
-        t[TALLY_STEERABLE] += steerable;
-        t[TALLY_LIVE] += live;
-        if (live) live_counts[bin_of(p, tp->cdf_points)] += 1;
+    int64_t *live_hist = calloc((size_t)(2 * (points + 3)), sizeof(int64_t)), *decoy_hist = live_hist + points + 3;
+    if (!live_hist) return -1;
+    int32_t live_bin[BLOCK], is_source[BLOCK], decoy_bin[BLOCK];
+    float source_p[BLOCK], source_shift[BLOCK];
+    for (ptrdiff_t start = 0; start < count; start += BLOCK) {
+        int n = count - start < BLOCK ? (int)(count - start) : BLOCK;
+        int32_t on_grid_n = 0, interior_n = 0, near_n = 0, steerable_n = 0, live_n = 0, source_n = 0;
+        for (int i = 0; i < n; ++i) {
+            ptrdiff_t e = start + i;
+            float v = values[e], p = position[e], l = lo[e], h = hi[e], nv = nv_of[e];
+            int32_t steerable = lower[e] != upper[e];
+            int32_t on_grid = (v == nv) | (v == l) | (v == h) | (p < tp->on_low) | (p > tp->on_high);
+            int32_t interior = on_grid & (nearest[e] != tp->bottom) & (nearest[e] != tp->top);
+            int32_t live = steerable & !on_grid & (fabsf(h - l) > 0.0f);
+            float ulp = storage_ulp(v, tp);
+            /* in-cell decoys: from every live weight, and from every weight on an interior code (position 0 in
+             * the cell toward `above`, the code next to it) */
+            float pinned_step = above_of[e] - nv;
+            int32_t source = live | (interior & (pinned_step != 0.0f));
+            float step = live ? h - l : (source ? pinned_step : 1.0f);
+            float spread = fabsf(step) / resolution;
+            float spacing = spread > ulp ? spread : ulp; /* fmaxf (torch.maximum) without NaNs; fmaxf stays scalar */
+            on_grid_n += on_grid;
+            interior_n += interior;
+            near_n += on_grid | !steerable | (fabsf(v - nv) <= 0.5f * ulp);
+            steerable_n += steerable;
+            live_n += live;
+            source_n += source;
+            live_bin[i] = live ? bin_of(p, points) : spill;
+            is_source[i] = source;
+            source_p[i] = live ? p : 0.0f;
+            source_shift[i] = spacing / step;
+        }
+        t[TALLY_ON_GRID] += on_grid_n;
+        t[TALLY_INTERIOR_ON_GRID] += interior_n;
+        t[TALLY_NEAR_CODE] += near_n;
+        t[TALLY_STEERABLE] += steerable_n;
+        t[TALLY_LIVE] += live_n;
+        for (int i = 0; i < n; ++i) live_hist[live_bin[i]] += 1;
         if (!above) continue;
-        /* in-cell decoys: from every live weight, and from every weight on an interior code (position 0 in the cell
-         * toward `above`, the code next to it) */
-        float pinned_step = above[i] - nv;
-        if (!(live | (on_grid & !end_code & (pinned_step != 0.0f)))) continue;
-        float step = live ? h - l : pinned_step;
-        float spacing = fmaxf(ulp, fabsf(step) / 64.0f); /* DECOY_RESOLUTION */
-        t[TALLY_SOURCE] += 1;
-        count_decoys(live ? p : 0.0f, spacing / step, tp, decoy_counts, &t[TALLY_DECOY_ON_CODE]);
+        t[TALLY_SOURCE] += source_n;
+        for (int j = 0; j < tp->nshifts; ++j) {
+            float k = (float)tp->shifts[j];
+            for (int i = 0; i < n; ++i) {
+                float a = source_p[i] + k * source_shift[i];
+                float d = a - truncf(a); /* fmodf(a, 1.0f), exactly (a float's fractional part is a float) */
+                d = d < 0.0f ? d + 1.0f : d;
+                int32_t on = (d < tp->on_low) | (d > tp->on_high); /* within float32 noise of a code: on it */
+                decoy_bin[i] = is_source[i] ? (on ? on_code_bin : bin_of(d, points)) : spill;
+            }
+            for (int i = 0; i < n; ++i) decoy_hist[decoy_bin[i]] += 1;
+        }
     }
+    for (int b = 0; b <= points; ++b) {
+        live_counts[b] += live_hist[b];
+        decoy_counts[b] += decoy_hist[b];
+    }
+    t[TALLY_DECOY_ON_CODE] += decoy_hist[on_code_bin];
     for (int k = 0; k < TALLY_FIELDS; ++k) tally[k] += t[k];
+    free(live_hist);
+    return 0;
 }

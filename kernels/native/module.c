@@ -109,12 +109,14 @@ static PyObject *py_cell_tally(PyObject *self, PyObject *args) {
                           &tp.nshifts, &tp.on_low, &tp.on_high, &tp.cdf_points, &plive, &pdecoy, &ptally))
         return NULL;
     tp.shifts = ADDR(const int32_t, pshifts);
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-    cell_tally(ADDR(const float, pvalues), ADDR(const float, pposition), ADDR(const int32_t, plower),
-               ADDR(const int32_t, pupper), ADDR(const int32_t, pnearest), ADDR(const float, plo),
-               ADDR(const float, phi), ADDR(const float, pnear), ADDR(const float, pabove), count, &tp,
-               ADDR(int64_t, plive), ADDR(int64_t, pdecoy), ADDR(int64_t, ptally));
+    rc = cell_tally(ADDR(const float, pvalues), ADDR(const float, pposition), ADDR(const int32_t, plower),
+                    ADDR(const int32_t, pupper), ADDR(const int32_t, pnearest), ADDR(const float, plo),
+                    ADDR(const float, phi), ADDR(const float, pnear), ADDR(const float, pabove), count, &tp,
+                    ADDR(int64_t, plive), ADDR(int64_t, pdecoy), ADDR(int64_t, ptally));
     Py_END_ALLOW_THREADS
+    if (rc != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

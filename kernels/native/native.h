@@ -34,7 +34,8 @@ void fp8_cells(const float *restrict r, ptrdiff_t count, int32_t *restrict lower
 
 /* histogram.c: the detector's counting pass over `count` weights (detection.cell_statistic._tally_reference): live
  * weights' boundary histogram, in-cell decoys' histogram when `above` is given (both cdf_points + 1 bins) and the
- * TALLY_FIELDS counts; every output accumulates. `near` may be NULL (then lo stands in for it). */
+ * TALLY_FIELDS counts; every output accumulates. `near` may be NULL (then lo stands in for it). Returns 0, or -1
+ * when its scratch memory could not be allocated (nothing counted). */
 struct tally_params {
     int32_t bottom, top;    /* the tensor's lowest and highest nearest codes (its grid's end codes) */
     int mantissa_bits;      /* of the checkpoint's dtype, and its smallest normal: the storage lattice */
@@ -46,7 +47,7 @@ struct tally_params {
 };
 enum { TALLY_ON_GRID, TALLY_INTERIOR_ON_GRID, TALLY_NEAR_CODE, TALLY_STEERABLE, TALLY_LIVE, TALLY_SOURCE,
        TALLY_DECOY_ON_CODE, TALLY_FIELDS };
-void cell_tally(const float *values, const float *position, const int32_t *lower, const int32_t *upper,
+int cell_tally(const float *values, const float *position, const int32_t *lower, const int32_t *upper,
                 const int32_t *nearest, const float *lo, const float *hi, const float *near, const float *above,
                 ptrdiff_t count, const struct tally_params *tp, int64_t *live_counts, int64_t *decoy_counts,
                 int64_t *tally);
