@@ -263,7 +263,7 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     cells = enc.cells
     values = x.float()
     lo, hi = fmt.code_values(enc, cells.lower), fmt.code_values(enc, cells.upper)
-    nearest = fmt.code_values(enc, cells.nearest)
+    nearest = torch.where(cells.nearest == cells.lower, lo, hi)  # the nearest code is its cell's lower or upper
     bottom, top = int(cells.nearest.min()), int(cells.nearest.max())
     above = None
     if not fmt.fits_scales:  # in-cell decoys (scales held fixed) need the code next to each on-code weight's

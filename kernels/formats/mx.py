@@ -161,9 +161,8 @@ class MxFormat(Format):
         return self._apply_scale(values, q.tensors["scale"], q.shape)
 
     def code_values(self, enc: Encoding, codes: torch.Tensor) -> torch.Tensor:
-        mag = self.grid[codes.long()]
-        signed = torch.where(enc.scales["negative"], -mag, mag)
-        return self._apply_scale(signed, enc.scales["scale"], enc.shape)
+        sign = torch.where(enc.scales["negative"], -1.0, 1.0)  # times +-1: exact, -0.0 included
+        return self._apply_scale(self.grid[codes] * sign, enc.scales["scale"], enc.shape)
 
 
 register_format(MxFormat("mxfp8", "e4m3"))
