@@ -201,6 +201,35 @@ def test_fp8_cells_match_reference():
         assert _same_bits(getattr(fast, field), getattr(ref, field)), f"{field} (seed {SEED})"
 
 
+@pytest.mark.parametrize("name", ["fp8_per_channel", "fp8_per_tensor"])
+def test_fp8_scaling_fused_into_cells_matches_reference(name, monkeypatch):
+    """vLLM's per-channel and per-tensor scale rules fused into the e4m3 cells (no clamp there: beyond 448 a value
+    saturates like the clamped one) against torch's scaling, clamp and cells: the standard awkward cases, rows of
+    zeros (the per-channel scale floor), huge rows, a zero tensor and a subnormal-tiny one (per-tensor: an infinite
+    inverse scale, 0 * inf = NaN -> 448 and x * inf = inf), over 1 and 2 threads."""
+    fmt = get_format(name)
+    cases = standard_cases(8, 1536, 256, SEED)
+    big = torch.randn(600, 1024, generator=torch.Generator().manual_seed(SEED)) * 0.02  # two threads' worth of rows
+    big[::7] = 0.0
+    big[1::7] *= 1e30
+    cases |= {
+        "rows": big,
+        "zeros": torch.zeros(4, 256),
+        "tiny": torch.full((4, 256), 1e-37).index_fill_(1, torch.tensor([3]), 0.0),
+    }
+    for case, x in cases.items():
+        monkeypatch.setenv("QCBGUARD_NATIVE", "0")
+        ref = fmt.encode(x)
+        monkeypatch.setenv("QCBGUARD_NATIVE", "1")
+        for threads in (1, 2):
+            with torch_threads(threads):
+                fast = fmt.encode(x)
+            assert torch.equal(fast.scales["negative"], ref.scales["negative"]), f"{case} negative (seed {SEED})"
+            for field in ("lower", "upper", "position", "nearest"):
+                got, want = getattr(fast.cells, field), getattr(ref.cells, field)
+                assert _same_bits(got, want), f"{case} {field}, {threads} threads (seed {SEED})"
+
+
 def _tally_inputs(dtype: torch.dtype, g: torch.Generator) -> tuple:
     """Cells whose positions sit on bin edges (k / 2048 from the boundary), on codes (0, 1), within 1e-5 of them and
     at random; ascending and descending cells, zero-width ones, clamped ones (lower == upper); values on the

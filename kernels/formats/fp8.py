@@ -105,6 +105,19 @@ def fp8_cells(r: torch.Tensor) -> tuple[RoundingCells, torch.Tensor]:
     return fp8_cells_reference(r)
 
 
+def scaled_fp8_cells(x: torch.Tensor, rule: str, factor: torch.Tensor) -> tuple[RoundingCells, torch.Tensor]:
+    """fp8_cells of the value the quantizer casts: r = (x / factor).clamp(-448, 448) with one factor per row of the
+    2-D x ("divide_row": per-channel scales) or CUDA's clamp of x * factor ("multiply": one inverse scale). Natively
+    the scaling is fused into the cells' pass (the same bits), except where x * factor can be NaN (an infinite
+    inverse scale: a zero or subnormal-tiny tensor), which takes the torch scaling."""
+    if native.enabled(x) and (rule == "divide_row" or bool(torch.isfinite(factor).all())):
+        lower, upper, position, nearest, negative = native.fp8_cells(x, rule, factor)
+        return RoundingCells(lower=lower, upper=upper, position=position, nearest=nearest), negative
+    if rule == "divide_row":
+        return fp8_cells((x / factor.reshape(-1, 1)).clamp(-E4M3_MAX, E4M3_MAX))
+    return fp8_cells(_cuda_fminf_fmaxf_clamp(x * factor, E4M3_MAX))
+
+
 def fp8_cells_reference(r: torch.Tensor) -> tuple[RoundingCells, torch.Tensor]:
     """fp8_cells in plain torch."""
     v = r.abs()
@@ -147,17 +160,15 @@ class Fp8E4M3(Format):
         if self.granularity == "tensor":
             amax = x.abs().amax().reshape(1)
             scale = amax / torch.tensor(E4M3_MAX)
-            inv = 1.0 / scale
-            r = _cuda_fminf_fmaxf_clamp(x * inv, E4M3_MAX)
+            cells, negative = scaled_fp8_cells(x, "multiply", 1.0 / scale)
         elif self.granularity == "channel":
             amax = x.abs().amax(dim=1, keepdim=True)
             floor = torch.tensor(1.0) / torch.tensor(E4M3_MAX * 512)
             scale = (amax / torch.tensor(E4M3_MAX)).clamp_min(floor)
-            r = (x / scale).clamp(-E4M3_MAX, E4M3_MAX)
+            cells, negative = scaled_fp8_cells(x, "divide_row", scale)
         else:
             scale, inv_full = self._block_scales(x)
-            r = x * inv_full
-        cells, negative = fp8_cells(r)
+            cells, negative = fp8_cells(x * inv_full)
         return Encoding(self.name, x.shape, cells, {"scale": scale, "negative": negative})
 
     def _block_scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

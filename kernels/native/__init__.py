@@ -229,29 +229,38 @@ def legacy_encode(
     return d, (m if affine else None), u, nearest
 
 
+#: fp8_cells' scale rules (native.h): r = x, x / divisor[row], x * multiplier
+_FP8_RULES = {"as_is": 0, "divide_row": 1, "multiply": 2}
+
+
 def fp8_cells(
-    r: torch.Tensor,
+    x: torch.Tensor, rule: str = "as_is", factor: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """formats.fp8.fp8_cells' arithmetic in one pass: (lower, upper, position, nearest, negative) shaped like r."""
-    r = _contiguous(r, torch.float32)
-    if r.device.type != "cpu":
+    """formats.fp8.fp8_cells' arithmetic in one pass over r, where r is x ("as_is"), x / factor[row] ("divide_row",
+    x 2-D, one factor per row) or x * factor ("multiply", one factor; the caller keeps x * factor free of NaN): the
+    clamp to +-448 that precedes the cast changes no cell. Returns (lower, upper, position, nearest, negative) shaped
+    like x."""
+    x = _contiguous(x, torch.float32)
+    if x.device.type != "cpu":
         raise ValueError("fp8_cells needs a CPU tensor")
-    lower, upper, nearest = (torch.empty(r.shape, dtype=torch.int32) for _ in range(3))
-    position = torch.empty_like(r)
-    negative = torch.empty(r.shape, dtype=torch.bool)
+    rows_of = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    rows, cols = rows_of.shape
+    expected = {"as_is": 0, "divide_row": rows, "multiply": 1}[rule]
+    f = torch.ones(1) if factor is None else _flat(factor, torch.float32)
+    if f.numel() != max(expected, 1) or (rule == "divide_row" and x.dim() != 2):
+        raise ValueError(f"fp8_cells rule {rule!r} on shape {tuple(x.shape)} needs {expected} factors, got {f.numel()}")
+    lower, upper, nearest = (torch.empty(x.shape, dtype=torch.int32) for _ in range(3))
+    position = torch.empty_like(x)
+    negative = torch.empty(x.shape, dtype=torch.bool)
 
     def run(a: int, b: int) -> None:
+        outputs = (lower, upper, position, nearest, negative)
         _ext.fp8_cells(
-            _at(r.view(-1), a),
-            b - a,
-            _at(lower.view(-1), a),
-            _at(upper.view(-1), a),
-            _at(position.view(-1), a),
-            _at(nearest.view(-1), a),
-            _at(negative.view(-1), a),
-        )
+            _at(rows_of, a), b - a, cols, _at(f, a if rule == "divide_row" else 0), _FP8_RULES[rule],
+            *(_at(t.view(-1), a * cols) for t in outputs),
+        )  # fmt: skip
 
-    _parallel(r.numel(), run, _MIN_DRAWS_PER_THREAD)
+    _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return lower, upper, position, nearest, negative
 
 

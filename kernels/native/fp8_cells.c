@@ -3,7 +3,8 @@
  * rules). Per value r handed to the e4m3 cast: v = |r|; lower = the largest magnitude code <= v, read off v's bits
  * (saturating at 126 = 448); nearest = round to nearest, ties to the even code; upper = lower + 1 unless v sits on
  * lower or beyond the grid; position = (v - grid[lower]) / (grid[upper] - grid[lower]), or 0 on a zero-width cell;
- * negative = r's sign bit.
+ * negative = r's sign bit. The value r is x itself, or x divided by its row's scale or times one inverse scale (the
+ * scale rules of vLLM's per-channel and per-tensor quantizers, fused here to save a pass over memory).
  */
 #include "native.h"
 
@@ -37,25 +38,47 @@ static inline int32_t floor_code(float v) {
     return code < 0 ? 0 : (code > TOP_CODE ? TOP_CODE : code);
 }
 
-VECTORIZED void fp8_cells(const float *restrict r, ptrdiff_t count, int32_t *restrict lower, int32_t *restrict upper,
-                          float *restrict position, int32_t *restrict nearest, uint8_t *restrict negative) {
+/* The cell of the value r handed to the e4m3 cast, written at index i. */
+static inline void cell_at(float r, ptrdiff_t i, float top, int32_t *restrict lower, int32_t *restrict upper,
+                           float *restrict position, int32_t *restrict nearest, uint8_t *restrict negative) {
+    float v = fabsf(r);
+    int32_t lo = floor_code(v);
+    int32_t next = lo < TOP_CODE ? lo + 1 : TOP_CODE;
+    float g_lo = magnitude(lo), g_next = magnitude(next);
+    float mid = (g_lo + g_next) * 0.5f; /* exact in float32 */
+    /* ties to the even code (an odd lower is below 126, so lo + 1 == next); written as nested selects, the form
+     * gcc's if-conversion vectorizes (a bool | int mix here kept the whole loop scalar) */
+    nearest[i] = v > mid ? next : (v == mid ? lo + (lo & 1) : lo);
+    int32_t stays = (g_lo == v) | (v > top); /* on the lower code, or beyond the grid (v = |r| >= 0) */
+    int32_t up = stays ? lo : next;
+    float span = stays ? 0.0f : g_next - g_lo;
+    float within = (v - g_lo) / (span > 0 ? span : 1.0f);
+    lower[i] = lo;
+    upper[i] = up;
+    position[i] = span > 0 ? within : 0.0f;
+    negative[i] = signbit(r) != 0;
+}
+
+VECTORIZED void fp8_cells(const float *restrict x, ptrdiff_t rows, ptrdiff_t cols, const float *restrict factor,
+                          int rule, int32_t *restrict lower, int32_t *restrict upper, float *restrict position,
+                          int32_t *restrict nearest, uint8_t *restrict negative) {
     const float top = magnitude(TOP_CODE);
-    for (ptrdiff_t i = 0; i < count; ++i) {
-        float v = fabsf(r[i]);
-        int32_t lo = floor_code(v);
-        int32_t next = lo < TOP_CODE ? lo + 1 : TOP_CODE;
-        float g_lo = magnitude(lo), g_next = magnitude(next);
-        float mid = (g_lo + g_next) * 0.5f; /* exact in float32 */
-        /* ties to the even code (an odd lower is below 126, so lo + 1 == next); written as nested selects, the form
-         * gcc's if-conversion vectorizes (a bool | int mix here kept the whole loop scalar) */
-        nearest[i] = v > mid ? next : (v == mid ? lo + (lo & 1) : lo);
-        int32_t stays = (g_lo == v) | (v > top); /* on the lower code, or beyond the grid (v = |r| >= 0) */
-        int32_t up = stays ? lo : next;
-        float span = stays ? 0.0f : g_next - g_lo;
-        float within = (v - g_lo) / (span > 0 ? span : 1.0f);
-        lower[i] = lo;
-        upper[i] = up;
-        position[i] = span > 0 ? within : 0.0f;
-        negative[i] = signbit(r[i]) != 0;
+    for (ptrdiff_t row = 0; row < rows; ++row) {
+        const float *xr = x + row * cols;
+        ptrdiff_t base = row * cols;
+        float f = rule == FP8_AS_IS ? 1.0f : factor[rule == FP8_DIVIDE_ROW ? row : 0];
+        /* One loop per rule (a select on the value ahead of cell_at keeps gcc from vectorizing, so there is
+         * none): the quantizers clamp r to +-448, which changes no cell (beyond 448, inf included, a value
+         * saturates to the top code at position 0, as 448 itself does), and the caller keeps NaN out (x * inv is
+         * NaN only for a zero weight times an infinite inverse scale, which it hands over as r instead). */
+        if (rule == FP8_DIVIDE_ROW)
+            for (ptrdiff_t i = 0; i < cols; ++i)
+                cell_at(xr[i] / f, base + i, top, lower, upper, position, nearest, negative);
+        else if (rule == FP8_MULTIPLY)
+            for (ptrdiff_t i = 0; i < cols; ++i)
+                cell_at(xr[i] * f, base + i, top, lower, upper, position, nearest, negative);
+        else
+            for (ptrdiff_t i = 0; i < cols; ++i)
+                cell_at(xr[i], base + i, top, lower, upper, position, nearest, negative);
     }
 }

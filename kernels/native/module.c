@@ -86,14 +86,20 @@ static PyObject *py_legacy(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_fp8_cells(PyObject *self, PyObject *args) {
-    unsigned long long pr, plower, pupper, pposition, pnearest, pnegative;
-    Py_ssize_t count;
+    unsigned long long px, pfactor, plower, pupper, pposition, pnearest, pnegative;
+    Py_ssize_t rows, cols;
+    int rule;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KnKKKKK", &pr, &count, &plower, &pupper, &pposition, &pnearest, &pnegative))
+    if (!PyArg_ParseTuple(args, "KnnKiKKKKK", &px, &rows, &cols, &pfactor, &rule, &plower, &pupper, &pposition,
+                          &pnearest, &pnegative))
         return NULL;
+    if (rule != FP8_AS_IS && rule != FP8_DIVIDE_ROW && rule != FP8_MULTIPLY) {
+        PyErr_Format(PyExc_ValueError, "unknown fp8 scale rule %d", rule);
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
-    fp8_cells(ADDR(const float, pr), count, ADDR(int32_t, plower), ADDR(int32_t, pupper), ADDR(float, pposition),
-              ADDR(int32_t, pnearest), ADDR(uint8_t, pnegative));
+    fp8_cells(ADDR(const float, px), rows, cols, ADDR(const float, pfactor), rule, ADDR(int32_t, plower),
+              ADDR(int32_t, pupper), ADDR(float, pposition), ADDR(int32_t, pnearest), ADDR(uint8_t, pnegative));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -164,7 +170,7 @@ static PyMethodDef methods[] = {
     {"q3", py_q3, METH_VARARGS, "q3(x, count, n, nmax, scale, codes): make_q3_quants, do_rmse"},
     {"legacy", py_legacy, METH_VARARGS, "legacy(x, nblocks, bits, affine, d, m, u, nearest): GgufLegacy encoding"},
     {"fp8_cells", py_fp8_cells, METH_VARARGS,
-     "fp8_cells(r, count, lower, upper, position, nearest, negative): formats.fp8.fp8_cells"},
+     "fp8_cells(x, rows, cols, factor, rule, lower, upper, position, nearest, negative): formats.fp8.fp8_cells"},
     {"cell_tally", py_cell_tally, METH_VARARGS,
      "cell_tally(values, position, lower, upper, nearest, lo, hi, near, above, count, bottom, top, mantissa_bits, "
      "tiny, shifts, nshifts, on_low, on_high, cdf_points, live_counts, decoy_counts, tally): the detector's pass"},

@@ -28,9 +28,12 @@ void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int affine, floa
 void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,
                 int32_t *lower, int32_t *upper, float *position);
 
-/* fp8_cells.c: formats.fp8.fp8_cells for `count` values (the buffers must not overlap) */
-void fp8_cells(const float *restrict r, ptrdiff_t count, int32_t *restrict lower, int32_t *restrict upper,
-               float *restrict position, int32_t *restrict nearest, uint8_t *restrict negative);
+/* fp8_cells.c: formats.fp8.fp8_cells for rows x cols values r (the buffers must not overlap): r = x (FP8_AS_IS),
+ * x / factor[row] (FP8_DIVIDE_ROW) or x * factor[0] (FP8_MULTIPLY), never NaN; clamped to +-448 or not, the same */
+enum { FP8_AS_IS, FP8_DIVIDE_ROW, FP8_MULTIPLY };
+void fp8_cells(const float *restrict x, ptrdiff_t rows, ptrdiff_t cols, const float *restrict factor, int rule,
+               int32_t *restrict lower, int32_t *restrict upper, float *restrict position, int32_t *restrict nearest,
+               uint8_t *restrict negative);
 
 /* histogram.c: the detector's counting pass over `count` weights (detection.cell_statistic._tally_reference): live
  * weights' boundary histogram, in-cell decoys' histogram when `above` is given (both cdf_points + 1 bins) and the
