@@ -249,6 +249,12 @@ def _tally_inputs(dtype: torch.dtype, g: torch.Generator) -> tuple:
     pick = torch.rand(n, generator=g)
     values = torch.where(pick < 0.05, lo, torch.where(pick < 0.1, hi, values))
     values[:12] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 6e-8, 1e-6, -1e-6, 2.0**-126, 2.0**-14, 3.0, -448.0, 1e-40])
+    # live weights whose first decoy lands exactly on the upper on-code bound: a float32 checkpoint's decoy shift is
+    # (step / 64) / step = 1/64 exactly, and on_high - 1/64 + 1/64 == on_high in float32
+    edge = slice(12, 20)
+    p[edge] = torch.tensor(1.0 - 1e-5, dtype=torch.float32) - 1 / 64
+    upper[edge] = lower[edge] + 1
+    lo[edge], hi[edge], values[edge] = 0.25, 0.26, 0.255
     near = torch.where(nearest == lower, lo, hi)
     above = torch.where(torch.rand(n, generator=g) < 0.1, near, near + torch.randn(n, generator=g) * 0.01)
     cells = RoundingCells(lower=lower, upper=upper, position=p, nearest=nearest)
