@@ -270,10 +270,11 @@ def test_detector_tally_matches_reference(dtype):
     g = torch.Generator().manual_seed(SEED)
     values, cells, lo, hi, near, above = _tally_inputs(dtype, g)
     for code_values in ((lo, hi, near, above), (lo, hi, None, None)):
-        ref = cs._tally_reference(values, dtype, cells, code_values, (0, 16))
+        weights = cs._Weights(values, dtype, cells, code_values, (0, 16))
+        ref = cs._tally_reference(weights)
         for threads in (1, 2):
             with torch_threads(threads):
-                fast = cs._tally(values, dtype, cells, code_values, (0, 16))
+                fast = cs._tally(weights)
             for field in native.TALLY_FIELDS:
                 assert getattr(fast, field) == getattr(ref, field), f"{field}, {threads} threads (seed {SEED})"
             assert torch.equal(fast.live_counts, ref.live_counts), f"live counts (seed {SEED})"

@@ -132,45 +132,46 @@ class _Tally:
     decoy_counts: torch.Tensor  # boundary histogram of the in-cell decoys (zeros when none were asked for)
 
 
-def _tally(
-    values: torch.Tensor,
-    dtype: torch.dtype,
-    cells: RoundingCells,
-    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-    end_codes: tuple[int, int],
-) -> _Tally:
-    """The detector's counts over float32 `values` (a checkpoint of `dtype`) in their cells, with the code values
-    (lo, hi, near, above) of each weight's lower, upper, nearest and next-interior code (near None: lo stands in;
-    above None: no in-cell decoys) and the grid's end codes (bottom, top). One native pass on a CPU where built (the
-    same counts), else the torch reference."""
-    if native.enabled(values):
+@dataclass(frozen=True)
+class _Weights:
+    """A counting pass's input: float32 `values` (a checkpoint of `dtype`) in their `cells`, the code values (lo, hi,
+    near, above) of each weight's lower, upper, nearest and next-interior code (near None: lo stands in; above None:
+    no in-cell decoys), and the grid's end codes (bottom, top)."""
+
+    values: torch.Tensor
+    dtype: torch.dtype
+    cells: RoundingCells
+    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+    end_codes: tuple[int, int]
+
+
+def _tally(w: _Weights) -> _Tally:
+    """The detector's counts over the weights. One native pass on a CPU where built (the same counts), else the torch
+    reference."""
+    if native.enabled(w.values):
+        c = w.cells
         live_counts, decoy_counts, counts = native.cell_tally(
-            values,
-            (cells.position, cells.lower, cells.upper, cells.nearest),
-            code_values,
-            end_codes,
-            (_MANTISSA_BITS[dtype], torch.finfo(dtype).tiny),
+            w.values,
+            (c.position, c.lower, c.upper, c.nearest),
+            w.code_values,
+            w.end_codes,
+            (_MANTISSA_BITS[w.dtype], torch.finfo(w.dtype).tiny),
             (DECOY_SHIFTS, *_ON_CODE_F32),
             _CDF_POINTS,
         )
         return _Tally(**counts, live_counts=live_counts, decoy_counts=decoy_counts)
-    return _tally_reference(values, dtype, cells, code_values, end_codes)
+    return _tally_reference(w)
 
 
-def _tally_reference(
-    values: torch.Tensor,
-    dtype: torch.dtype,
-    cells: RoundingCells,
-    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-    end_codes: tuple[int, int],
-) -> _Tally:
+def _tally_reference(w: _Weights) -> _Tally:
     """_tally in torch. A weight is on the grid when it equals one of its codes' values or sits within float32 noise
     of one (positions carry the rounding of the scale's reciprocal); live when its cell has two distinct codes of
     distinct values and it is not on the grid; near a code when on the grid, not steerable, or within half a storage
     ulp of its nearest code's value (what a dequantized model re-rounded to the checkpoint's dtype holds)."""
-    lo, hi, near, above = code_values
+    values, dtype, cells = w.values, w.dtype, w.cells
+    lo, hi, near, above = w.code_values
     near = lo if near is None else near
-    bottom, top = end_codes
+    bottom, top = w.end_codes
     at_code = (cells.position < _ON_CODE) | (cells.position > 1.0 - _ON_CODE)
     on_grid = (values == near) | (values == lo) | (values == hi) | at_code
     end_code = (cells.nearest == bottom) | (cells.nearest == top)
@@ -249,7 +250,9 @@ def _refit_decoys(
         c = denc.cells
         dlo, dhi = fmt.code_values(denc, c.lower), fmt.code_values(denc, c.upper)
         # the decoy's live weights and interior on-grid share, counted as for the real weights (float32 lattice)
-        t = _tally(shifted, torch.float32, c, (dlo, dhi, None, None), (int(c.nearest.min()), int(c.nearest.max())))
+        t = _tally(
+            _Weights(shifted, torch.float32, c, (dlo, dhi, None, None), (int(c.nearest.min()), int(c.nearest.max())))
+        )
         counts += t.live_counts
         on_grid.append(t.interior_on_grid / shifted.numel())
     return counts, sum(on_grid) / len(on_grid)
@@ -268,7 +271,7 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     above = None
     if not fmt.fits_scales:  # in-cell decoys (scales held fixed) need the code next to each on-code weight's
         above = fmt.code_values(enc, torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1))
-    t = _tally(values, x.dtype, cells, (lo, hi, nearest, above), (bottom, top))
+    t = _tally(_Weights(values, x.dtype, cells, (lo, hi, nearest, above), (bottom, top)))
     n = x.numel()
     fractions = (t.on_grid / n, t.interior_on_grid / n)
     if t.live == 0:
