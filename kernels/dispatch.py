@@ -1,12 +1,15 @@
-"""One entry point for quantizing (and hardening) a tensor: a fused Triton kernel on a GPU, the reference elsewhere.
+"""One entry point for quantizing (and hardening) a tensor: a fused Triton kernel on a GPU, a fused native pass on a
+CPU where the format has one (Format.native_quantize: vLLM's per-tensor and per-channel fp8), the reference elsewhere.
 
-Both paths produce the same bytes for the same input, format, tensor name and seed (the tests prove it under
-TRITON_INTERPRET=1 on a CPU, and on CUDA where a GPU is present): the scales are the standard quantizer's, and a
-hardened code is drawn from the same Philox stream, indexed by the element's global (row, column).
+Every path produces the same bytes for the same input, format, tensor name and seed (the tests prove it under
+TRITON_INTERPRET=1 on a CPU, and on CUDA where a GPU is present; the native pass against the reference on the CPU):
+the scales are the standard quantizer's, and a hardened code is drawn from the same Philox stream, indexed by the
+element's global (row, column).
 
 Backend choice: ``backend="auto"`` (default) takes Triton for CUDA tensors when Triton is installed and covers the
-format's family, the reference otherwise. ``"triton"`` forces the kernels (on a CPU tensor this only works under
-TRITON_INTERPRET=1, for tests) and refuses when they cannot run; ``"reference"`` forces the plain-torch path.
+format's family, the fused native pass for CPU tensors of a format that has one, the reference otherwise.
+``"triton"`` forces the kernels (on a CPU tensor this only works under TRITON_INTERPRET=1, for tests) and refuses
+when they cannot run; ``"reference"`` forces the encode-and-pack path.
 The environment variable QCBGUARD_BACKEND sets the default for ``"auto"`` calls (``triton`` or ``reference``).
 """
 
@@ -48,7 +51,8 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def pick_backend(x: torch.Tensor, fmt: Format, backend: str = "auto") -> str:
-    """'triton' or 'reference' for this tensor and format; a forced Triton that cannot run is refused."""
+    """'triton', 'native' or 'reference' for this tensor and format; a forced Triton that cannot run is refused.
+    'native' is auto's choice on a CPU where the format fuses quantizing into one native pass (Format.fuses_on_cpu)."""
     backend = resolve_backend(backend)
     if backend == "reference":
         return "reference"
@@ -65,7 +69,9 @@ def pick_backend(x: torch.Tensor, fmt: Format, backend: str = "auto") -> str:
                 "backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 (the interpreter); move the tensor to a GPU"
             )
         return "triton"
-    return "triton" if (x.is_cuda and usable) else "reference"
+    if x.is_cuda and usable:
+        return "triton"
+    return "native" if (backend == "auto" and fmt.fuses_on_cpu(x)) else "reference"
 
 
 def quantize_packed(
@@ -92,11 +98,19 @@ def quantize_packed(
         enc = fmt.encode(x, name)
         codes = None if key is None else stochastic_codes(enc, key, row_offset, col_offset)
         return fmt.pack(enc, codes)
+    _check_fused(x, fmt, name, row_offset, col_offset)
+    if chosen == "native":
+        nearest, hardened, _ = fmt.native_quantize(x, name, key, row_offset, col_offset)
+        return nearest if hardened is None else hardened
+    return quantize_triton(fmt, x, key, row_offset, col_offset)
+
+
+def _check_fused(x: torch.Tensor, fmt: Format, name: str, row_offset: int, col_offset: int) -> None:
+    """What the fused paths need checked up front: the format's input rules and 32-bit Philox coordinates."""
     fmt.validate(x, name)
     cols = x.shape[-1] if x.dim() else 1
     if (x.numel() // cols) + row_offset > _COUNTER_LIMIT or cols + col_offset > _COUNTER_LIMIT:
         raise ValueError("tensor coordinates must stay below 2**32 (Philox counters are 32-bit)")
-    return quantize_triton(fmt, x, key, row_offset, col_offset)
 
 
 def harden_fused(
@@ -114,22 +128,29 @@ def harden_fused(
     """harden_tensor through the fused kernels: (round-to-nearest, what the config asks for, report), on x's device.
 
     The bytes are harden_tensor's. The detector scores the same CPU sample as every other path (detection.sampling,
-    at most DETECTOR_SAMPLE weights), so the verdict is the reference's. Codes changed are counted on the two outputs'
-    dequantized values (a moved code dequantizes to another value, except in a block whose scale is zero, where no
-    code matters); stochastic rounding moves a code by at most one step, so the mean change in steps is the share
-    changed; the steerable count is the sample's (exact when the sample is the whole tensor), scaled to the tensor.
+    at most DETECTOR_SAMPLE weights), so the verdict is the reference's. Codes changed are counted by the native pass,
+    or on the Triton outputs' dequantized values (a moved code dequantizes to another value, except in a block whose
+    scale is zero, where no code matters); stochastic rounding moves a code by at most one step, so the mean change in
+    steps is the share changed; the steerable count is the sample's (exact when the sample is the whole tensor),
+    scaled to the tensor.
     `screened`: screen()'s result for the whole tensor, when x is one of its row chunks (as in harden_tensor).
     """
     config = config or HardeningConfig()
     start = time.perf_counter()
     score, judged = screened if screened is not None else screen(x, fmt, name, config)
     place = {"row_offset": row_offset, "col_offset": col_offset, "backend": backend}
+    key = seed.key_for(name) if config.mode == "harden" else None
     try:
-        nearest = quantize_packed(x, fmt, name, None, **place)
-        out, changed = nearest, 0
-        if config.mode == "harden":
-            out = quantize_packed(x, fmt, name, seed, **place)
-            changed = int((fmt.dequantize(out) != fmt.dequantize(nearest)).count_nonzero())
+        if pick_backend(x, fmt, backend) == "native":  # both outputs and the count from one pass
+            _check_fused(x, fmt, name, row_offset, col_offset)
+            nearest, hardened, changed = fmt.native_quantize(x, name, key, row_offset, col_offset)
+            out = nearest if hardened is None else hardened
+        else:
+            nearest = quantize_packed(x, fmt, name, None, **place)
+            out, changed = nearest, 0
+            if key is not None:
+                out = quantize_packed(x, fmt, name, seed, **place)
+                changed = int((fmt.dequantize(out) != fmt.dequantize(nearest)).count_nonzero())
     except QcbguardError:
         raise
     except Exception as exc:  # a kernel or device failure: stop, and say how to harden without the kernels

@@ -302,6 +302,33 @@ def test_cell_score_matches_reference(name, monkeypatch):
             assert cell_score(w, fmt) == fast, f"{case} {dtype} (seed {SEED})"
 
 
+@pytest.mark.parametrize("name", ["fp8_per_channel", "fp8_per_tensor", "bnb_int8", "q4_0", "q4_k", "q6_k"])
+def test_native_outputs_ignore_the_default_dtype(name):
+    """vLLM loads a model under torch.set_default_dtype(bfloat16): every buffer the C code writes must carry its own
+    dtype (a float32 buffer allocated as the default dtype is half the size the C code fills, a heap overrun), so the
+    encoding, packed bytes and detector score under that default equal those under float32, dtype for dtype."""
+    from qcbguard_kernels.detection import cell_score
+
+    fmt = get_format(name)
+    x = standard_cases(4, 512, 256, SEED)["heavy_tailed"]
+    results = {}
+    before = torch.get_default_dtype()
+    for default in (torch.float32, torch.bfloat16):
+        torch.set_default_dtype(default)
+        try:
+            enc = fmt.encode(x)
+            results[default] = (enc, fmt.pack(enc, enc.cells.nearest), cell_score(x.to(torch.bfloat16), fmt))
+        finally:
+            torch.set_default_dtype(before)
+    (enc32, q32, score32), (enc16, q16, score16) = results[torch.float32], results[torch.bfloat16]
+    for field in ("lower", "upper", "position", "nearest"):
+        a, b = getattr(enc16.cells, field), getattr(enc32.cells, field)
+        assert a.dtype == b.dtype and _same_bits(a, b), f"{name} cells.{field} (seed {SEED})"
+    for key, t in q32.tensors.items():
+        assert q16.tensors[key].dtype == t.dtype and torch.equal(q16.tensors[key], t), f"{name} packed {key}"
+    assert score16 == score32, f"{name} detector score (seed {SEED})"
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_gets_working_threads():
     """vLLM forks its workers: a child forked after our thread pool started must not wait on the parent's threads

@@ -14,6 +14,7 @@ from qcbguard_kernels.dispatch import harden_fused, pick_backend, quantize_packe
 from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig, SuspiciousTensorError, harden_tensor
 from qcbguard_kernels.triton import TRITON_FAMILIES, supports
 from tests.attacks import box_attack, clean_weights
+from tests.inputs import fresh_seed, standard_cases
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -115,6 +116,45 @@ def test_harden_fused_is_harden_tensor(monkeypatch, fmt_name, shape):
     detect = HardeningConfig(mode="detect-only")
     nearest, kept, report = harden_fused(x, fmt, "w", seed, detect, backend="triton")
     assert kept is nearest and report.codes_changed == 0
+
+
+@pytest.mark.parametrize("fmt_name", ["fp8_per_channel", "fp8_per_tensor"])
+def test_fused_native_pass_is_harden_tensor(monkeypatch, fmt_name):
+    """On a CPU, auto takes the fused native pass for vLLM's per-channel and per-tensor fp8 (what the vLLM hook runs
+    there): harden_tensor's bytes and change counts, round-to-nearest beside them, at an offset, on awkward inputs,
+    over one and two threads (600 rows), and a zero and a subnormal-tiny tensor (an infinite inverse scale)."""
+    monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
+    fmt, seed = get_format(fmt_name), DeploymentSeed(bytes(range(32)))
+    g = torch.Generator().manual_seed(fresh_seed())
+    cases = standard_cases(6, 512, 256, int(torch.randint(2**31 - 1, (1,), generator=g)))
+    cases |= {"rows": torch.randn(600, 1024, generator=g) * 0.02, "zeros": torch.zeros(3, 64)}
+    cases["tiny"] = torch.full((3, 64), 1e-37).index_fill_(1, torch.tensor([5]), 0.0)
+    changed = {}
+    for case, x in cases.items():
+        assert pick_backend(x, fmt) == "native", case
+        reference, ref_report = harden_tensor(x, fmt, "w", seed, row_offset=7, col_offset=64)
+        nearest, fused, report = harden_fused(x, fmt, "w", seed, row_offset=7, col_offset=64)
+        for key, t in reference.tensors.items():
+            assert torch.equal(fused.tensors[key].view(torch.uint8), t.view(torch.uint8)), f"{case} {key}"
+            plain = fmt.quantize(x).tensors[key].view(torch.uint8)
+            assert torch.equal(nearest.tensors[key].view(torch.uint8), plain), f"{case} {key}"
+            again = quantize_packed(x, fmt, "w", seed, row_offset=7, col_offset=64).tensors[key]
+            assert torch.equal(again.view(torch.uint8), t.view(torch.uint8)), f"{case} {key}"
+        same = ("codes_changed", "mean_change_steps", "max_change_steps", "detector_distance", "suspicious")
+        assert {k: getattr(report, k) for k in same} == {k: getattr(ref_report, k) for k in same}, case
+        changed[case] = report.codes_changed
+    assert changed["rows"] > 0 and changed["normal"] > 0
+    nearest, kept, report = harden_fused(x, fmt, "w", seed, HardeningConfig(mode="detect-only"))
+    assert kept is nearest and report.codes_changed == 0
+    monkeypatch.setenv("QCBGUARD_NATIVE", "0")
+    assert pick_backend(x, fmt) == "reference"
+
+
+def test_formats_without_a_fused_native_pass_keep_the_reference(monkeypatch):
+    monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
+    for name in ("fp8_per_block", "q8_0", "nf4", "int8_per_channel"):
+        assert pick_backend(_x(4, 256), get_format(name)) == "reference", name
+    assert pick_backend(_x(), get_format("fp8_per_channel"), "reference") == "reference"
 
 
 def test_harden_fused_refuses_a_flagged_tensor_before_launching(monkeypatch):

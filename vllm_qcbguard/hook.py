@@ -197,10 +197,11 @@ def harden_against_vllm(
 
 
 def _fused(x: torch.Tensor, job: LayerJob, geometry: ShardGeometry, backend: str) -> bool:
-    """Whether the fused kernels harden this shard: the backend picks Triton (auto: a GPU tensor), and the shard is one
-    run of rows with scales of its own. Fused tensor-parallel shards ([q_r; k_r; v_r]) and shards whose amax vLLM
-    all-reduces take the reference, which draws each run at its own offset from one encoding."""
-    if pick_backend(x, job.fmt, backend) != "triton":
+    """Whether the fused kernels harden this shard: the backend picks Triton (auto: a GPU tensor) or the fused native
+    pass (auto: a CPU tensor of a format that has one), and the shard is one run of rows with scales of its own. Fused
+    tensor-parallel shards ([q_r; k_r; v_r]) and shards whose amax vLLM all-reduces take the reference, which draws
+    each run at its own offset from one encoding."""
+    if pick_backend(x, job.fmt, backend) == "reference":
         return False
     if job.amax is None and len(geometry.runs) == 1:
         return True

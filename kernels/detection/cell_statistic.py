@@ -239,7 +239,7 @@ def _refit_decoys(
     by x^2: Kolmogorov distances to 0.07 against fixed-scale decoys on clean bf16 weights); the re-fitted decoys carry
     the same pull, an attacker's alignment does not survive the shift. Costs one encode per shift."""
     step = (hi - lo).abs()
-    fallback = step[step > 0].median() if bool((step > 0).any()) else torch.ones(())
+    fallback = step[step > 0].median() if bool((step > 0).any()) else torch.ones((), dtype=step.dtype)
     h = _decoy_spacing(_storage_ulp(values, dtype), torch.where(step > 0, step, fallback))
     big = torch.finfo(torch.float32).max
     counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
@@ -280,7 +280,7 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
         decoy_counts, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi)
     else:
         decoy_counts, decoy_on_grid = t.decoy_counts, t.decoy_on_code / max(len(DECOY_SHIFTS) * t.source, 1)
-    grid = torch.linspace(0, 0.5, _CDF_POINTS + 1)[1:]
+    grid = torch.linspace(0, 0.5, _CDF_POINTS + 1, dtype=torch.float32)[1:]
     excess = _cdf(t.live_counts) - _cdf(decoy_counts)
     at = int(torch.argmax(excess.abs()))
     return CellScore(

@@ -26,7 +26,7 @@ def sample_row_ranges(n_rows: int, row_len: int, budget: int = DETECTOR_SAMPLE) 
         return [(0, n_rows)]
     runs = max(1, budget // (row_len * ROW_RUN))
     blocks = n_rows // ROW_RUN
-    starts = torch.linspace(0, blocks - 1, runs).long().unique() * ROW_RUN
+    starts = torch.linspace(0, blocks - 1, runs, dtype=torch.float64).long().unique() * ROW_RUN
     return [(s, s + ROW_RUN) for s in starts.tolist()]
 
 

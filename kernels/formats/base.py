@@ -145,5 +145,16 @@ class Format(ABC):
         For the nearest codes this equals dequantize(quantize(x)) up to the format's storage rounding of scales.
         """
 
+    def fuses_on_cpu(self, x: torch.Tensor) -> bool:
+        """True where native_quantize serves x: one native CPU pass from weights to packed bytes, without the cells."""
+        return False
+
+    def native_quantize(
+        self, x: torch.Tensor, name: str, key: int | None, row_offset: int = 0, col_offset: int = 0
+    ) -> tuple[QuantizedTensor, QuantizedTensor | None, int]:
+        """(round-to-nearest, hardened with `key` at global (row_offset, col_offset) or None, codes that differ):
+        the bytes pack(encode(x)) and pack(encode(x), stochastic_codes(...)) give, where fuses_on_cpu(x)."""
+        raise UnsupportedInputError(f"{self.name} has no fused native CPU path; quantize through encode and pack")
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}: {self.description}>"

@@ -51,7 +51,7 @@ NF4_CODE = torch.tensor(
 # FP4 (e2m1 with bitsandbytes' own exponent bias), normalized by its largest magnitude 12 in float32 like bnb does.
 FP4_CODE = torch.tensor(
     [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0], dtype=torch.float32
-) / torch.tensor(12.0)
+) / torch.tensor(12.0, dtype=torch.float32)
 
 _ABSMAX_FLOOR = 1e-38  # bnb clamps the block absmax before taking its reciprocal (all-zero blocks)
 _DQ_BLOCK = 256  # double quantization block size of the absmax statistics
@@ -213,7 +213,7 @@ class BnbCodebook4bit(Format):
             raise UnsupportedInputError(f"{self.name} codes must lie in [0, {self.grid.numel() - 1}]")
         nibbles = self._nibbles(enc, codes)
         if nibbles.numel() % 2:
-            zero_nibble = self._nibble_low[torch.searchsorted(self.grid, torch.tensor(0.0))]
+            zero_nibble = self._nibble_low[torch.searchsorted(self.grid, torch.tensor(0.0, dtype=self.grid.dtype))]
             nibbles = torch.cat([nibbles, zero_nibble.reshape(1)])
         packed = ((nibbles[::2] << 4) | nibbles[1::2]).unsqueeze(1)
         if self.double_quant:

@@ -157,19 +157,46 @@ class Fp8E4M3(Format):
     # ---- scale rule and rounding cells ----
 
     def _encode(self, x: torch.Tensor) -> Encoding:
-        if self.granularity == "tensor":
-            amax = x.abs().amax().reshape(1)
-            scale = amax / torch.tensor(E4M3_MAX)
-            cells, negative = scaled_fp8_cells(x, "multiply", 1.0 / scale)
-        elif self.granularity == "channel":
-            amax = x.abs().amax(dim=1, keepdim=True)
-            floor = torch.tensor(1.0) / torch.tensor(E4M3_MAX * 512)
-            scale = (amax / torch.tensor(E4M3_MAX)).clamp_min(floor)
-            cells, negative = scaled_fp8_cells(x, "divide_row", scale)
-        else:
+        if self.granularity == "block":
             scale, inv_full = self._block_scales(x)
             cells, negative = fp8_cells(x * inv_full)
+        else:
+            scale, rule, factor = self._scale_rule(x)
+            cells, negative = scaled_fp8_cells(x, rule, factor)
         return Encoding(self.name, x.shape, cells, {"scale": scale, "negative": negative})
+
+    def _scale_rule(self, x: torch.Tensor) -> tuple[torch.Tensor, str, torch.Tensor]:
+        """(scale, rule, factor) of the per-tensor and per-channel rules: x times one inverse scale, or x divided by
+        its row's scale (scaled_fp8_cells' rules)."""
+        if self.granularity == "tensor":
+            amax = x.abs().amax().reshape(1)
+            scale = amax / torch.tensor(E4M3_MAX, dtype=torch.float32)
+            return scale, "multiply", 1.0 / scale
+        amax = x.abs().amax(dim=1, keepdim=True)
+        floor = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(E4M3_MAX * 512, dtype=torch.float32)
+        scale = (amax / torch.tensor(E4M3_MAX, dtype=torch.float32)).clamp_min(floor)
+        return scale, "divide_row", scale
+
+    def fuses_on_cpu(self, x: torch.Tensor) -> bool:
+        return self.granularity != "block" and native.enabled(x)
+
+    def native_quantize(
+        self, x: torch.Tensor, name: str, key: int | None, row_offset: int = 0, col_offset: int = 0
+    ) -> tuple[QuantizedTensor, QuantizedTensor | None, int]:
+        if not self.fuses_on_cpu(x):
+            return super().native_quantize(x, name, key, row_offset, col_offset)
+        self.validate(x, name)
+        x = x.float().contiguous()
+        scale, rule, factor = self._scale_rule(x)
+        if not bool(torch.isfinite(factor).all()):  # x * inf can be NaN: torch scales (scaled_fp8_cells' fallback)
+            x, rule, factor = _cuda_fminf_fmaxf_clamp(x * factor, E4M3_MAX), "as_is", None
+        nearest, hardened, changed = native.fp8_quantize(x, rule, factor, key, row_offset, col_offset)
+
+        def packed(codes: torch.Tensor) -> QuantizedTensor:
+            weight = codes.view(torch.float8_e4m3fn)
+            return QuantizedTensor(self.name, x.shape, {"weight": weight, "scale": scale})
+
+        return packed(nearest), (None if hardened is None else packed(hardened)), changed
 
     def _block_scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sf [rows/128, cols/128] rounded up, 1/sf broadcast to x's shape)."""

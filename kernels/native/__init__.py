@@ -31,6 +31,7 @@ __all__ = [
     "cell_tally",
     "enabled",
     "fp8_cells",
+    "fp8_quantize",
     "grid_cells",
     "legacy_encode",
     "philox_uniform_grid",
@@ -114,7 +115,7 @@ def qkx2_search(
     """
     x = _blocks(x)
     count, n = x.shape
-    scale, the_min = torch.empty(count), torch.empty(count)
+    scale, the_min = torch.empty(count, dtype=torch.float32), torch.empty(count, dtype=torch.float32)
     codes = torch.empty((count, n), dtype=torch.int32)
 
     def run(a: int, b: int) -> None:
@@ -140,7 +141,7 @@ def qkx2_search(
 def _symmetric(kernel: Callable[..., None], x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = _blocks(x)
     count, n = x.shape
-    scale = torch.empty(count)
+    scale = torch.empty(count, dtype=torch.float32)
     codes = torch.empty((count, n), dtype=torch.int32)
 
     def run(a: int, b: int) -> None:
@@ -209,7 +210,7 @@ def legacy_encode(
     count = blocks.shape[0]
     if blocks.shape[1] != 32:
         raise ValueError(f"legacy blocks hold 32 weights, got {blocks.shape[1]}")
-    d, m = torch.empty(count), torch.empty(count if affine else 0)
+    d, m = torch.empty(count, dtype=torch.float32), torch.empty(count if affine else 0, dtype=torch.float32)
     u = torch.empty_like(blocks)
     nearest = torch.empty(blocks.shape, dtype=torch.int32)
 
@@ -233,6 +234,23 @@ def legacy_encode(
 _FP8_RULES = {"as_is": 0, "divide_row": 1, "multiply": 2}
 
 
+def _fp8_rows(x: torch.Tensor, rule: str, factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as float32 rows (a 2-D view) and the factors of its scale rule, checked against each other."""
+    x = _contiguous(x, torch.float32)
+    if x.device.type != "cpu":
+        raise ValueError("the fp8 twins need a CPU tensor")
+    rows_of = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    expected = {"as_is": 0, "divide_row": rows_of.shape[0], "multiply": 1}[rule]
+    f = torch.ones(1, dtype=torch.float32) if factor is None else _flat(factor, torch.float32)
+    if f.numel() != max(expected, 1) or (rule == "divide_row" and x.dim() != 2):
+        raise ValueError(f"fp8 rule {rule!r} on shape {tuple(x.shape)} needs {expected} factors, got {f.numel()}")
+    return rows_of, f
+
+
+def _factor_at(f: torch.Tensor, rule: str, row: int) -> int:
+    return _at(f, row if rule == "divide_row" else 0)
+
+
 def fp8_cells(
     x: torch.Tensor, rule: str = "as_is", factor: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,28 +258,44 @@ def fp8_cells(
     x 2-D, one factor per row) or x * factor ("multiply", one factor; the caller keeps x * factor free of NaN): the
     clamp to +-448 that precedes the cast changes no cell. Returns (lower, upper, position, nearest, negative) shaped
     like x."""
-    x = _contiguous(x, torch.float32)
-    if x.device.type != "cpu":
-        raise ValueError("fp8_cells needs a CPU tensor")
-    rows_of = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    rows_of, f = _fp8_rows(x, rule, factor)
     rows, cols = rows_of.shape
-    expected = {"as_is": 0, "divide_row": rows, "multiply": 1}[rule]
-    f = torch.ones(1) if factor is None else _flat(factor, torch.float32)
-    if f.numel() != max(expected, 1) or (rule == "divide_row" and x.dim() != 2):
-        raise ValueError(f"fp8_cells rule {rule!r} on shape {tuple(x.shape)} needs {expected} factors, got {f.numel()}")
     lower, upper, nearest = (torch.empty(x.shape, dtype=torch.int32) for _ in range(3))
-    position = torch.empty_like(x)
+    position = torch.empty(x.shape, dtype=torch.float32)
     negative = torch.empty(x.shape, dtype=torch.bool)
 
     def run(a: int, b: int) -> None:
         outputs = (lower, upper, position, nearest, negative)
         _ext.fp8_cells(
-            _at(rows_of, a), b - a, cols, _at(f, a if rule == "divide_row" else 0), _FP8_RULES[rule],
+            _at(rows_of, a), b - a, cols, _factor_at(f, rule, a), _FP8_RULES[rule],
             *(_at(t.view(-1), a * cols) for t in outputs),
         )  # fmt: skip
 
     _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return lower, upper, position, nearest, negative
+
+
+def fp8_quantize(
+    x: torch.Tensor, rule: str, factor: torch.Tensor, key: int | None, row_start: int = 0, col_start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The e4m3 bytes (uint8, x's 2-D shape) of x under a scale rule as fp8_cells takes it: round-to-nearest, and with
+    a key the hardened bytes (stochastic_codes at global (row_start, col_start)) and how many differ, in one pass
+    that never materialises the cells."""
+    rows_of, f = _fp8_rows(x, rule, factor)
+    rows, cols = rows_of.shape
+    nearest = torch.empty((rows, cols), dtype=torch.uint8)
+    hardened = None if key is None else torch.empty((rows, cols), dtype=torch.uint8)
+    changed = torch.zeros(rows, dtype=torch.int64)  # one slot per range's first row: threads never share one
+
+    def run(a: int, b: int) -> None:
+        _ext.fp8_quantize(
+            _at(rows_of, a), b - a, cols, _factor_at(f, rule, a), _FP8_RULES[rule], key is not None, key or 0,
+            row_start + a, col_start, _at(nearest, a), _at(nearest if hardened is None else hardened, a),
+            _at(changed, a),
+        )  # fmt: skip
+
+    _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
+    return nearest, hardened, int(changed.sum())
 
 
 def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -9,6 +9,7 @@
 #include "native.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TOP_CODE 126
@@ -81,4 +82,34 @@ VECTORIZED void fp8_cells(const float *restrict x, ptrdiff_t rows, ptrdiff_t col
             for (ptrdiff_t i = 0; i < cols; ++i)
                 cell_at(xr[i], base + i, top, lower, upper, position, nearest, negative);
     }
+}
+
+/* Quantize rows x cols weights to e4m3 bytes without keeping their cells: each row's cells go to row-sized scratch
+ * (in cache), the stochastic choice is stochastic_codes' on the row's global coordinates, and the bytes are
+ * Fp8E4M3._pack's (magnitude code | sign << 7). Writes round-to-nearest bytes, and with `harden` the hardened bytes
+ * and how many differ. Returns 0, or -1 when the scratch could not be allocated (nothing written). */
+int fp8_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, const float *factor, int rule, int harden,
+                 uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
+                 int64_t *changed) {
+    int32_t *scratch = malloc((size_t)cols * (4 * sizeof(int32_t) + sizeof(float) + 1));
+    if (!scratch) return -1;
+    int32_t *lower = scratch, *upper = lower + cols, *nearest = upper + cols, *codes = nearest + cols;
+    float *position = (float *)(codes + cols);
+    uint8_t *negative = (uint8_t *)(position + cols);
+    int64_t differ = 0;
+    for (ptrdiff_t row = 0; row < rows; ++row) {
+        const float *row_factor = rule == FP8_DIVIDE_ROW ? factor + row : factor;
+        fp8_cells(x + row * cols, 1, cols, row_factor, rule, lower, upper, position, nearest, negative);
+        uint8_t *near_out = nearest_bytes + row * cols, *hard_out = hardened_bytes + row * cols;
+        for (ptrdiff_t c = 0; c < cols; ++c) near_out[c] = (uint8_t)(nearest[c] | negative[c] << 7);
+        if (!harden) continue;
+        stochastic_codes(key, row_start + (uint32_t)row, 1, col_start, cols, position, lower, upper, codes);
+        for (ptrdiff_t c = 0; c < cols; ++c) {
+            hard_out[c] = (uint8_t)(codes[c] | negative[c] << 7);
+            differ += codes[c] != nearest[c];
+        }
+    }
+    *changed += differ;
+    free(scratch);
+    return 0;
 }

@@ -18,6 +18,12 @@ static int check_len(int n) {
 
 #define ADDR(type, p) ((type *)(uintptr_t)(p))
 
+static int check_rule(int rule) {
+    if (rule == FP8_AS_IS || rule == FP8_DIVIDE_ROW || rule == FP8_MULTIPLY) return 1;
+    PyErr_Format(PyExc_ValueError, "unknown fp8 scale rule %d", rule);
+    return 0;
+}
+
 static PyObject *py_qkx2(PyObject *self, PyObject *args) {
     unsigned long long px, pscale, pmin, pL;
     Py_ssize_t count;
@@ -91,16 +97,32 @@ static PyObject *py_fp8_cells(PyObject *self, PyObject *args) {
     int rule;
     (void)self;
     if (!PyArg_ParseTuple(args, "KnnKiKKKKK", &px, &rows, &cols, &pfactor, &rule, &plower, &pupper, &pposition,
-                          &pnearest, &pnegative))
+                          &pnearest, &pnegative) ||
+        !check_rule(rule))
         return NULL;
-    if (rule != FP8_AS_IS && rule != FP8_DIVIDE_ROW && rule != FP8_MULTIPLY) {
-        PyErr_Format(PyExc_ValueError, "unknown fp8 scale rule %d", rule);
-        return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     fp8_cells(ADDR(const float, px), rows, cols, ADDR(const float, pfactor), rule, ADDR(int32_t, plower),
               ADDR(int32_t, pupper), ADDR(float, pposition), ADDR(int32_t, pnearest), ADDR(uint8_t, pnegative));
     Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_fp8_quantize(PyObject *self, PyObject *args) {
+    unsigned long long px, pfactor, key, col_start, pnearest, phardened, pchanged;
+    Py_ssize_t rows, cols;
+    int rule, harden;
+    unsigned int row_start;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnKipKIKKKK", &px, &rows, &cols, &pfactor, &rule, &harden, &key, &row_start,
+                          &col_start, &pnearest, &phardened, &pchanged) ||
+        !check_rule(rule))
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fp8_quantize(ADDR(const float, px), rows, cols, ADDR(const float, pfactor), rule, harden, key, row_start,
+                      col_start, ADDR(uint8_t, pnearest), ADDR(uint8_t, phardened), ADDR(int64_t, pchanged));
+    Py_END_ALLOW_THREADS
+    if (rc != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -171,6 +193,8 @@ static PyMethodDef methods[] = {
     {"legacy", py_legacy, METH_VARARGS, "legacy(x, nblocks, bits, affine, d, m, u, nearest): GgufLegacy encoding"},
     {"fp8_cells", py_fp8_cells, METH_VARARGS,
      "fp8_cells(x, rows, cols, factor, rule, lower, upper, position, nearest, negative): formats.fp8.fp8_cells"},
+    {"fp8_quantize", py_fp8_quantize, METH_VARARGS,
+     "fp8_quantize(x, rows, cols, factor, rule, harden, key, row_start, col_start, nearest, hardened, changed)"},
     {"cell_tally", py_cell_tally, METH_VARARGS,
      "cell_tally(values, position, lower, upper, nearest, lo, hi, near, above, count, bottom, top, mantissa_bits, "
      "tiny, shifts, nshifts, on_low, on_high, cdf_points, live_counts, decoy_counts, tally): the detector's pass"},

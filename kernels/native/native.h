@@ -34,6 +34,11 @@ enum { FP8_AS_IS, FP8_DIVIDE_ROW, FP8_MULTIPLY };
 void fp8_cells(const float *restrict x, ptrdiff_t rows, ptrdiff_t cols, const float *restrict factor, int rule,
                int32_t *restrict lower, int32_t *restrict upper, float *restrict position, int32_t *restrict nearest,
                uint8_t *restrict negative);
+/* fp8_cells.c: the e4m3 bytes of those rows, round-to-nearest and (harden) stochastic at global (row_start,
+ * col_start), in one pass without the cells; 0, or -1 when out of memory */
+int fp8_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, const float *factor, int rule, int harden,
+                 uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
+                 int64_t *changed);
 
 /* histogram.c: the detector's counting pass over `count` weights (detection.cell_statistic._tally_reference): live
  * weights' boundary histogram, in-cell decoys' histogram when `above` is given (both cdf_points + 1 bins) and the

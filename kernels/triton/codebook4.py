@@ -115,7 +115,7 @@ def _tables(fmt: Format, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     low = torch.stack([s[0] for s in storage]).to(torch.int32)
     high = torch.stack([s[-1] for s in storage]).to(torch.int32)
     mids = (grid[:-1] + grid[1:]) / 2
-    zero = int(low[int(torch.searchsorted(grid, torch.tensor(0.0)))])
+    zero = int(low[int(torch.searchsorted(grid, torch.tensor(0.0, dtype=grid.dtype)))])
     return grid.to(device), mids.to(device), low.to(device), high.to(device), zero
 
 

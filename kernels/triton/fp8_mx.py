@@ -46,7 +46,8 @@ GRAN_MXFP4 = 4
 
 # float32 constants exactly as the references round them (kernels read them as constexpr globals)
 INV_448 = tl.constexpr(float(torch.tensor(1.0 / 448.0, dtype=torch.float32)))  # Inductor's float32(1/448)
-CHANNEL_FLOOR = tl.constexpr(float(torch.tensor(1.0) / torch.tensor(448.0 * 512)))  # float32(1/229376)
+_ONE, _CHANNEL_DIVISOR = torch.tensor(1.0, dtype=torch.float32), torch.tensor(448.0 * 512, dtype=torch.float32)
+CHANNEL_FLOOR = tl.constexpr(float(_ONE / _CHANNEL_DIVISOR))  # float32(1/229376), divided in float32
 BLOCK_FLOOR = tl.constexpr(float(torch.tensor(1e-4, dtype=torch.float32)))
 
 
@@ -241,7 +242,8 @@ def quantize_fp8_mx(fmt: Format, x: torch.Tensor, key: int | None, row_offset: i
     src = x.contiguous()
     src = src.view(torch.int16) if x.dtype == torch.bfloat16 else src
     device = x.device
-    amax = x.abs().amax().float().reshape(1) if gran == GRAN_TENSOR else torch.zeros(1, device=device)
+    f32 = {"dtype": torch.float32, "device": device}  # explicit: vLLM loads under a bfloat16 default dtype
+    amax = x.abs().amax().float().reshape(1) if gran == GRAN_TENSOR else torch.zeros(1, **f32)
     hard = {"key": 0 if key is None else key, "HARDEN": key is not None}
     if gran in (GRAN_MXFP8, GRAN_MXFP4):
         nblocks = rows * (cols // 32)
@@ -254,15 +256,15 @@ def quantize_fp8_mx(fmt: Format, x: torch.Tensor, key: int | None, row_offset: i
     else:
         q = torch.empty(rows, cols, dtype=torch.uint8, device=device)
         if gran == GRAN_TENSOR:
-            scale, tr, tc = torch.empty(1, device=device), 16, 128
+            scale, tr, tc = torch.empty(1, **f32), 16, 128
             grid = (triton.cdiv(rows, tr), triton.cdiv(cols, tc))
         elif gran == GRAN_CHANNEL:
-            scale, tr, tc = torch.empty(rows, 1, device=device), 1, min(triton.next_power_of_2(cols), 2048)
+            scale, tr, tc = torch.empty(rows, 1, **f32), 1, min(triton.next_power_of_2(cols), 2048)
             grid = (rows, 1)
         else:
             tr = tc = 128
             grid = (triton.cdiv(rows, tr), triton.cdiv(cols, tc))
-            scale = torch.empty(grid, device=device)
+            scale = torch.empty(grid, **f32)
     fp8_mx_kernel[grid](
         src, q, scale, amax, hard["key"], rows, cols, row_offset, col_offset,
         GRAN=gran, DTYPE=dtype_code(x.dtype), TR=tr, TC=tc, HARDEN=hard["HARDEN"],
