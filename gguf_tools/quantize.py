@@ -342,14 +342,14 @@ def _quantize_rows(
     options: QuantizeOptions,
     screened: Screened | None,
 ) -> tuple[QuantizedTensor, TensorReport | None]:
-    """One row chunk: hardened (or detect-only) with its report, or plain round-to-nearest; the fused kernels when
-    the backend picks them (the same bytes as the reference, dispatch.harden_fused). `screened`: the whole tensor's
-    detector result (_screen)."""
+    """One row chunk: hardened (or detect-only) with its report, or plain round-to-nearest; the fused Triton kernels
+    or native CPU pass (the legacy types) when the backend picks them (the same bytes as the reference,
+    dispatch.harden_fused). `screened`: the whole tensor's detector result (_screen)."""
     if not options.harden:
         return quantize_packed(x, fmt, name, None, row_offset=row_offset, backend=options.backend), None
     assert seed is not None
     place = {"row_offset": row_offset, "screened": screened}
-    if pick_backend(x, fmt, options.backend) == "triton":
+    if pick_backend(x, fmt, options.backend) != "reference":
         _, packed, report = harden_fused(x, fmt, name, seed, options.config, backend=options.backend, **place)
         return packed, report
     return harden_tensor(x, fmt, name, seed, options.config, **place)

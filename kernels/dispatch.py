@@ -1,5 +1,6 @@
 """One entry point for quantizing (and hardening) a tensor: a fused Triton kernel on a GPU, a fused native pass on a
-CPU where the format has one (Format.native_quantize: vLLM's per-tensor and per-channel fp8), the reference elsewhere.
+CPU where the format has one (Format.native_quantize: vLLM's per-tensor and per-channel fp8, GGUF's legacy types),
+the reference elsewhere.
 
 Every path produces the same bytes for the same input, format, tensor name and seed (the tests prove it under
 TRITON_INTERPRET=1 on a CPU, and on CUDA where a GPU is present; the native pass against the reference on the CPU):
@@ -90,8 +91,7 @@ def quantize_packed(
     Philox keyed by ``seed.key_for(name)`` at counter (col + col_offset, row + row_offset, 0, 0): a shard placed by
     its offsets gets exactly the codes of the same elements of the whole tensor. Output tensors live on x's device.
     """
-    if row_offset < 0 or col_offset < 0:
-        raise ValueError(f"row_offset and col_offset must be >= 0, got {row_offset}, {col_offset}")
+    _check_offsets(row_offset, col_offset)
     chosen = pick_backend(x, fmt, backend)
     key = None if seed is None else seed.key_for(name)
     if chosen == "reference":
@@ -103,6 +103,11 @@ def quantize_packed(
         nearest, hardened, _ = fmt.native_quantize(x, name, key, row_offset, col_offset)
         return nearest if hardened is None else hardened
     return quantize_triton(fmt, x, key, row_offset, col_offset)
+
+
+def _check_offsets(row_offset: int, col_offset: int) -> None:
+    if row_offset < 0 or col_offset < 0:
+        raise ValueError(f"row_offset and col_offset must be >= 0, got {row_offset}, {col_offset}")
 
 
 def _check_fused(x: torch.Tensor, fmt: Format, name: str, row_offset: int, col_offset: int) -> None:
@@ -135,6 +140,7 @@ def harden_fused(
     scaled to the tensor.
     `screened`: screen()'s result for the whole tensor, when x is one of its row chunks (as in harden_tensor).
     """
+    _check_offsets(row_offset, col_offset)
     config = config or HardeningConfig()
     start = time.perf_counter()
     score, judged = screened if screened is not None else screen(x, fmt, name, config)

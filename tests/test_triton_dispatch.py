@@ -25,7 +25,8 @@ def _x(rows: int = 2, cols: int = 64) -> torch.Tensor:
 
 def test_cpu_tensors_take_the_reference_by_default(monkeypatch):
     monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
-    assert pick_backend(_x(), get_format("q4_0")) == "reference"
+    assert pick_backend(_x(), get_format("q4_k")) == "reference"
+    assert pick_backend(_x(), get_format("q4_0")) == "native"  # a fused native pass: auto takes it on a CPU
     monkeypatch.setenv("QCBGUARD_BACKEND", "reference")
     assert pick_backend(_x(), get_format("q4_0")) == "reference"
 
@@ -71,7 +72,7 @@ def test_a_family_without_a_kernel_is_refused_when_forced():
     assert not supports(other)
     with pytest.raises(UnsupportedInputError, match="no Triton kernel covers q8_0_other"):
         pick_backend(_x(), other, "triton")
-    assert pick_backend(_x(), other) == "reference"
+    assert pick_backend(_x(), other) == "native"  # auto on a CPU: the legacy family's native pass, no kernel
 
 
 def test_cuda_tensors_take_triton_by_default(monkeypatch):
@@ -92,6 +93,8 @@ def test_triton_path_validates_before_launching(monkeypatch):
         quantize_packed(_x(2, 40), get_format("q8_0"), "w", backend="triton")
     with pytest.raises(ValueError, match="row_offset"):
         quantize_packed(_x(), get_format("q8_0"), "w", row_offset=-1)
+    with pytest.raises(ValueError, match="row_offset"):  # the native pass (auto on a CPU) checks the same
+        harden_fused(_x(), get_format("q8_0"), "w", DeploymentSeed(bytes(32)), col_offset=-1)
 
 
 FUSED_CASES = [("fp8_per_channel", (5, 48)), ("torchao_int8", (3, 40)), ("mxfp4", (4, 64))]
@@ -118,11 +121,12 @@ def test_harden_fused_is_harden_tensor(monkeypatch, fmt_name, shape):
     assert kept is nearest and report.codes_changed == 0
 
 
-@pytest.mark.parametrize("fmt_name", ["fp8_per_channel", "fp8_per_tensor"])
+@pytest.mark.parametrize("fmt_name", ["fp8_per_channel", "fp8_per_tensor", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 def test_fused_native_pass_is_harden_tensor(monkeypatch, fmt_name):
     """On a CPU, auto takes the fused native pass for vLLM's per-channel and per-tensor fp8 (what the vLLM hook runs
-    there): harden_tensor's bytes and change counts, round-to-nearest beside them, at an offset, on awkward inputs,
-    over one and two threads (600 rows), and a zero and a subnormal-tiny tensor (an infinite inverse scale)."""
+    there) and GGUF's legacy types (the GGUF tool): harden_tensor's bytes and change counts, round-to-nearest beside
+    them, at an offset, on awkward inputs, over one and two threads (600 rows), and a zero and a subnormal-tiny tensor
+    (fp8 per-tensor: an infinite inverse scale; legacy: 1/d overflowing, scales flushed to half subnormals)."""
     monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
     fmt, seed = get_format(fmt_name), DeploymentSeed(bytes(range(32)))
     g = torch.Generator().manual_seed(fresh_seed())
@@ -152,7 +156,7 @@ def test_fused_native_pass_is_harden_tensor(monkeypatch, fmt_name):
 
 def test_formats_without_a_fused_native_pass_keep_the_reference(monkeypatch):
     monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
-    for name in ("fp8_per_block", "q8_0", "nf4", "int8_per_channel"):
+    for name in ("fp8_per_block", "q4_k", "q6_k", "nf4", "int8_per_channel"):
         assert pick_backend(_x(4, 256), get_format(name)) == "reference", name
     assert pick_backend(_x(), get_format("fp8_per_channel"), "reference") == "reference"
 

@@ -34,6 +34,7 @@ __all__ = [
     "fp8_quantize",
     "grid_cells",
     "legacy_encode",
+    "legacy_quantize",
     "philox_uniform_grid",
     "q3_search",
     "qkx2_search",
@@ -279,20 +280,52 @@ def fp8_quantize(
     x: torch.Tensor, rule: str, factor: torch.Tensor, key: int | None, row_start: int = 0, col_start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """The e4m3 bytes (uint8, x's 2-D shape) of x under a scale rule as fp8_cells takes it: round-to-nearest, and with
-    a key the hardened bytes (stochastic_codes at global (row_start, col_start)) and how many differ, in one pass
-    that never materialises the cells."""
+    a key the hardened bytes (stochastic_codes at global (row_start, col_start)) and how many codes differ, in one
+    pass that never materialises the cells."""
     rows_of, f = _fp8_rows(x, rule, factor)
     rows, cols = rows_of.shape
-    nearest = torch.empty((rows, cols), dtype=torch.uint8)
-    hardened = None if key is None else torch.empty((rows, cols), dtype=torch.uint8)
+
+    def call(a: int, b: int, *outputs: int) -> None:
+        _ext.fp8_quantize(
+            _at(rows_of, a), b - a, cols, _factor_at(f, rule, a), _FP8_RULES[rule], key is not None, key or 0,
+            row_start + a, col_start, *outputs,
+        )  # fmt: skip
+
+    return _fused_rows(rows, cols, cols, key, call)
+
+
+def legacy_quantize(
+    x: torch.Tensor, bits: int, affine: bool, key: int | None, row_start: int = 0, col_start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """GgufLegacy's packed blocks (uint8 (rows, blocks * block bytes)) of x (rows of whole 32-weight blocks):
+    round-to-nearest, and with a key the hardened blocks (stochastic_codes at global (row_start, col_start)) and how
+    many codes differ, in one pass per row (encode, cells, draw, pack) that never materialises the cells."""
+    x = _contiguous(x, torch.float32)
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] % 32:
+        raise ValueError(f"legacy_quantize needs CPU rows of whole 32-weight blocks, got {tuple(x.shape)}")
+    rows, cols = x.shape
+    row_bytes = cols // 32 * _ext.legacy_block_bytes(bits, affine)
+
+    def call(a: int, b: int, *outputs: int) -> None:
+        _ext.legacy_quantize(
+            _at(x, a), b - a, cols, bits, affine, key is not None, key or 0, row_start + a, col_start, *outputs
+        )
+
+    return _fused_rows(rows, cols, row_bytes, key, call)
+
+
+def _fused_rows(
+    rows: int, cols: int, row_bytes: int, key: int | None, call: Callable[..., None]
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Run a fused quantize pass call(first row, end row, nearest, hardened, changed addresses) over row ranges, one
+    per thread: (round-to-nearest bytes (rows, row_bytes), hardened bytes or None when key is None, codes changed).
+    Without a key the hardened address is the nearest one (never written)."""
+    nearest = torch.empty((rows, row_bytes), dtype=torch.uint8)
+    hardened = None if key is None else torch.empty((rows, row_bytes), dtype=torch.uint8)
     changed = torch.zeros(rows, dtype=torch.int64)  # one slot per range's first row: threads never share one
 
     def run(a: int, b: int) -> None:
-        _ext.fp8_quantize(
-            _at(rows_of, a), b - a, cols, _factor_at(f, rule, a), _FP8_RULES[rule], key is not None, key or 0,
-            row_start + a, col_start, _at(nearest, a), _at(nearest if hardened is None else hardened, a),
-            _at(changed, a),
-        )  # fmt: skip
+        call(a, b, _at(nearest, a), _at(nearest if hardened is None else hardened, a), _at(changed, a))
 
     _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return nearest, hardened, int(changed.sum())

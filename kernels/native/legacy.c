@@ -7,6 +7,8 @@
 
 #include <float.h>
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define QK 32
 
@@ -72,4 +74,90 @@ VECTORIZED void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int a
         d_out[b] = d;
         if (affine) m_out[b] = lo;
     }
+}
+
+int legacy_block_bytes(int bits, int affine) {
+    return 2 * (1 + affine) + (bits == 5 ? 4 : 0) + (bits == 8 ? QK : QK / 2);
+}
+
+/* IEEE half bits of f, rounded to nearest even, as torch's float -> float16 and ggml's GGML_FP32_TO_FP16 round;
+ * beyond the half range inf, NaN the quiet 0x7e00 (a finite input never makes one). */
+static uint16_t half_bits(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00u;
+    if (ax >= 0x477ff000u) return sign | 0x7c00u; /* >= 65520, the midpoint above 65504: inf */
+    if (ax < 0x38800000u) {                       /* below 2**-14: a half subnormal, in units of 2**-24 */
+        float a;
+        memcpy(&a, &ax, sizeof a);
+        return sign | (uint16_t)rintf(a * 0x1p24f); /* exact scaling, then ties to even; 1024 is the first normal */
+    }
+    const uint32_t rebased = ax - 0x38000000u; /* exponent bias 127 -> 15 */
+    uint32_t h = rebased >> 13, rest = rebased & 0x1fffu;
+    h += rest > 0x1000u || (rest == 0x1000u && (h & 1u)); /* a carry into the exponent is the right rounding */
+    return sign | (uint16_t)h;
+}
+
+static void put_half(uint8_t *out, float f) {
+    uint16_t h = half_bits(f);
+    out[0] = (uint8_t)h;
+    out[1] = (uint8_t)(h >> 8);
+}
+
+/* One row's blocks as ggml lays them out (GgufLegacy._pack): fp16 d, fp16 m (affine), then Q8_0's 32 int8 codes, or
+ * the 5-bit types' qh (bit j of a little-endian uint32 = bit 4 of code j) and 16 bytes of nibbles (code j | code
+ * j + 16 << 4). */
+static void pack_legacy_row(const int32_t *codes, const float *d, const float *m, ptrdiff_t nblocks, int bits,
+                            int affine, uint8_t *out) {
+    for (ptrdiff_t b = 0; b < nblocks; ++b) {
+        const int32_t *q = codes + b * QK;
+        put_half(out, d[b]);
+        out += 2;
+        if (affine) {
+            put_half(out, m[b]);
+            out += 2;
+        }
+        if (bits == 8) {
+            for (int j = 0; j < QK; ++j) out[j] = (uint8_t)q[j];
+            out += QK;
+            continue;
+        }
+        if (bits == 5) {
+            uint32_t qh = 0;
+            for (int j = 0; j < QK; ++j) qh |= (uint32_t)((q[j] >> 4) & 1) << j;
+            for (int k = 0; k < 4; ++k) out[k] = (uint8_t)(qh >> (8 * k));
+            out += 4;
+        }
+        for (int j = 0; j < QK / 2; ++j) out[j] = (uint8_t)((q[j] & 0x0f) | (q[j + QK / 2] & 0x0f) << 4);
+        out += QK / 2;
+    }
+}
+
+int legacy_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, int bits, int affine, int harden, uint64_t key,
+                    uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
+                    int64_t *changed) {
+    const ptrdiff_t nblocks = cols / QK;
+    const int qmax = (affine || bits < 8) ? (1 << bits) - 1 : 127, qmin = (affine || bits < 8) ? 0 : -127;
+    const ptrdiff_t row_bytes = nblocks * legacy_block_bytes(bits, affine);
+    /* per row: d, m, u, position (float) and nearest, lower, upper, codes (int32) */
+    float *scratch = malloc((size_t)(2 * nblocks + 2 * cols) * sizeof(float) + (size_t)(4 * cols) * sizeof(int32_t));
+    if (!scratch) return -1;
+    float *d = scratch, *m = d + nblocks, *u = m + nblocks, *position = u + cols;
+    int32_t *nearest = (int32_t *)(position + cols), *lower = nearest + cols, *upper = lower + cols,
+            *codes = upper + cols;
+    int64_t differ = 0;
+    for (ptrdiff_t row = 0; row < rows; ++row) {
+        legacy_encode(x + row * cols, nblocks, bits, affine, d, m, u, nearest);
+        pack_legacy_row(nearest, d, m, nblocks, bits, affine, nearest_bytes + row * row_bytes);
+        if (!harden) continue;
+        grid_cells(u, nearest, cols, qmin, qmax, 0, lower, upper, position);
+        stochastic_codes(key, row_start + (uint32_t)row, 1, col_start, cols, position, lower, upper, codes);
+        pack_legacy_row(codes, d, m, nblocks, bits, affine, hardened_bytes + row * row_bytes);
+        for (ptrdiff_t c = 0; c < cols; ++c) differ += codes[c] != nearest[c];
+    }
+    *changed += differ;
+    free(scratch);
+    return 0;
 }

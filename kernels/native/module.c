@@ -24,6 +24,12 @@ static int check_rule(int rule) {
     return 0;
 }
 
+static int check_bits(int bits) {
+    if (bits == 4 || bits == 5 || bits == 8) return 1;
+    PyErr_Format(PyExc_ValueError, "legacy blocks have 4, 5 or 8 bits, not %d", bits);
+    return 0;
+}
+
 static PyObject *py_qkx2(PyObject *self, PyObject *args) {
     unsigned long long px, pscale, pmin, pL;
     Py_ssize_t count;
@@ -79,15 +85,43 @@ static PyObject *py_legacy(PyObject *self, PyObject *args) {
     Py_ssize_t nblocks;
     int bits, affine;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KnipKKKK", &px, &nblocks, &bits, &affine, &pd, &pm, &pu, &pnearest)) return NULL;
-    if (bits != 4 && bits != 5 && bits != 8) {
-        PyErr_Format(PyExc_ValueError, "legacy blocks have 4, 5 or 8 bits, not %d", bits);
+    if (!PyArg_ParseTuple(args, "KnipKKKK", &px, &nblocks, &bits, &affine, &pd, &pm, &pu, &pnearest) ||
+        !check_bits(bits))
         return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     legacy_encode(ADDR(const float, px), nblocks, bits, affine, ADDR(float, pd), ADDR(float, pm), ADDR(float, pu),
                   ADDR(int32_t, pnearest));
     Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_legacy_block_bytes(PyObject *self, PyObject *args) {
+    int bits, affine;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "ip", &bits, &affine) || !check_bits(bits)) return NULL;
+    return PyLong_FromLong(legacy_block_bytes(bits, affine));
+}
+
+static PyObject *py_legacy_quantize(PyObject *self, PyObject *args) {
+    unsigned long long px, key, col_start, pnearest, phardened, pchanged;
+    Py_ssize_t rows, cols;
+    int bits, affine, harden;
+    unsigned int row_start;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnippKIKKKK", &px, &rows, &cols, &bits, &affine, &harden, &key, &row_start,
+                          &col_start, &pnearest, &phardened, &pchanged) ||
+        !check_bits(bits))
+        return NULL;
+    if (cols % 32) {
+        PyErr_Format(PyExc_ValueError, "legacy rows hold whole blocks of 32, not %zd weights", cols);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = legacy_quantize(ADDR(const float, px), rows, cols, bits, affine, harden, key, row_start, col_start,
+                         ADDR(uint8_t, pnearest), ADDR(uint8_t, phardened), ADDR(int64_t, pchanged));
+    Py_END_ALLOW_THREADS
+    if (rc != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -191,6 +225,9 @@ static PyMethodDef methods[] = {
     {"qx", py_qx, METH_VARARGS, "qx(x, count, n, nmax, scale, codes): make_qx_quants, rmse_type 1"},
     {"q3", py_q3, METH_VARARGS, "q3(x, count, n, nmax, scale, codes): make_q3_quants, do_rmse"},
     {"legacy", py_legacy, METH_VARARGS, "legacy(x, nblocks, bits, affine, d, m, u, nearest): GgufLegacy encoding"},
+    {"legacy_block_bytes", py_legacy_block_bytes, METH_VARARGS, "legacy_block_bytes(bits, affine): bytes per block"},
+    {"legacy_quantize", py_legacy_quantize, METH_VARARGS,
+     "legacy_quantize(x, rows, cols, bits, affine, harden, key, row_start, col_start, nearest, hardened, changed)"},
     {"fp8_cells", py_fp8_cells, METH_VARARGS,
      "fp8_cells(x, rows, cols, factor, rule, lower, upper, position, nearest, negative): formats.fp8.fp8_cells"},
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS,

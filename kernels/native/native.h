@@ -23,6 +23,13 @@ void q3_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, i
 /* legacy.c: GgufLegacy's encoding of `nblocks` blocks of 32: d (and m when affine), u and the written codes */
 void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int affine, float *d, float *m, float *u,
                    int32_t *nearest);
+/* legacy.c: bytes per block of that type (fp16 d and m, qh, codes) */
+int legacy_block_bytes(int bits, int affine);
+/* legacy.c: the packed blocks of rows x cols weights (cols a multiple of 32), round-to-nearest and (harden)
+ * stochastic at global (row_start, col_start), in one pass that keeps no cells; 0, or -1 when out of memory */
+int legacy_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, int bits, int affine, int harden, uint64_t key,
+                    uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
+                    int64_t *changed);
 
 /* grid_cells.c: formats.cells.integer_grid_cells for `count` elements (codes stored as grid index + offset) */
 void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,
