@@ -400,3 +400,24 @@ def test_stochastic_codes_tie_between_draw_and_position(flag, monkeypatch):
     monkeypatch.setenv("QCBGUARD_NATIVE", flag)
     codes = stochastic_codes(enc, key)
     assert not bool(codes[:, 1::2].any()), f"a draw equal to its position took the upper code (seed {SEED})"
+
+
+def test_fused_legacy_pass_rounds_scales_to_half_like_torch():
+    """The fused legacy pass writes fp16 scales itself: Q4_1 stores each block's minimum as is, so blocks whose
+    minimum runs over every rounding case (half ties to even and just off them, normal and subnormal, the largest
+    half, 65520 and beyond, 2**-25 and below, both signs) must pack to the bytes torch's float16 conversion gives."""
+    g = torch.Generator().manual_seed(SEED)
+    halves = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    ties = (halves[:-1] + halves[1:]) * 0.5  # exact in float32: the midpoints between adjacent halves
+    pieces = [halves, ties, torch.nextafter(ties, torch.zeros_like(ties)), torch.nextafter(ties, ties * 2 + 1)]
+    pieces += [torch.tensor([65504.0, 65519.0, 65520.0, 1e6, 2.0**-25, 2.0**-26, 3 * 2.0**-26, 1e-40, 0.0])]
+    pieces += [torch.randn(4096, generator=g) * 10.0 ** torch.randint(-9, 5, (4096,), generator=g)]
+    minimum = torch.cat(pieces)
+    minimum = torch.cat([minimum, -minimum])
+    # every block: its minimum, then weights above it (span 1: d stays finite)
+    blocks = minimum[:, None] + torch.rand(minimum.numel(), 32, generator=g)
+    blocks[:, 0] = minimum
+    x = blocks[: blocks.shape[0] // 4 * 4].reshape(-1, 32 * 4)  # rows of four blocks
+    fmt = get_format("q4_1")
+    fused, _, _ = fmt.native_quantize(x, "w", None)
+    assert torch.equal(fused.tensors["blocks"], fmt.pack(fmt.encode(x)).tensors["blocks"]), f"seed {SEED}"
