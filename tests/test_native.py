@@ -421,3 +421,25 @@ def test_fused_legacy_pass_rounds_scales_to_half_like_torch():
     fmt = get_format("q4_1")
     fused, _, _ = fmt.native_quantize(x, "w", None)
     assert torch.equal(fused.tensors["blocks"], fmt.pack(fmt.encode(x)).tensors["blocks"]), f"seed {SEED}"
+
+
+@pytest.mark.parametrize("name", ["fp8_per_channel", "fp8_per_tensor", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_code_value_rules_are_code_values(name):
+    """A format's CodeValueRule (what the native detector pass evaluates) gives code_values' bits for the lower,
+    upper and nearest codes of the standard awkward cases (-0.0 included)."""
+    fmt = get_format(name)
+    for case, x in standard_cases(4, 512, 256, SEED).items():
+        enc = fmt.encode(x)
+        rule = fmt.code_value_rule(enc)
+        flat = torch.arange(x.numel()) // rule.group
+        for field in ("lower", "upper", "nearest"):
+            codes = getattr(enc.cells, field).reshape(-1)
+            value = rule.table[(codes - rule.first_code).long()]
+            if rule.negative is not None:
+                value = value * torch.where(rule.negative.reshape(-1), -1.0, 1.0)
+            value = value * rule.scale.reshape(-1)[flat]
+            if rule.shift is not None:
+                value = value + rule.shift.reshape(-1)[flat]
+            expected = fmt.code_values(enc, getattr(enc.cells, field)).reshape(-1)
+            assert _same_bits(value, expected), f"{name} {case} {field} (seed {SEED})"
+    assert get_format("fp8_per_block").code_value_rule(get_format("fp8_per_block").encode(x)) is None

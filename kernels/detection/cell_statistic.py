@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import native
-from ..formats.base import Encoding, Format, RoundingCells
+from ..formats.base import CodeValueRule, Encoding, Format, RoundingCells
 
 __all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "verdict"]
 
@@ -132,16 +132,20 @@ class _Tally:
     decoy_counts: torch.Tensor  # boundary histogram of the in-cell decoys (zeros when none were asked for)
 
 
+#: the code values (lo, hi, near, above) of each weight's lower, upper, nearest and next-interior code (near None: lo
+#: stands in; above None: no in-cell decoys), or, for the native pass only, the format's rule for computing all four
+_CodeValues = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | CodeValueRule
+
+
 @dataclass(frozen=True)
 class _Weights:
-    """A counting pass's input: float32 `values` (a checkpoint of `dtype`) in their `cells`, the code values (lo, hi,
-    near, above) of each weight's lower, upper, nearest and next-interior code (near None: lo stands in; above None:
-    no in-cell decoys), and the grid's end codes (bottom, top)."""
+    """A counting pass's input: float32 `values` (a checkpoint of `dtype`) in their `cells`, their code values
+    (_CodeValues) and the grid's end codes (bottom, top)."""
 
     values: torch.Tensor
     dtype: torch.dtype
     cells: RoundingCells
-    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+    code_values: _CodeValues
     end_codes: tuple[int, int]
 
 
@@ -169,6 +173,8 @@ def _tally_reference(w: _Weights) -> _Tally:
     distinct values and it is not on the grid; near a code when on the grid, not steerable, or within half a storage
     ulp of its nearest code's value (what a dequantized model re-rounded to the checkpoint's dtype holds)."""
     values, dtype, cells = w.values, w.dtype, w.cells
+    if isinstance(w.code_values, CodeValueRule):
+        raise TypeError("the torch counting pass reads code-value tensors; a CodeValueRule is for the native pass")
     lo, hi, near, above = w.code_values
     near = lo if near is None else near
     bottom, top = w.end_codes
@@ -265,13 +271,19 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     enc = enc if enc is not None else fmt.encode(x, name)
     cells = enc.cells
     values = x.float()
-    lo, hi = fmt.code_values(enc, cells.lower), fmt.code_values(enc, cells.upper)
-    nearest = torch.where(cells.nearest == cells.lower, lo, hi)  # the nearest code is its cell's lower or upper
-    bottom, top = int(cells.nearest.min()), int(cells.nearest.max())
-    above = None
-    if not fmt.fits_scales:  # in-cell decoys (scales held fixed) need the code next to each on-code weight's
-        above = fmt.code_values(enc, torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1))
-    t = _tally(_Weights(values, x.dtype, cells, (lo, hi, nearest, above), (bottom, top)))
+    bottom, top = cells.nearest.aminmax()
+    bottom, top = int(bottom), int(top)
+    rule = fmt.code_value_rule(enc) if native.enabled(values) and not fmt.fits_scales else None
+    if rule is not None:  # the native pass computes the four code values itself
+        code_values: _CodeValues = rule
+    else:
+        lo, hi = fmt.code_values(enc, cells.lower), fmt.code_values(enc, cells.upper)
+        nearest = torch.where(cells.nearest == cells.lower, lo, hi)  # the nearest code is its cell's lower or upper
+        above = None
+        if not fmt.fits_scales:  # in-cell decoys (scales held fixed) need the code next to each on-code weight's
+            above = fmt.code_values(enc, torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1))
+        code_values = (lo, hi, nearest, above)
+    t = _tally(_Weights(values, x.dtype, cells, code_values, (bottom, top)))
     n = x.numel()
     fractions = (t.on_grid / n, t.interior_on_grid / n)
     if t.live == 0:

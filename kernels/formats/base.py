@@ -20,7 +20,7 @@ import torch
 
 from ..errors import UnsupportedInputError, check_finite
 
-__all__ = ["SUPPORTED_INPUT_DTYPES", "Encoding", "Format", "QuantizedTensor", "RoundingCells"]
+__all__ = ["SUPPORTED_INPUT_DTYPES", "CodeValueRule", "Encoding", "Format", "QuantizedTensor", "RoundingCells"]
 
 SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,6 +57,21 @@ class Encoding:
     shape: torch.Size
     cells: RoundingCells
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CodeValueRule:
+    """Format.code_values as one formula, for the detector's native pass to evaluate per element instead of reading
+    value tensors: code c of the element at flat index e is worth (table[c - first_code] * sign) * scale[e // group],
+    plus shift[e // group] where there is a shift, one float32 rounding per operation; sign is -1 where `negative`
+    (per element) is set, else 1 (a factor of +-1 is exact, -0.0 included)."""
+
+    table: torch.Tensor  # float32, the value of codes first_code, first_code + 1, ... before scaling
+    first_code: int
+    scale: torch.Tensor  # float32, one per group of `group` consecutive elements
+    group: int
+    negative: torch.Tensor | None = None  # bool, shaped like the tensor
+    shift: torch.Tensor | None = None  # float32, one per group
 
 
 @dataclass
@@ -144,6 +159,11 @@ class Format(ABC):
 
         For the nearest codes this equals dequantize(quantize(x)) up to the format's storage rounding of scales.
         """
+
+    def code_value_rule(self, enc: Encoding) -> CodeValueRule | None:
+        """code_values(enc, codes) for every codes as a CodeValueRule, or None where the format's values take
+        another form (the detector then reads value tensors)."""
+        return None
 
     def fuses_on_cpu(self, x: torch.Tensor) -> bool:
         """True where native_quantize serves x: one native CPU pass from weights to packed bytes, without the cells."""

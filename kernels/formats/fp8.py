@@ -39,7 +39,7 @@ import torch
 from .. import native
 from ..errors import UnsupportedInputError
 from ..numerics import signbit
-from .base import Encoding, Format, QuantizedTensor, RoundingCells
+from .base import CodeValueRule, Encoding, Format, QuantizedTensor, RoundingCells
 from .cells import codebook_cells
 from .registry import register_format
 
@@ -235,6 +235,15 @@ class Fp8E4M3(Format):
         # times +-1 is exact (-0.0 included): the same values as a where() on the sign, in a third of the time
         sign = torch.where(enc.scales["negative"], -1.0, 1.0)
         return e4m3_magnitudes()[codes] * sign * self._scale_full(enc.scales["scale"], enc.shape)
+
+    def code_value_rule(self, enc: Encoding) -> CodeValueRule | None:
+        """code_values as a rule: magnitude * sign * the row's (per-channel) or the tensor's scale; per-block scales
+        (2-D blocks) have no group of consecutive elements, so none."""
+        if self.granularity == "block":
+            return None
+        group = enc.shape[-1] if self.granularity == "channel" else enc.shape.numel()
+        scale = enc.scales["scale"].reshape(-1)
+        return CodeValueRule(e4m3_magnitudes(), 0, scale, group, negative=enc.scales["negative"])
 
 
 def _expand_blocks(per_block: torch.Tensor, n: int, k: int) -> torch.Tensor:

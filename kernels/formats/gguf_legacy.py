@@ -16,7 +16,7 @@ import torch
 
 from .. import native
 from ..numerics import c_float_to_int8, c_roundf, div_rn
-from .base import Encoding, QuantizedTensor
+from .base import CodeValueRule, Encoding, QuantizedTensor
 from .cells import integer_grid_cells
 from .gguf_common import GgufFormat, fp16_field, pack_nibbles, read_fp16_field, split_fields
 from .registry import register_format
@@ -183,6 +183,13 @@ class GgufLegacy(GgufFormat):
         d16 = enc.scales["d"].half().float()
         m16 = enc.scales["m"].half().float() if self.affine else None
         return self._values(codes.reshape(-1, d16.shape[-1], QK), d16, m16).reshape(enc.shape)
+
+    def code_value_rule(self, enc: Encoding) -> CodeValueRule:
+        """_values as a rule: (code - offset) * d16 (+ m16), per block of 32."""
+        table = torch.arange(self.qmin - self.offset, self.qmax - self.offset + 1, dtype=torch.float32)
+        d16 = enc.scales["d"].half().float().reshape(-1)
+        m16 = enc.scales["m"].half().float().reshape(-1) if self.affine else None
+        return CodeValueRule(table, self.qmin, d16, QK, shift=m16)
 
 
 register_format(GgufLegacy("q8_0", ggml_type=8, bits=8, affine=False))

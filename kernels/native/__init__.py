@@ -18,8 +18,12 @@ import itertools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..formats.base import CodeValueRule
 
 try:
     from . import _native as _ext
@@ -343,7 +347,7 @@ _CELL_DTYPES = (torch.float32, torch.int32, torch.int32, torch.int32)  # positio
 def cell_tally(
     values: torch.Tensor,
     cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | CodeValueRule,
     end_codes: tuple[int, int],
     lattice: tuple[int, float],
     decoys: tuple[tuple[int, ...], float, float],
@@ -351,22 +355,23 @@ def cell_tally(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """detection's counting pass (cell_statistic._tally_reference) in one native pass, split over threads.
 
-    `cells` = (position, lower, upper, nearest), `code_values` = (lo, hi, near, above) (near and above may be None),
-    `end_codes` = (bottom, top), `lattice` = (mantissa bits, smallest normal) of the checkpoint's dtype, `decoys` =
-    (shifts, on_low, on_high). Returns (live weights' boundary counts, in-cell decoys' counts, TALLY_FIELDS counts)."""
+    `cells` = (position, lower, upper, nearest), `code_values` = (lo, hi, near, above) (near and above may be None)
+    or the format's CodeValueRule (the pass computes all four, in-cell decoys included), `end_codes` = (bottom, top),
+    `lattice` = (mantissa bits, smallest normal) of the checkpoint's dtype, `decoys` = (shifts, on_low, on_high).
+    Returns (live weights' boundary counts, in-cell decoys' counts, TALLY_FIELDS counts)."""
     v = _flat(values, torch.float32)
     position, lower, upper, nearest = (_flat(t, d) for t, d in zip(cells, _CELL_DTYPES, strict=True))
-    lo, hi, near, above = (None if t is None else _flat(t, torch.float32) for t in code_values)
+    arrays, rule = _code_values(code_values, v.numel())
     shifts, on_low, on_high = decoys
     ks = torch.tensor(shifts, dtype=torch.int32)
     parts: list[tuple[torch.Tensor, ...]] = []
 
     def run(a: int, b: int) -> None:
         out = torch.zeros(2, cdf_points + 1, dtype=torch.int64), torch.zeros(len(TALLY_FIELDS), dtype=torch.int64)
-        optional = [0 if t is None else _at(t, a) for t in (near, above)]
         _ext.cell_tally(
-            *(_at(t, a) for t in (v, position, lower, upper, nearest, lo, hi)),
-            *optional,
+            *(_at(t, a) for t in (v, position, lower, upper, nearest)),
+            *(0 if t is None else _at(t, a) for t in arrays),
+            *rule(a),
             b - a,
             *end_codes,
             *lattice,
@@ -385,6 +390,35 @@ def cell_tally(
     counts = sum(c for c, _ in parts)
     tally = sum(t for _, t in parts)
     return counts[0], counts[1], dict(zip(TALLY_FIELDS, tally.tolist(), strict=True))
+
+
+def _code_values(
+    code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | CodeValueRule,
+    count: int,
+) -> tuple[tuple[torch.Tensor | None, ...], Callable[[int], tuple[int, ...]]]:
+    """cell_tally's code-value arguments: the four arrays (None where absent) and, for a thread's range starting at
+    element a, the rule's (table, first_code, size, negative, scale, shift, group, first, above) (zeros: no rule)."""
+    if isinstance(code_values, tuple):
+        arrays = tuple(None if t is None else _flat(t, torch.float32) for t in code_values)
+        return arrays, lambda a: (0, 0, 0, 0, 0, 0, 0, 0, False)
+    r = code_values
+    table, scale = _flat(r.table, torch.float32), _flat(r.scale, torch.float32)
+    shift = None if r.shift is None else _flat(r.shift, torch.float32)
+    negative = None if r.negative is None else _flat(r.negative, torch.bool)
+    groups = -(-count // max(r.group, 1))
+    if r.group < 1 or table.numel() < 1 or scale.numel() < groups or (shift is not None and shift.numel() < groups):
+        raise ValueError(
+            f"a code-value rule needs a table, a group of at least 1 and a scale (and shift) per group of {count}"
+        )
+    if negative is not None and negative.numel() != count:
+        raise ValueError(f"a code-value rule's signs cover {negative.numel()} weights, not {count}")
+
+    def fields(a: int) -> tuple[int, ...]:
+        sign = 0 if negative is None else _at(negative, a)
+        at_shift = 0 if shift is None else shift.data_ptr()
+        return (table.data_ptr(), r.first_code, table.numel(), sign, scale.data_ptr(), at_shift, r.group, a, True)
+
+    return (None, None, None, None), fields
 
 
 def stochastic_codes(

@@ -41,26 +41,62 @@ static inline float storage_ulp(float v, const struct tally_params *tp) {
 /* Two phases per block of weights: every per-weight quantity and every bin index in loops without branches (gcc
  * vectorizes them), then the histogram increments, which are scattered stores and stay scalar. Bins beyond
  * cdf_points: ON_CODE (a decoy on a code) and SPILL (not counted). */
+/* The code values of one block of weights [start, start + n) from the rule (struct value_rule): lo, hi, near and
+ * above of codes lower, upper, nearest and nearest's next interior code, run by run of one scale group. */
+static void rule_values(const struct value_rule *r, const int32_t *lower, const int32_t *upper, const int32_t *nearest,
+                        const struct tally_params *tp, ptrdiff_t start, int n, float *lo, float *hi, float *near,
+                        float *above) {
+    for (int i = 0; i < n;) {
+        ptrdiff_t e = r->first + start + i, g = e / r->group;
+        int run = (int)((g + 1) * r->group - e < n - i ? (g + 1) * r->group - e : n - i);
+        const float s = r->scale[g], m = r->shift ? r->shift[g] : 0.0f;
+        for (int k = i; k < i + run; ++k) {
+            ptrdiff_t at = start + k;
+            int32_t codes[4] = {lower[at], upper[at], nearest[at], nearest[at] < tp->top ? nearest[at] + 1 : nearest[at] - 1};
+            float *out[4] = {lo, hi, near, above};
+            const float sign = r->negative && r->negative[at] ? -1.0f : 1.0f;
+            for (int j = 0; j < 4; ++j) {
+                int32_t idx = codes[j] - r->first_code; /* out of the table only for an unread `above` */
+                idx = idx < 0 ? 0 : (idx >= r->size ? r->size - 1 : idx);
+                float v = r->table[idx] * sign * s; /* one rounding per operation, as code_values */
+                out[j][k] = r->shift ? v + m : v;  /* no shift: no + 0.0f, which would turn -0.0 into +0.0 */
+            }
+        }
+        i += run;
+    }
+}
+
 VECTORIZED int cell_tally(const float *values, const float *position, const int32_t *lower, const int32_t *upper,
                           const int32_t *nearest, const float *lo, const float *hi, const float *near,
-                          const float *above, ptrdiff_t count, const struct tally_params *tp, int64_t *live_counts,
-                          int64_t *decoy_counts, int64_t *tally) {
+                          const float *above, const struct value_rule *rule, ptrdiff_t count,
+                          const struct tally_params *tp, int64_t *live_counts, int64_t *decoy_counts,
+                          int64_t *tally) {
     const int points = tp->cdf_points, on_code_bin = points + 1, spill = points + 2;
     const float resolution = 64.0f; /* DECOY_RESOLUTION */
-    /* no near: lo stands in (v == lo is tested already, and the near-code count is not read); no above: no pinned
-     * decoy sources (the live ones are computed and not counted) */
-    const float *nv_of = near ? near : lo, *above_of = above ? above : nv_of;
+    /* with a rule, the code values of each block come from it (in_cell: with above); without, from the arrays */
+    const int in_cell = rule ? rule->above : above != NULL;
     int64_t t[TALLY_FIELDS] = {0};
     int64_t *live_hist = calloc((size_t)(2 * (points + 3)), sizeof(int64_t)), *decoy_hist = live_hist + points + 3;
     if (!live_hist) return -1;
     int32_t live_bin[BLOCK], is_source[BLOCK], decoy_bin[BLOCK];
-    float source_p[BLOCK], source_shift[BLOCK];
+    float source_p[BLOCK], source_shift[BLOCK], rule_lo[BLOCK], rule_hi[BLOCK], rule_near[BLOCK], rule_above[BLOCK];
     for (ptrdiff_t start = 0; start < count; start += BLOCK) {
         int n = count - start < BLOCK ? (int)(count - start) : BLOCK;
+        const float *lo_b = rule_lo, *hi_b = rule_hi, *near_b = rule_near, *above_b = rule_above;
+        if (rule) {
+            rule_values(rule, lower, upper, nearest, tp, start, n, rule_lo, rule_hi, rule_near, rule_above);
+        } else {
+            /* no near: lo stands in (v == lo is tested already, and the near-code count is not read); no above: no
+             * pinned decoy sources (the live ones are computed and not counted) */
+            lo_b = lo + start;
+            hi_b = hi + start;
+            near_b = (near ? near : lo) + start;
+            above_b = above ? above + start : near_b;
+        }
         int32_t on_grid_n = 0, interior_n = 0, near_n = 0, steerable_n = 0, live_n = 0, source_n = 0;
         for (int i = 0; i < n; ++i) {
             ptrdiff_t e = start + i;
-            float v = values[e], p = position[e], l = lo[e], h = hi[e], nv = nv_of[e];
+            float v = values[e], p = position[e], l = lo_b[i], h = hi_b[i], nv = near_b[i];
             int32_t steerable = lower[e] != upper[e];
             int32_t on_grid = (v == nv) | (v == l) | (v == h) | (p < tp->on_low) | (p > tp->on_high);
             int32_t interior = on_grid & (nearest[e] != tp->bottom) & (nearest[e] != tp->top);
@@ -68,7 +104,7 @@ VECTORIZED int cell_tally(const float *values, const float *position, const int3
             float ulp = storage_ulp(v, tp);
             /* in-cell decoys: from every live weight, and from every weight on an interior code (position 0 in
              * the cell toward `above`, the code next to it) */
-            float pinned_step = above_of[e] - nv;
+            float pinned_step = above_b[i] - nv;
             int32_t source = live | (interior & (pinned_step != 0.0f));
             float step = live ? h - l : (source ? pinned_step : 1.0f);
             float spread = fabsf(step) / resolution;
@@ -90,7 +126,7 @@ VECTORIZED int cell_tally(const float *values, const float *position, const int3
         t[TALLY_STEERABLE] += steerable_n;
         t[TALLY_LIVE] += live_n;
         for (int i = 0; i < n; ++i) live_hist[live_bin[i]] += 1;
-        if (!above) continue;
+        if (!in_cell) continue;
         t[TALLY_SOURCE] += source_n;
         for (int j = 0; j < tp->nshifts; ++j) {
             float k = (float)tp->shifts[j];

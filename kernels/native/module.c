@@ -161,22 +161,36 @@ static PyObject *py_fp8_quantize(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_cell_tally(PyObject *self, PyObject *args) {
-    unsigned long long pvalues, pposition, plower, pupper, pnearest, plo, phi, pnear, pabove, pshifts, plive, pdecoy,
-        ptally;
-    Py_ssize_t count;
+    unsigned long long pvalues, pposition, plower, pupper, pnearest, plo, phi, pnear, pabove, ptable, pnegative, pscale,
+        pshift, pshifts, plive, pdecoy, ptally;
+    Py_ssize_t count, group, first;
     struct tally_params tp;
+    struct value_rule rule;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKniiifKiffiKKK", &pvalues, &pposition, &plower, &pupper, &pnearest, &plo,
-                          &phi, &pnear, &pabove, &count, &tp.bottom, &tp.top, &tp.mantissa_bits, &tp.tiny, &pshifts,
-                          &tp.nshifts, &tp.on_low, &tp.on_high, &tp.cdf_points, &plive, &pdecoy, &ptally))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKiiKKKnnpniiifKiffiKKK", &pvalues, &pposition, &plower, &pupper, &pnearest,
+                          &plo, &phi, &pnear, &pabove, &ptable, &rule.first_code, &rule.size, &pnegative, &pscale,
+                          &pshift, &group, &first, &rule.above, &count, &tp.bottom, &tp.top, &tp.mantissa_bits,
+                          &tp.tiny, &pshifts, &tp.nshifts, &tp.on_low, &tp.on_high, &tp.cdf_points, &plive, &pdecoy,
+                          &ptally))
         return NULL;
+    if (ptable && (rule.size < 1 || group < 1 || !pscale)) {
+        PyErr_SetString(PyExc_ValueError, "a code-value rule needs a table, a scale and a group of at least 1");
+        return NULL;
+    }
+    rule.table = ADDR(const float, ptable);
+    rule.negative = ADDR(const uint8_t, pnegative);
+    rule.scale = ADDR(const float, pscale);
+    rule.shift = ADDR(const float, pshift);
+    rule.group = group;
+    rule.first = first;
     tp.shifts = ADDR(const int32_t, pshifts);
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = cell_tally(ADDR(const float, pvalues), ADDR(const float, pposition), ADDR(const int32_t, plower),
                     ADDR(const int32_t, pupper), ADDR(const int32_t, pnearest), ADDR(const float, plo),
-                    ADDR(const float, phi), ADDR(const float, pnear), ADDR(const float, pabove), count, &tp,
-                    ADDR(int64_t, plive), ADDR(int64_t, pdecoy), ADDR(int64_t, ptally));
+                    ADDR(const float, phi), ADDR(const float, pnear), ADDR(const float, pabove),
+                    ptable ? &rule : NULL, count, &tp, ADDR(int64_t, plive), ADDR(int64_t, pdecoy),
+                    ADDR(int64_t, ptally));
     Py_END_ALLOW_THREADS
     if (rc != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -233,8 +247,9 @@ static PyMethodDef methods[] = {
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS,
      "fp8_quantize(x, rows, cols, factor, rule, harden, key, row_start, col_start, nearest, hardened, changed)"},
     {"cell_tally", py_cell_tally, METH_VARARGS,
-     "cell_tally(values, position, lower, upper, nearest, lo, hi, near, above, count, bottom, top, mantissa_bits, "
-     "tiny, shifts, nshifts, on_low, on_high, cdf_points, live_counts, decoy_counts, tally): the detector's pass"},
+     "cell_tally(values, position, lower, upper, nearest, lo, hi, near, above, table, first_code, size, negative, "
+     "scale, shift, group, first, rule_above, count, bottom, top, mantissa_bits, tiny, shifts, nshifts, on_low, "
+     "on_high, cdf_points, live_counts, decoy_counts, tally): the detector's pass"},
     {"grid_cells", py_grid_cells, METH_VARARGS,
      "grid_cells(u, nearest, count, qmin, qmax, offset, lower, upper, position): integer_grid_cells"},
     {"stochastic_codes", py_stochastic_codes, METH_VARARGS,

@@ -62,10 +62,22 @@ struct tally_params {
 };
 enum { TALLY_ON_GRID, TALLY_INTERIOR_ON_GRID, TALLY_NEAR_CODE, TALLY_STEERABLE, TALLY_LIVE, TALLY_SOURCE,
        TALLY_DECOY_ON_CODE, TALLY_FIELDS };
+/* formats.base.CodeValueRule: code c of element e (flat index, counted from `first`) is worth
+ * (table[c - first_code] * (negative[e] ? -1 : 1)) * scale[e / group] (+ shift[e / group]); `above`: the in-cell
+ * decoys are asked for (the value of nearest's next interior code is computed) */
+struct value_rule {
+    const float *table;
+    int32_t first_code, size;
+    const uint8_t *negative; /* NULL: no sign */
+    const float *scale, *shift; /* shift NULL: none */
+    ptrdiff_t group, first;
+    int above;
+};
+/* the code values come from the arrays lo, hi, near, above, or (rule not NULL, the arrays NULL) from the rule */
 int cell_tally(const float *values, const float *position, const int32_t *lower, const int32_t *upper,
-                const int32_t *nearest, const float *lo, const float *hi, const float *near, const float *above,
-                ptrdiff_t count, const struct tally_params *tp, int64_t *live_counts, int64_t *decoy_counts,
-                int64_t *tally);
+               const int32_t *nearest, const float *lo, const float *hi, const float *near, const float *above,
+               const struct value_rule *rule, ptrdiff_t count, const struct tally_params *tp, int64_t *live_counts,
+               int64_t *decoy_counts, int64_t *tally);
 
 /* philox.c: philox_init picks the widest Philox batch the CPU runs (at import), or the portable C one (tests);
  * returns 1 for AVX2 */
