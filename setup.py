@@ -34,7 +34,10 @@ NATIVE = Extension(
         "-ffp-contract=off",
         "-fno-trapping-math",
         "-fno-math-errno",
+        "-fopenmp",
     ],
+    # libgomp.so.1: the OpenMP runtime torch ships and loads first, which the extension then shares (module.c)
+    extra_link_args=["-fopenmp"],
     optional=True,
 )
 

@@ -331,17 +331,18 @@ def test_native_outputs_ignore_the_default_dtype(name):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_gets_working_threads():
-    """vLLM forks its workers: a child forked after our thread pool started must not wait on the parent's threads
-    (it hung before the pool was reset at fork). The child runs only the pool and the C code (torch's own OpenMP
-    pool is not fork-safe), writing into buffers allocated before the fork."""
+    """vLLM forks its workers: a child forked after the parent ran parallel jobs (OpenMP threads started) must run
+    them too, not wait on threads it did not inherit. The child runs only the extension, writing into buffers
+    allocated before the fork."""
     x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(SEED)) * 0.02
     blocks = x.reshape(-1, 32).contiguous()
-    expected = native.qkx2_search(blocks, 15, -1.0, 0.1, 20, False, True)  # starts the pool here
+    expected = native.qkx2_search(blocks, 15, -1.0, 0.1, 20, False, True)  # starts the threads here
+    assert native._ext.threads() == "openmp"
     count = blocks.shape[0]
     scale, the_min, codes = torch.empty(count), torch.empty(count), torch.empty((count, 32), dtype=torch.int32)
 
-    def run(a: int, b: int) -> None:
-        native._ext.qkx2(
+    def job(a: int, b: int) -> tuple[object, ...]:
+        return (
             blocks.data_ptr() + 128 * a, b - a, 32, 15, -1.0, 0.1, 20, False, True,
             scale.data_ptr() + 4 * a, the_min.data_ptr() + 4 * a, codes.data_ptr() + 128 * a,
         )  # fmt: skip
@@ -349,10 +350,10 @@ def test_forked_child_gets_working_threads():
     pid = os.fork()
     if pid == 0:  # child: a hang or a wrong result must show in the exit status
         signal.alarm(60)
-        native._parallel(count, run, 1)
+        native._parallel(native._ext.qkx2, count, job, 1)
         outputs = zip((scale, the_min, codes), expected, strict=True)
         same = all(a.numpy().tobytes() == b.numpy().tobytes() for a, b in outputs)
-        os._exit(0 if same else 1)
+        os._exit(0 if same and native._ext.threads() == "threads" else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 

@@ -9,7 +9,8 @@ Philox in torch emulates 32-bit multiplies in int64 tensors, a dozen passes over
 built by `pip install` when a C compiler is there (setup.py marks it optional); without it, or with
 QCBGUARD_NATIVE=0, the torch references run instead and give the same bytes, only slower. `status()` says which.
 
-Each call splits its work over torch.get_num_threads() threads: the C loops release the GIL.
+Each call cuts its work into one range per torch.get_num_threads() thread and hands the ranges to the extension as
+one list of jobs, which it runs in an OpenMP region on torch's own thread pool (module.c says why).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,23 +50,6 @@ __all__ = [
 _ENV = "QCBGUARD_NATIVE"
 _MIN_PER_THREAD = 512  # sub-blocks: below this a thread costs more than it saves
 _MIN_DRAWS_PER_THREAD = 1 << 18  # Philox draws or elements, likewise
-_pool: ThreadPoolExecutor | None = None  # made on first use; its threads start as needed, up to the core count
-
-
-def _workers() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qcbguard-native")
-    return _pool
-
-
-def _forget_pool() -> None:
-    """A forked child (vLLM forks its workers) inherits the pool object but none of its threads: start afresh."""
-    global _pool
-    _pool = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
 
 
 def enabled(on: torch.Tensor | None = None) -> bool:
@@ -84,16 +67,17 @@ def status() -> str:
     return "native" if enabled() else f"torch reference ({_ENV}=0)"
 
 
-def _parallel(count: int, run: Callable[[int, int], None], min_per_thread: int = _MIN_PER_THREAD) -> None:
-    """run(start, stop) over [0, count) in contiguous ranges, one per thread (torch's thread count), each at least
-    min_per_thread long; the calling thread takes the first range."""
+def _parallel(
+    function: Callable[[list[tuple[object, ...]]], None],
+    count: int,
+    job: Callable[[int, int], tuple[object, ...]],
+    min_per_thread: int = _MIN_PER_THREAD,
+) -> None:
+    """function([job(start, stop), ...]) over [0, count) cut into contiguous ranges, one per thread (torch's thread
+    count), each at least min_per_thread long: the extension runs the jobs in parallel, one per thread."""
     threads = max(1, min(torch.get_num_threads(), count // max(1, min_per_thread)))
     bounds = [count * k // threads for k in range(threads + 1)]
-    ranges = list(itertools.pairwise(bounds))
-    futures = [_workers().submit(run, a, b) for a, b in ranges[1:]]
-    run(*ranges[0])
-    for future in futures:
-        future.result()
+    function([job(a, b) for a, b in itertools.pairwise(bounds)])
 
 
 def _at(t: torch.Tensor, index: int) -> int:
@@ -123,8 +107,8 @@ def qkx2_search(
     scale, the_min = torch.empty(count, dtype=torch.float32), torch.empty(count, dtype=torch.float32)
     codes = torch.empty((count, n), dtype=torch.int32)
 
-    def run(a: int, b: int) -> None:
-        _ext.qkx2(
+    def job(a: int, b: int) -> tuple[object, ...]:
+        return (
             _at(x, a),
             b - a,
             n,
@@ -139,7 +123,7 @@ def qkx2_search(
             _at(codes, a),
         )
 
-    _parallel(count, run)
+    _parallel(_ext.qkx2, count, job)
     return scale, the_min, codes
 
 
@@ -149,10 +133,10 @@ def _symmetric(kernel: Callable[..., None], x: torch.Tensor, nmax: int) -> tuple
     scale = torch.empty(count, dtype=torch.float32)
     codes = torch.empty((count, n), dtype=torch.int32)
 
-    def run(a: int, b: int) -> None:
-        kernel(_at(x, a), b - a, n, nmax, _at(scale, a), _at(codes, a))
+    def job(a: int, b: int) -> tuple[object, ...]:
+        return (_at(x, a), b - a, n, nmax, _at(scale, a), _at(codes, a))
 
-    _parallel(count, run)
+    _parallel(kernel, count, job)
     return scale, codes
 
 
@@ -172,10 +156,10 @@ def philox_uniform_grid(
     """rng.uniform_grid natively: float32 (rows, cols), word col % 4 of Philox(key, (col // 4, row, stream, 0))."""
     out = torch.empty((rows, cols), dtype=torch.float32)
 
-    def run(a: int, b: int) -> None:
-        _ext.philox(key, row_start + a, b - a, col_start, cols, stream, _at(out, a))
+    def job(a: int, b: int) -> tuple[object, ...]:
+        return (key, row_start + a, b - a, col_start, cols, stream, _at(out, a))
 
-    _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
+    _parallel(_ext.philox, rows, job, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return out
 
 
@@ -190,8 +174,8 @@ def grid_cells(
     position = torch.empty_like(u)
     count = u.numel()
 
-    def run(a: int, b: int) -> None:
-        _ext.grid_cells(
+    def job(a: int, b: int) -> tuple[object, ...]:
+        return (
             _at(u.view(-1), a),
             _at(nearest.view(-1), a),
             b - a,
@@ -203,7 +187,7 @@ def grid_cells(
             _at(position.view(-1), a),
         )
 
-    _parallel(count, run, _MIN_DRAWS_PER_THREAD)
+    _parallel(_ext.grid_cells, count, job, _MIN_DRAWS_PER_THREAD)
     return lower, upper, position
 
 
@@ -219,8 +203,8 @@ def legacy_encode(
     u = torch.empty_like(blocks)
     nearest = torch.empty(blocks.shape, dtype=torch.int32)
 
-    def run(a: int, b: int) -> None:
-        _ext.legacy(
+    def job(a: int, b: int) -> tuple[object, ...]:
+        return (
             _at(blocks, a),
             b - a,
             bits,
@@ -231,7 +215,7 @@ def legacy_encode(
             _at(nearest, a),
         )
 
-    _parallel(count, run, _MIN_DRAWS_PER_THREAD // 32)
+    _parallel(_ext.legacy, count, job, _MIN_DRAWS_PER_THREAD // 32)
     return d, (m if affine else None), u, nearest
 
 
@@ -269,14 +253,14 @@ def fp8_cells(
     position = torch.empty(x.shape, dtype=torch.float32)
     negative = torch.empty(x.shape, dtype=torch.bool)
 
-    def run(a: int, b: int) -> None:
+    def job(a: int, b: int) -> tuple[object, ...]:
         outputs = (lower, upper, position, nearest, negative)
-        _ext.fp8_cells(
+        return (
             _at(rows_of, a), b - a, cols, _factor_at(f, rule, a), _FP8_RULES[rule],
             *(_at(t.view(-1), a * cols) for t in outputs),
         )  # fmt: skip
 
-    _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
+    _parallel(_ext.fp8_cells, rows, job, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return lower, upper, position, nearest, negative
 
 
@@ -289,13 +273,13 @@ def fp8_quantize(
     rows_of, f = _fp8_rows(x, rule, factor)
     rows, cols = rows_of.shape
 
-    def call(a: int, b: int, *outputs: int) -> None:
-        _ext.fp8_quantize(
+    def job(a: int, b: int, *outputs: int) -> tuple[object, ...]:
+        return (
             _at(rows_of, a), b - a, cols, _factor_at(f, rule, a), _FP8_RULES[rule], key is not None, key or 0,
             row_start + a, col_start, *outputs,
         )  # fmt: skip
 
-    return _fused_rows(rows, cols, cols, key, call)
+    return _fused_rows(_ext.fp8_quantize, rows, cols, cols, key, job)
 
 
 def legacy_quantize(
@@ -310,28 +294,31 @@ def legacy_quantize(
     rows, cols = x.shape
     row_bytes = cols // 32 * _ext.legacy_block_bytes(bits, affine)
 
-    def call(a: int, b: int, *outputs: int) -> None:
-        _ext.legacy_quantize(
-            _at(x, a), b - a, cols, bits, affine, key is not None, key or 0, row_start + a, col_start, *outputs
-        )
+    def job(a: int, b: int, *outputs: int) -> tuple[object, ...]:
+        return (_at(x, a), b - a, cols, bits, affine, key is not None, key or 0, row_start + a, col_start, *outputs)
 
-    return _fused_rows(rows, cols, row_bytes, key, call)
+    return _fused_rows(_ext.legacy_quantize, rows, cols, row_bytes, key, job)
 
 
 def _fused_rows(
-    rows: int, cols: int, row_bytes: int, key: int | None, call: Callable[..., None]
+    function: Callable[[list[tuple[object, ...]]], None],
+    rows: int,
+    cols: int,
+    row_bytes: int,
+    key: int | None,
+    job: Callable[..., tuple[object, ...]],
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Run a fused quantize pass call(first row, end row, nearest, hardened, changed addresses) over row ranges, one
-    per thread: (round-to-nearest bytes (rows, row_bytes), hardened bytes or None when key is None, codes changed).
-    Without a key the hardened address is the nearest one (never written)."""
+    """Run a fused quantize pass over row ranges, one per thread, each job(first row, end row, nearest, hardened,
+    changed addresses): (round-to-nearest bytes (rows, row_bytes), hardened bytes or None when key is None, codes
+    changed). Without a key the hardened address is the nearest one (never written)."""
     nearest = torch.empty((rows, row_bytes), dtype=torch.uint8)
     hardened = None if key is None else torch.empty((rows, row_bytes), dtype=torch.uint8)
     changed = torch.zeros(rows, dtype=torch.int64)  # one slot per range's first row: threads never share one
 
-    def run(a: int, b: int) -> None:
-        call(a, b, _at(nearest, a), _at(nearest if hardened is None else hardened, a), _at(changed, a))
+    def outputs_job(a: int, b: int) -> tuple[object, ...]:
+        return job(a, b, _at(nearest, a), _at(nearest if hardened is None else hardened, a), _at(changed, a))
 
-    _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
+    _parallel(function, rows, outputs_job, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return nearest, hardened, int(changed.sum())
 
 
@@ -366,9 +353,10 @@ def cell_tally(
     ks = torch.tensor(shifts, dtype=torch.int32)
     parts: list[tuple[torch.Tensor, ...]] = []
 
-    def run(a: int, b: int) -> None:
+    def job(a: int, b: int) -> tuple[object, ...]:
         out = torch.zeros(2, cdf_points + 1, dtype=torch.int64), torch.zeros(len(TALLY_FIELDS), dtype=torch.int64)
-        _ext.cell_tally(
+        parts.append(out)
+        return (
             *(_at(t, a) for t in (v, position, lower, upper, nearest)),
             *(0 if t is None else _at(t, a) for t in arrays),
             *rule(a),
@@ -384,9 +372,8 @@ def cell_tally(
             out[0][1].data_ptr(),
             out[1].data_ptr(),
         )
-        parts.append(out)
 
-    _parallel(v.numel(), run, _MIN_DRAWS_PER_THREAD)  # runs at least one range, so parts is never empty
+    _parallel(_ext.cell_tally, v.numel(), job, _MIN_DRAWS_PER_THREAD)  # at least one range: parts is never empty
     counts = sum(c for c, _ in parts)
     tally = sum(t for _, t in parts)
     return counts[0], counts[1], dict(zip(TALLY_FIELDS, tally.tolist(), strict=True))
@@ -431,10 +418,8 @@ def stochastic_codes(
     rows, cols = p.shape
     codes = torch.empty((rows, cols), dtype=torch.int32)
 
-    def run(a: int, b: int) -> None:
-        _ext.stochastic_codes(
-            key, row_start + a, b - a, col_start, cols, _at(p, a), _at(lo, a), _at(up, a), _at(codes, a)
-        )
+    def job(a: int, b: int) -> tuple[object, ...]:
+        return (key, row_start + a, b - a, col_start, cols, _at(p, a), _at(lo, a), _at(up, a), _at(codes, a))
 
-    _parallel(rows, run, _MIN_DRAWS_PER_THREAD // max(1, cols))
+    _parallel(_ext.stochastic_codes, rows, job, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return codes

@@ -1,12 +1,23 @@
 /* The CPython module qcbguard_kernels.native._native: thin bindings over native.h.
  *
- * Every function takes raw buffer addresses (the Python wrapper in __init__.py owns, types and sizes the tensors)
- * and releases the GIL while it runs, so the wrapper's threads work on disjoint ranges in parallel.
+ * Every parallel function takes a list of jobs, one argument tuple per range of rows or weights (the Python wrapper
+ * in __init__.py owns, types and sizes the tensors, and cuts the ranges). The bindings parse every job first, then
+ * release the GIL and run the jobs in one OpenMP parallel region. Built with -fopenmp against libgomp.so.1, the
+ * extension shares the runtime torch has already loaded (same soname), so the jobs run on torch's own intra-op
+ * threads: a second thread pool would compete with torch's threads, which spin for a while after each of torch's
+ * parallel operations (measured: the detector's pass 2x slower on 2 cores). GNU OpenMP is not fork-safe: a child
+ * forked after its parent ran a parallel region (vLLM forks its workers) would wait forever on threads it did not
+ * inherit, so a forked child runs its jobs on plain threads started per call instead.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <pthread.h>
+#include <stdlib.h>
+
 #include "native.h"
+
+#define ADDR(type, p) ((type *)(uintptr_t)(p))
 
 static int check_len(int n) {
     if (n < 1 || n > MAX_SUB_BLOCK) {
@@ -15,8 +26,6 @@ static int check_len(int n) {
     }
     return 1;
 }
-
-#define ADDR(type, p) ((type *)(uintptr_t)(p))
 
 static int check_rule(int rule) {
     if (rule == FP8_AS_IS || rule == FP8_DIVIDE_ROW || rule == FP8_MULTIPLY) return 1;
@@ -30,70 +39,187 @@ static int check_bits(int bits) {
     return 0;
 }
 
-static PyObject *py_qkx2(PyObject *self, PyObject *args) {
-    unsigned long long px, pscale, pmin, pL;
-    Py_ssize_t count;
-    int n, nmax, nstep, use_mad, rms_weights;
-    float rmin, rdelta;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KniiffippKKK", &px, &count, &n, &nmax, &rmin, &rdelta, &nstep, &use_mad,
-                          &rms_weights, &pscale, &pmin, &pL) ||
-        !check_len(n))
-        return NULL;
+/* A job's arguments parsed into `job` (a struct of job_size bytes); 0 with a Python error set when they are bad. */
+typedef int (*parse_fn)(PyObject *args, void *job);
+/* Runs one parsed job without the GIL: 0, or -1 when it ran out of memory. */
+typedef int (*run_fn)(const void *job);
+
+static volatile int forked_child = 0; /* set in the child of every fork (pthread_atfork, at import) */
+
+static void mark_forked_child(void) { forked_child = 1; }
+
+struct thread_job {
+    const void *job;
+    run_fn run;
+    int rc;
+};
+
+static void *thread_main(void *arg) {
+    struct thread_job *t = arg;
+    t->rc = t->run(t->job);
+    return NULL;
+}
+
+/* The jobs on plain threads, one per job, the calling thread taking the first (a thread that cannot be started runs
+ * its job on the calling thread): nonzero when one failed. */
+static int run_on_threads(const char *parsed, Py_ssize_t n, size_t job_size, run_fn run) {
+    struct thread_job *jobs = calloc(n > 0 ? (size_t)n : 1, sizeof *jobs);
+    pthread_t *threads = calloc(n > 0 ? (size_t)n : 1, sizeof *threads);
+    char *started = calloc(n > 0 ? (size_t)n : 1, 1);
+    int failed = !jobs || !threads || !started;
+    for (Py_ssize_t i = 0; i < n && !failed; ++i) {
+        jobs[i] = (struct thread_job){parsed + (size_t)i * job_size, run, 0};
+        started[i] = i > 0 && pthread_create(&threads[i], NULL, thread_main, &jobs[i]) == 0;
+    }
+    for (Py_ssize_t i = 0; i < n && !failed; ++i)
+        if (!started[i]) thread_main(&jobs[i]);
+    for (Py_ssize_t i = 0; i < n && !failed; ++i)
+        if (started[i]) pthread_join(threads[i], NULL);
+    for (Py_ssize_t i = 0; i < n && !failed; ++i) failed |= jobs[i].rc != 0;
+    free(jobs);
+    free(threads);
+    free(started);
+    return failed;
+}
+
+static PyObject *run_jobs(PyObject *args, size_t job_size, parse_fn parse, run_fn run) {
+    PyObject *jobs;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &jobs)) return NULL;
+    const Py_ssize_t n = PyList_GET_SIZE(jobs);
+    char *parsed = PyMem_Calloc(n > 0 ? (size_t)n : 1, job_size);
+    if (!parsed) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject *item = PyList_GET_ITEM(jobs, i);
+        if (!PyTuple_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "every job is a tuple of arguments");
+            PyMem_Free(parsed);
+            return NULL;
+        }
+        if (!parse(item, parsed + (size_t)i * job_size)) {
+            PyMem_Free(parsed);
+            return NULL;
+        }
+    }
+    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    qkx2_search(ADDR(const float, px), count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, ADDR(float, pscale),
-                ADDR(float, pmin), ADDR(int, pL));
+    if (forked_child) {
+        failed = run_on_threads(parsed, n, job_size, run);
+    } else {
+#pragma omp parallel for num_threads((int)(n > 0 ? n : 1)) schedule(static, 1) reduction(| : failed)
+        for (Py_ssize_t i = 0; i < n; ++i) failed |= run(parsed + (size_t)i * job_size) != 0;
+    }
     Py_END_ALLOW_THREADS
+    PyMem_Free(parsed);
+    if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
-static PyObject *symmetric(PyObject *args, void (*search)(const float *, ptrdiff_t, int, int, float *, int *)) {
-    unsigned long long px, pscale, pL;
+/* One binding per parallel function: `py_<name>(jobs)` parses each job with parse_<name> into a struct <name>_job
+ * and runs it with run_<name>. */
+#define JOB_BINDING(name)                                                                                           \
+    static PyObject *py_##name(PyObject *self, PyObject *args) {                                                    \
+        (void)self;                                                                                                 \
+        return run_jobs(args, sizeof(struct name##_job), parse_##name, run_##name);                                 \
+    }
+
+struct qkx2_job {
+    unsigned long long x, scale, min, codes;
+    Py_ssize_t count;
+    int n, nmax, nstep, use_mad, rms_weights;
+    float rmin, rdelta;
+};
+
+static int parse_qkx2(PyObject *args, void *job) {
+    struct qkx2_job *j = job;
+    return PyArg_ParseTuple(args, "KniiffippKKK", &j->x, &j->count, &j->n, &j->nmax, &j->rmin, &j->rdelta, &j->nstep,
+                            &j->use_mad, &j->rms_weights, &j->scale, &j->min, &j->codes) &&
+           check_len(j->n);
+}
+
+static int run_qkx2(const void *job) {
+    const struct qkx2_job *j = job;
+    qkx2_search(ADDR(const float, j->x), j->count, j->n, j->nmax, j->rmin, j->rdelta, j->nstep, j->use_mad,
+                j->rms_weights, ADDR(float, j->scale), ADDR(float, j->min), ADDR(int, j->codes));
+    return 0;
+}
+JOB_BINDING(qkx2)
+
+/* qx and q3: the symmetric searches share one argument list */
+struct symmetric_job {
+    unsigned long long x, scale, codes;
     Py_ssize_t count;
     int n, nmax;
-    if (!PyArg_ParseTuple(args, "KniiKK", &px, &count, &n, &nmax, &pscale, &pL) || !check_len(n)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    search(ADDR(const float, px), count, n, nmax, ADDR(float, pscale), ADDR(int, pL));
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+};
+
+static int parse_symmetric(PyObject *args, struct symmetric_job *j) {
+    return PyArg_ParseTuple(args, "KniiKK", &j->x, &j->count, &j->n, &j->nmax, &j->scale, &j->codes) &&
+           check_len(j->n);
+}
+
+static int parse_qx(PyObject *args, void *job) { return parse_symmetric(args, job); }
+static int parse_q3(PyObject *args, void *job) { return parse_symmetric(args, job); }
+
+static int run_qx(const void *job) {
+    const struct symmetric_job *j = job;
+    qx_search(ADDR(const float, j->x), j->count, j->n, j->nmax, ADDR(float, j->scale), ADDR(int, j->codes));
+    return 0;
+}
+
+static int run_q3(const void *job) {
+    const struct symmetric_job *j = job;
+    q3_search(ADDR(const float, j->x), j->count, j->n, j->nmax, ADDR(float, j->scale), ADDR(int, j->codes));
+    return 0;
 }
 
 static PyObject *py_qx(PyObject *self, PyObject *args) {
     (void)self;
-    return symmetric(args, qx_search);
+    return run_jobs(args, sizeof(struct symmetric_job), parse_qx, run_qx);
 }
 
 static PyObject *py_q3(PyObject *self, PyObject *args) {
     (void)self;
-    return symmetric(args, q3_search);
+    return run_jobs(args, sizeof(struct symmetric_job), parse_q3, run_q3);
 }
 
-static PyObject *py_philox(PyObject *self, PyObject *args) {
-    unsigned long long key, col_start, pout;
+struct philox_job {
+    unsigned long long key, col_start, out;
     unsigned int row_start, stream;
     Py_ssize_t rows, cols;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KInKnIK", &key, &row_start, &rows, &col_start, &cols, &stream, &pout)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    philox_uniform_grid(key, row_start, rows, col_start, cols, stream, ADDR(float, pout));
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+};
+
+static int parse_philox(PyObject *args, void *job) {
+    struct philox_job *j = job;
+    return PyArg_ParseTuple(args, "KInKnIK", &j->key, &j->row_start, &j->rows, &j->col_start, &j->cols, &j->stream,
+                            &j->out);
 }
 
-static PyObject *py_legacy(PyObject *self, PyObject *args) {
-    unsigned long long px, pd, pm, pu, pnearest;
+static int run_philox(const void *job) {
+    const struct philox_job *j = job;
+    philox_uniform_grid(j->key, j->row_start, j->rows, j->col_start, j->cols, j->stream, ADDR(float, j->out));
+    return 0;
+}
+JOB_BINDING(philox)
+
+struct legacy_job {
+    unsigned long long x, d, m, u, nearest;
     Py_ssize_t nblocks;
     int bits, affine;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KnipKKKK", &px, &nblocks, &bits, &affine, &pd, &pm, &pu, &pnearest) ||
-        !check_bits(bits))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    legacy_encode(ADDR(const float, px), nblocks, bits, affine, ADDR(float, pd), ADDR(float, pm), ADDR(float, pu),
-                  ADDR(int32_t, pnearest));
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+};
+
+static int parse_legacy(PyObject *args, void *job) {
+    struct legacy_job *j = job;
+    return PyArg_ParseTuple(args, "KnipKKKK", &j->x, &j->nblocks, &j->bits, &j->affine, &j->d, &j->m, &j->u,
+                            &j->nearest) &&
+           check_bits(j->bits);
 }
+
+static int run_legacy(const void *job) {
+    const struct legacy_job *j = job;
+    legacy_encode(ADDR(const float, j->x), j->nblocks, j->bits, j->affine, ADDR(float, j->d), ADDR(float, j->m),
+                  ADDR(float, j->u), ADDR(int32_t, j->nearest));
+    return 0;
+}
+JOB_BINDING(legacy)
 
 static PyObject *py_legacy_block_bytes(PyObject *self, PyObject *args) {
     int bits, affine;
@@ -102,129 +228,160 @@ static PyObject *py_legacy_block_bytes(PyObject *self, PyObject *args) {
     return PyLong_FromLong(legacy_block_bytes(bits, affine));
 }
 
-static PyObject *py_legacy_quantize(PyObject *self, PyObject *args) {
-    unsigned long long px, key, col_start, pnearest, phardened, pchanged;
+struct legacy_quantize_job {
+    unsigned long long x, key, col_start, nearest, hardened, changed;
     Py_ssize_t rows, cols;
     int bits, affine, harden;
     unsigned int row_start;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KnnippKIKKKK", &px, &rows, &cols, &bits, &affine, &harden, &key, &row_start,
-                          &col_start, &pnearest, &phardened, &pchanged) ||
-        !check_bits(bits))
-        return NULL;
-    if (cols % 32) {
-        PyErr_Format(PyExc_ValueError, "legacy rows hold whole blocks of 32, not %zd weights", cols);
-        return NULL;
+};
+
+static int parse_legacy_quantize(PyObject *args, void *job) {
+    struct legacy_quantize_job *j = job;
+    if (!PyArg_ParseTuple(args, "KnnippKIKKKK", &j->x, &j->rows, &j->cols, &j->bits, &j->affine, &j->harden, &j->key,
+                          &j->row_start, &j->col_start, &j->nearest, &j->hardened, &j->changed) ||
+        !check_bits(j->bits))
+        return 0;
+    if (j->cols % 32) {
+        PyErr_Format(PyExc_ValueError, "legacy rows hold whole blocks of 32, not %zd weights", j->cols);
+        return 0;
     }
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = legacy_quantize(ADDR(const float, px), rows, cols, bits, affine, harden, key, row_start, col_start,
-                         ADDR(uint8_t, pnearest), ADDR(uint8_t, phardened), ADDR(int64_t, pchanged));
-    Py_END_ALLOW_THREADS
-    if (rc != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return 1;
 }
 
-static PyObject *py_fp8_cells(PyObject *self, PyObject *args) {
-    unsigned long long px, pfactor, plower, pupper, pposition, pnearest, pnegative;
+static int run_legacy_quantize(const void *job) {
+    const struct legacy_quantize_job *j = job;
+    return legacy_quantize(ADDR(const float, j->x), j->rows, j->cols, j->bits, j->affine, j->harden, j->key,
+                           j->row_start, j->col_start, ADDR(uint8_t, j->nearest), ADDR(uint8_t, j->hardened),
+                           ADDR(int64_t, j->changed));
+}
+JOB_BINDING(legacy_quantize)
+
+struct fp8_cells_job {
+    unsigned long long x, factor, lower, upper, position, nearest, negative;
     Py_ssize_t rows, cols;
     int rule;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KnnKiKKKKK", &px, &rows, &cols, &pfactor, &rule, &plower, &pupper, &pposition,
-                          &pnearest, &pnegative) ||
-        !check_rule(rule))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    fp8_cells(ADDR(const float, px), rows, cols, ADDR(const float, pfactor), rule, ADDR(int32_t, plower),
-              ADDR(int32_t, pupper), ADDR(float, pposition), ADDR(int32_t, pnearest), ADDR(uint8_t, pnegative));
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+};
+
+static int parse_fp8_cells(PyObject *args, void *job) {
+    struct fp8_cells_job *j = job;
+    return PyArg_ParseTuple(args, "KnnKiKKKKK", &j->x, &j->rows, &j->cols, &j->factor, &j->rule, &j->lower, &j->upper,
+                            &j->position, &j->nearest, &j->negative) &&
+           check_rule(j->rule);
 }
 
-static PyObject *py_fp8_quantize(PyObject *self, PyObject *args) {
-    unsigned long long px, pfactor, key, col_start, pnearest, phardened, pchanged;
+static int run_fp8_cells(const void *job) {
+    const struct fp8_cells_job *j = job;
+    fp8_cells(ADDR(const float, j->x), j->rows, j->cols, ADDR(const float, j->factor), j->rule, ADDR(int32_t, j->lower),
+              ADDR(int32_t, j->upper), ADDR(float, j->position), ADDR(int32_t, j->nearest),
+              ADDR(uint8_t, j->negative));
+    return 0;
+}
+JOB_BINDING(fp8_cells)
+
+struct fp8_quantize_job {
+    unsigned long long x, factor, key, col_start, nearest, hardened, changed;
     Py_ssize_t rows, cols;
     int rule, harden;
     unsigned int row_start;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KnnKipKIKKKK", &px, &rows, &cols, &pfactor, &rule, &harden, &key, &row_start,
-                          &col_start, &pnearest, &phardened, &pchanged) ||
-        !check_rule(rule))
-        return NULL;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fp8_quantize(ADDR(const float, px), rows, cols, ADDR(const float, pfactor), rule, harden, key, row_start,
-                      col_start, ADDR(uint8_t, pnearest), ADDR(uint8_t, phardened), ADDR(int64_t, pchanged));
-    Py_END_ALLOW_THREADS
-    if (rc != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+};
+
+static int parse_fp8_quantize(PyObject *args, void *job) {
+    struct fp8_quantize_job *j = job;
+    return PyArg_ParseTuple(args, "KnnKipKIKKKK", &j->x, &j->rows, &j->cols, &j->factor, &j->rule, &j->harden,
+                            &j->key, &j->row_start, &j->col_start, &j->nearest, &j->hardened, &j->changed) &&
+           check_rule(j->rule);
 }
 
-static PyObject *py_cell_tally(PyObject *self, PyObject *args) {
-    unsigned long long pvalues, pposition, plower, pupper, pnearest, plo, phi, pnear, pabove, ptable, pnegative, pscale,
-        pshift, pshifts, plive, pdecoy, ptally;
-    Py_ssize_t count, group, first;
+static int run_fp8_quantize(const void *job) {
+    const struct fp8_quantize_job *j = job;
+    return fp8_quantize(ADDR(const float, j->x), j->rows, j->cols, ADDR(const float, j->factor), j->rule, j->harden,
+                        j->key, j->row_start, j->col_start, ADDR(uint8_t, j->nearest), ADDR(uint8_t, j->hardened),
+                        ADDR(int64_t, j->changed));
+}
+JOB_BINDING(fp8_quantize)
+
+struct cell_tally_job {
+    unsigned long long values, position, lower, upper, nearest, lo, hi, near, above, live, decoy, tally;
+    Py_ssize_t count;
     struct tally_params tp;
     struct value_rule rule;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKiiKKKnnpniiifKiffiKKK", &pvalues, &pposition, &plower, &pupper, &pnearest,
-                          &plo, &phi, &pnear, &pabove, &ptable, &rule.first_code, &rule.size, &pnegative, &pscale,
-                          &pshift, &group, &first, &rule.above, &count, &tp.bottom, &tp.top, &tp.mantissa_bits,
-                          &tp.tiny, &pshifts, &tp.nshifts, &tp.on_low, &tp.on_high, &tp.cdf_points, &plive, &pdecoy,
-                          &ptally))
-        return NULL;
-    if (ptable && (rule.size < 1 || group < 1 || !pscale)) {
+    int has_rule;
+};
+
+static int parse_cell_tally(PyObject *args, void *job) {
+    struct cell_tally_job *j = job;
+    unsigned long long table, negative, scale, shift, shifts;
+    Py_ssize_t group, first;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKiiKKKnnpniiifKiffiKKK", &j->values, &j->position, &j->lower, &j->upper,
+                          &j->nearest, &j->lo, &j->hi, &j->near, &j->above, &table, &j->rule.first_code,
+                          &j->rule.size, &negative, &scale, &shift, &group, &first, &j->rule.above, &j->count,
+                          &j->tp.bottom, &j->tp.top, &j->tp.mantissa_bits, &j->tp.tiny, &shifts, &j->tp.nshifts,
+                          &j->tp.on_low, &j->tp.on_high, &j->tp.cdf_points, &j->live, &j->decoy, &j->tally))
+        return 0;
+    if (table && (j->rule.size < 1 || group < 1 || !scale)) {
         PyErr_SetString(PyExc_ValueError, "a code-value rule needs a table, a scale and a group of at least 1");
-        return NULL;
+        return 0;
     }
-    rule.table = ADDR(const float, ptable);
-    rule.negative = ADDR(const uint8_t, pnegative);
-    rule.scale = ADDR(const float, pscale);
-    rule.shift = ADDR(const float, pshift);
-    rule.group = group;
-    rule.first = first;
-    tp.shifts = ADDR(const int32_t, pshifts);
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = cell_tally(ADDR(const float, pvalues), ADDR(const float, pposition), ADDR(const int32_t, plower),
-                    ADDR(const int32_t, pupper), ADDR(const int32_t, pnearest), ADDR(const float, plo),
-                    ADDR(const float, phi), ADDR(const float, pnear), ADDR(const float, pabove),
-                    ptable ? &rule : NULL, count, &tp, ADDR(int64_t, plive), ADDR(int64_t, pdecoy),
-                    ADDR(int64_t, ptally));
-    Py_END_ALLOW_THREADS
-    if (rc != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    j->has_rule = table != 0;
+    j->rule.table = ADDR(const float, table);
+    j->rule.negative = ADDR(const uint8_t, negative);
+    j->rule.scale = ADDR(const float, scale);
+    j->rule.shift = ADDR(const float, shift);
+    j->rule.group = group;
+    j->rule.first = first;
+    j->tp.shifts = ADDR(const int32_t, shifts);
+    return 1;
 }
 
-static PyObject *py_grid_cells(PyObject *self, PyObject *args) {
-    unsigned long long pu, pnearest, plower, pupper, pposition;
+static int run_cell_tally(const void *job) {
+    const struct cell_tally_job *j = job;
+    return cell_tally(ADDR(const float, j->values), ADDR(const float, j->position), ADDR(const int32_t, j->lower),
+                      ADDR(const int32_t, j->upper), ADDR(const int32_t, j->nearest), ADDR(const float, j->lo),
+                      ADDR(const float, j->hi), ADDR(const float, j->near), ADDR(const float, j->above),
+                      j->has_rule ? &j->rule : NULL, j->count, &j->tp, ADDR(int64_t, j->live),
+                      ADDR(int64_t, j->decoy), ADDR(int64_t, j->tally));
+}
+JOB_BINDING(cell_tally)
+
+struct grid_cells_job {
+    unsigned long long u, nearest, lower, upper, position;
     Py_ssize_t count;
     int qmin, qmax, offset;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KKniiiKKK", &pu, &pnearest, &count, &qmin, &qmax, &offset, &plower, &pupper,
-                          &pposition))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    grid_cells(ADDR(const float, pu), ADDR(const int32_t, pnearest), count, qmin, qmax, offset, ADDR(int32_t, plower),
-               ADDR(int32_t, pupper), ADDR(float, pposition));
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+};
+
+static int parse_grid_cells(PyObject *args, void *job) {
+    struct grid_cells_job *j = job;
+    return PyArg_ParseTuple(args, "KKniiiKKK", &j->u, &j->nearest, &j->count, &j->qmin, &j->qmax, &j->offset,
+                            &j->lower, &j->upper, &j->position);
 }
 
-static PyObject *py_stochastic_codes(PyObject *self, PyObject *args) {
-    unsigned long long key, col_start, pposition, plower, pupper, pcodes;
+static int run_grid_cells(const void *job) {
+    const struct grid_cells_job *j = job;
+    grid_cells(ADDR(const float, j->u), ADDR(const int32_t, j->nearest), j->count, j->qmin, j->qmax, j->offset,
+               ADDR(int32_t, j->lower), ADDR(int32_t, j->upper), ADDR(float, j->position));
+    return 0;
+}
+JOB_BINDING(grid_cells)
+
+struct stochastic_codes_job {
+    unsigned long long key, col_start, position, lower, upper, codes;
     unsigned int row_start;
     Py_ssize_t rows, cols;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KInKnKKKK", &key, &row_start, &rows, &col_start, &cols, &pposition, &plower, &pupper,
-                          &pcodes))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    stochastic_codes(key, row_start, rows, col_start, cols, ADDR(const float, pposition), ADDR(const int32_t, plower),
-                     ADDR(const int32_t, pupper), ADDR(int32_t, pcodes));
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+};
+
+static int parse_stochastic_codes(PyObject *args, void *job) {
+    struct stochastic_codes_job *j = job;
+    return PyArg_ParseTuple(args, "KInKnKKKK", &j->key, &j->row_start, &j->rows, &j->col_start, &j->cols,
+                            &j->position, &j->lower, &j->upper, &j->codes);
 }
+
+static int run_stochastic_codes(const void *job) {
+    const struct stochastic_codes_job *j = job;
+    stochastic_codes(j->key, j->row_start, j->rows, j->col_start, j->cols, ADDR(const float, j->position),
+                     ADDR(const int32_t, j->lower), ADDR(const int32_t, j->upper), ADDR(int32_t, j->codes));
+    return 0;
+}
+JOB_BINDING(stochastic_codes)
 
 static PyObject *py_philox_isa(PyObject *self, PyObject *args) {
     int portable;
@@ -233,6 +390,17 @@ static PyObject *py_philox_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(philox_init(portable) ? "avx2" : "portable");
 }
 
+static PyObject *py_threads(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+#ifdef _OPENMP
+    return PyUnicode_FromString(forked_child ? "threads" : "openmp");
+#else
+    return PyUnicode_FromString("serial");
+#endif
+}
+
+/* Each parallel function takes a list of jobs; the docstrings give one job's argument tuple. */
 static PyMethodDef methods[] = {
     {"qkx2", py_qkx2, METH_VARARGS,
      "qkx2(x, count, n, nmax, rmin, rdelta, nstep, use_mad, rms_weights, scale, min, codes): make_qkx2_quants"},
@@ -257,6 +425,7 @@ static PyMethodDef methods[] = {
     {"philox_isa", py_philox_isa, METH_VARARGS,
      "philox_isa(portable): pick the Philox batch (the widest the CPU runs, or portable C); returns its name"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},
+    {"threads", py_threads, METH_NOARGS, "threads(): how jobs run: 'openmp' (torch's threads), 'threads' (a forked child), 'serial' (no OpenMP)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -264,5 +433,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 PyMODINIT_FUNC PyInit__native(void) {
     philox_init(0);
+    pthread_atfork(NULL, NULL, mark_forked_child);
     return PyModule_Create(&module);
 }
