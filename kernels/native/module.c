@@ -14,6 +14,7 @@
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "native.h"
 
@@ -384,10 +385,14 @@ static int run_stochastic_codes(const void *job) {
 JOB_BINDING(stochastic_codes)
 
 static PyObject *py_philox_isa(PyObject *self, PyObject *args) {
-    int portable;
+    static const char *names[] = {"portable", "avx2", "avx512"};
+    const char *widest;
     (void)self;
-    if (!PyArg_ParseTuple(args, "p", &portable)) return NULL;
-    return PyUnicode_FromString(philox_init(portable) ? "avx2" : "portable");
+    if (!PyArg_ParseTuple(args, "s", &widest)) return NULL;
+    for (int isa = PHILOX_PORTABLE; isa <= PHILOX_AVX512; ++isa)
+        if (strcmp(widest, names[isa]) == 0) return PyUnicode_FromString(names[philox_init(isa)]);
+    PyErr_Format(PyExc_ValueError, "unknown Philox batch %s (portable, avx2 or avx512)", widest);
+    return NULL;
 }
 
 static PyObject *py_threads(PyObject *self, PyObject *args) {
@@ -423,7 +428,8 @@ static PyMethodDef methods[] = {
     {"stochastic_codes", py_stochastic_codes, METH_VARARGS,
      "stochastic_codes(key, row_start, rows, col_start, cols, position, lower, upper, codes): harden.stochastic_codes"},
     {"philox_isa", py_philox_isa, METH_VARARGS,
-     "philox_isa(portable): pick the Philox batch (the widest the CPU runs, or portable C); returns its name"},
+     "philox_isa(widest): use the widest Philox batch the CPU runs up to 'avx512', 'avx2' or 'portable' (C); returns "
+     "the one it picked"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},
     {"threads", py_threads, METH_NOARGS, "threads(): how jobs run: 'openmp' (torch's threads), 'threads' (a forked child), 'serial' (no OpenMP)"},
     {NULL, NULL, 0, NULL},
@@ -432,7 +438,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
-    philox_init(0);
+    philox_init(PHILOX_AVX512);
     pthread_atfork(NULL, NULL, mark_forked_child);
     return PyModule_Create(&module);
 }

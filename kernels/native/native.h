@@ -79,9 +79,10 @@ int cell_tally(const float *values, const float *position, const int32_t *lower,
                const struct value_rule *rule, ptrdiff_t count, const struct tally_params *tp, int64_t *live_counts,
                int64_t *decoy_counts, int64_t *tally);
 
-/* philox.c: philox_init picks the widest Philox batch the CPU runs (at import), or the portable C one (tests);
- * returns 1 for AVX2 */
-int philox_init(int portable);
+/* philox.c: philox_init picks the widest Philox batch the CPU runs up to `widest` (at import: all of them; tests pick
+ * each); returns the one picked */
+enum { PHILOX_PORTABLE, PHILOX_AVX2, PHILOX_AVX512 };
+int philox_init(int widest);
 /* philox.c: out (rows, cols) = rng.uniform_grid(key, row_start, rows, col_start, cols, stream) */
 void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
                          uint32_t stream, float *out);

@@ -4,7 +4,8 @@
  * in float32); stochastic_codes draws with it, window by window, and picks each element's code. The rounds are
  * Philox-4x32's as Triton's tl.philox runs them (Salmon et al. 2011, 10 rounds, 64-bit key bumped by the Weyl
  * constants each round); the tests hold this file equal to the torch reference (both batch implementations), and the
- * torch reference equal to tl.philox. A batch of 16 adjacent counters runs in AVX2 registers where the CPU has them.
+ * torch reference equal to tl.philox. A batch of 16 adjacent counters runs in one AVX-512 or two AVX2 registers where
+ * the CPU has them.
  */
 #include "native.h"
 
@@ -85,20 +86,55 @@ __attribute__((target("avx2"))) static void philox_batch_avx2(uint32_t k0, uint3
         _mm256_storeu_si256((__m256i *)&words[3][h], c3);
     }
 }
+
+/* mulhi_epu32 on sixteen lanes. */
+__attribute__((target("avx512f"))) static inline __m512i mulhi_epu32_512(__m512i a, __m512i m) {
+    __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(a, m), 32);
+    __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+    return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+}
+
+/* philox_batch_c, the whole batch of sixteen counters in one AVX-512 register per word. */
+__attribute__((target("avx512f"))) static void philox_batch_avx512(uint32_t k0, uint32_t k1, uint32_t g0,
+                                                                   uint32_t row, uint32_t stream,
+                                                                   uint32_t words[4][BATCH]) {
+    const __m512i ma = _mm512_set1_epi32((int)ROUND_A), mb = _mm512_set1_epi32((int)ROUND_B);
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)g0),
+                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i c1 = _mm512_set1_epi32((int)row), c2 = _mm512_set1_epi32((int)stream), c3 = _mm512_setzero_si512();
+    for (int r = 0; r < ROUNDS; ++r) {
+        __m512i hi_b = mulhi_epu32_512(c2, mb), lo_b = _mm512_mullo_epi32(c2, mb);
+        __m512i hi_a = mulhi_epu32_512(c0, ma), lo_a = _mm512_mullo_epi32(c0, ma);
+        c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32((int)k0));
+        c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32((int)k1));
+        c1 = lo_b;
+        c3 = lo_a;
+        k0 += KEY_A;
+        k1 += KEY_B;
+    }
+    _mm512_storeu_si512(words[0], c0);
+    _mm512_storeu_si512(words[1], c1);
+    _mm512_storeu_si512(words[2], c2);
+    _mm512_storeu_si512(words[3], c3);
+}
 #endif
 
 static philox_batch_fn philox_batch = philox_batch_c;
 
-int philox_init(int portable) {
+int philox_init(int widest) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (!portable && __builtin_cpu_supports("avx2")) {
+    if (widest >= PHILOX_AVX512 && __builtin_cpu_supports("avx512f")) {
+        philox_batch = philox_batch_avx512;
+        return PHILOX_AVX512;
+    }
+    if (widest >= PHILOX_AVX2 && __builtin_cpu_supports("avx2")) {
         philox_batch = philox_batch_avx2;
-        return 1;
+        return PHILOX_AVX2;
     }
 #endif
-    (void)portable;
+    (void)widest;
     philox_batch = philox_batch_c;
-    return 0;
+    return PHILOX_PORTABLE;
 }
 
 void philox_uniform_grid(uint64_t key, uint32_t row_start, ptrdiff_t rows, uint64_t col_start, ptrdiff_t cols,
