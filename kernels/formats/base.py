@@ -174,7 +174,22 @@ class Format(ABC):
     ) -> tuple[QuantizedTensor, QuantizedTensor | None, int]:
         """(round-to-nearest, hardened with `key` at global (row_offset, col_offset) or None, codes that differ):
         the bytes pack(encode(x)) and pack(encode(x), stochastic_codes(...)) give, where fuses_on_cpu(x)."""
-        raise UnsupportedInputError(f"{self.name} has no fused native CPU path; quantize through encode and pack")
+        if not self.fuses_on_cpu(x):
+            raise UnsupportedInputError(f"{self.name} has no fused native CPU pass for this tensor: use encode, pack")
+        self.validate(x, name)
+        nearest, hardened, changed = self._native_quantize(x.float().contiguous(), key, row_offset, col_offset)
+
+        def packed(tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
+            return QuantizedTensor(self.name, x.shape, tensors)
+
+        return packed(nearest), (None if hardened is None else packed(hardened)), changed
+
+    def _native_quantize(
+        self, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+        """native_quantize's packed tensors (round-to-nearest, hardened or None) and change count; x is float32,
+        contiguous, validated, and fuses_on_cpu(x) holds."""
+        raise NotImplementedError(f"{self.name} declares a fused native pass but has none")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}: {self.description}>"

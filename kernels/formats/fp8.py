@@ -180,23 +180,18 @@ class Fp8E4M3(Format):
     def fuses_on_cpu(self, x: torch.Tensor) -> bool:
         return self.granularity != "block" and native.enabled(x)
 
-    def native_quantize(
-        self, x: torch.Tensor, name: str, key: int | None, row_offset: int = 0, col_offset: int = 0
-    ) -> tuple[QuantizedTensor, QuantizedTensor | None, int]:
-        if not self.fuses_on_cpu(x):
-            return super().native_quantize(x, name, key, row_offset, col_offset)
-        self.validate(x, name)
-        x = x.float().contiguous()
+    def _native_quantize(
+        self, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
         scale, rule, factor = self._scale_rule(x)
         if not bool(torch.isfinite(factor).all()):  # x * inf can be NaN: torch scales (scaled_fp8_cells' fallback)
             x, rule, factor = _cuda_fminf_fmaxf_clamp(x * factor, E4M3_MAX), "as_is", None
         nearest, hardened, changed = native.fp8_quantize(x, rule, factor, key, row_offset, col_offset)
 
-        def packed(codes: torch.Tensor) -> QuantizedTensor:
-            weight = codes.view(torch.float8_e4m3fn)
-            return QuantizedTensor(self.name, x.shape, {"weight": weight, "scale": scale})
+        def tensors(codes: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"weight": codes.view(torch.float8_e4m3fn), "scale": scale}
 
-        return packed(nearest), (None if hardened is None else packed(hardened)), changed
+        return tensors(nearest), (None if hardened is None else tensors(hardened)), changed
 
     def _block_scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sf [rows/128, cols/128] rounded up, 1/sf broadcast to x's shape)."""

@@ -82,19 +82,12 @@ class GgufLegacy(GgufFormat):
     def fuses_on_cpu(self, x: torch.Tensor) -> bool:
         return native.enabled(x)
 
-    def native_quantize(
-        self, x: torch.Tensor, name: str, key: int | None, row_offset: int = 0, col_offset: int = 0
-    ) -> tuple[QuantizedTensor, QuantizedTensor | None, int]:
-        if not self.fuses_on_cpu(x):
-            return super().native_quantize(x, name, key, row_offset, col_offset)
-        self.validate(x, name)
-        rows = x.float().reshape(-1, x.shape[-1])
+    def _native_quantize(
+        self, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+        rows = x.reshape(-1, x.shape[-1])
         nearest, hardened, changed = native.legacy_quantize(rows, self.bits, self.affine, key, row_offset, col_offset)
-
-        def packed(blocks: torch.Tensor) -> QuantizedTensor:
-            return QuantizedTensor(self.name, x.shape, {"blocks": blocks})
-
-        return packed(nearest), (None if hardened is None else packed(hardened)), changed
+        return {"blocks": nearest}, (None if hardened is None else {"blocks": hardened}), changed
 
     def _encode_reference(
         self, blocks: torch.Tensor
