@@ -170,6 +170,11 @@ def test_legacy_encoding_matches_reference(name):
     cases = standard_cases(6, 1024, 32, SEED)
     cases["ties"] = integer_tie_rows(4, 512, 32, fmt.qmax // 2 or 1, SEED)
     cases["many_rows"] = torch.randn(2048, 160, generator=torch.Generator().manual_seed(SEED))  # split over threads
+    # extremes that tie: +-a, +0.0 / -0.0 and all-zero blocks of both signs (which element C picks reaches d and m)
+    g = torch.Generator().manual_seed(SEED)
+    palette = torch.tensor([-2.0, -1.0, -0.0, 0.0, 1.0, 2.0])
+    cases["signed_ties"] = palette[torch.randint(0, 6, (64, 256), generator=g)]
+    cases["signed_zeros"] = palette[torch.randint(2, 4, (8, 256), generator=g)]
     for case, x in cases.items():
         blocks = fmt.rows(x)
         fast = native.legacy_encode(blocks.reshape(-1, 32), fmt.bits, fmt.affine)

@@ -5,7 +5,6 @@
  */
 #include "native.h"
 
-#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +23,44 @@ static inline float c_roundf(float v) {
     return fabsf(v - t) >= 0.5f ? t + (v > 0 ? 1.0f : -1.0f) : t;
 }
 
+/* The block maxima below, over LANES independent partial results combined at the end: the max or min of finite
+ * floats does not depend on the order (the one C loop, a chain of dependent compares, ran at a quarter of the
+ * speed); which element the C code picks among equal values is found by first_equal. */
+#define LANES 8
+
+static inline float abs_max(const float *xb) {
+    float part[LANES] = {0};
+    for (int i = 0; i < QK; i += LANES)
+        for (int k = 0; k < LANES; ++k) {
+            float a = fabsf(xb[i + k]);
+            part[k] = a > part[k] ? a : part[k];
+        }
+    float m = part[0];
+    for (int k = 1; k < LANES; ++k) m = part[k] > m ? part[k] : m;
+    return m;
+}
+
+/* The block's largest (upper) or smallest value. */
+static inline float block_extreme(const float *xb, int upper) {
+    float part[LANES];
+    for (int k = 0; k < LANES; ++k) part[k] = xb[k];
+    for (int i = LANES; i < QK; i += LANES)
+        for (int k = 0; k < LANES; ++k) {
+            float v = xb[i + k];
+            part[k] = (upper ? v > part[k] : v < part[k]) ? v : part[k];
+        }
+    float m = part[0];
+    for (int k = 1; k < LANES; ++k) m = (upper ? part[k] > m : part[k] < m) ? part[k] : m;
+    return m;
+}
+
+/* The index of the first element equal to v (which is one of them). */
+static inline int first_equal(const float *xb, float v) {
+    int i = 0;
+    while (i < QK - 1 && xb[i] != v) ++i;
+    return i;
+}
+
 VECTORIZED void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int affine, float *d_out, float *m_out,
                               float *u, int32_t *nearest) {
     const int qmax = (affine || bits < 8) ? (1 << bits) - 1 : 127;
@@ -33,24 +70,23 @@ VECTORIZED void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int a
         const float *xb = x + b * QK;
         float d, lo = 0.0f;
         if (affine) {
-            float hi = -FLT_MAX;
-            lo = FLT_MAX;
-            for (int i = 0; i < QK; ++i) {
-                if (xb[i] < lo) lo = xb[i];
-                if (xb[i] > hi) hi = xb[i];
-            }
+            /* C: `if (v < min) min = v; if (v > max) max = v;` from +-FLT_MAX: the first element of the extreme value
+             * (which of +0.0 / -0.0 reaches d and m) */
+            lo = xb[first_equal(xb, block_extreme(xb, 0))];
+            float hi = xb[first_equal(xb, block_extreme(xb, 1))];
             d = (hi - lo) / (float)qmax;
         } else if (bits == 8) {
-            float amax = 0.0f;
-            for (int i = 0; i < QK; ++i) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
-            d = amax / 127.0f;
+            d = abs_max(xb) / 127.0f;
         } else {
-            float amax = 0.0f, max = 0.0f;
-            for (int i = 0; i < QK; ++i)
-                if (amax < fabsf(xb[i])) {
-                    amax = fabsf(xb[i]);
-                    max = xb[i];
-                }
+            /* C: the first element of largest |x| (strict `<` from 0), with its sign; all zeros: +0.0 */
+            const float amax = abs_max(xb);
+            float max = 0.0f;
+            if (amax > 0.0f)
+                for (int i = 0; i < QK; ++i)
+                    if (fabsf(xb[i]) == amax) {
+                        max = xb[i];
+                        break;
+                    }
             d = max / (float)(-offset);
         }
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
