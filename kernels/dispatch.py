@@ -98,10 +98,12 @@ def quantize_packed(
         enc = fmt.encode(x, name)
         codes = None if key is None else stochastic_codes(enc, key, row_offset, col_offset)
         return fmt.pack(enc, codes)
-    _check_fused(x, fmt, name, row_offset, col_offset)
-    if chosen == "native":
+    if chosen == "native":  # native_quantize validates x itself
+        _check_coordinates(x, row_offset, col_offset)
         nearest, hardened, _ = fmt.native_quantize(x, name, key, row_offset, col_offset)
         return nearest if hardened is None else hardened
+    fmt.validate(x, name)
+    _check_coordinates(x, row_offset, col_offset)
     return quantize_triton(fmt, x, key, row_offset, col_offset)
 
 
@@ -110,9 +112,8 @@ def _check_offsets(row_offset: int, col_offset: int) -> None:
         raise ValueError(f"row_offset and col_offset must be >= 0, got {row_offset}, {col_offset}")
 
 
-def _check_fused(x: torch.Tensor, fmt: Format, name: str, row_offset: int, col_offset: int) -> None:
-    """What the fused paths need checked up front: the format's input rules and 32-bit Philox coordinates."""
-    fmt.validate(x, name)
+def _check_coordinates(x: torch.Tensor, row_offset: int, col_offset: int) -> None:
+    """What the fused paths need besides the format's input rules: global coordinates within 32-bit Philox counters."""
     cols = x.shape[-1] if x.dim() else 1
     if (x.numel() // cols) + row_offset > _COUNTER_LIMIT or cols + col_offset > _COUNTER_LIMIT:
         raise ValueError("tensor coordinates must stay below 2**32 (Philox counters are 32-bit)")
@@ -148,7 +149,7 @@ def harden_fused(
     key = seed.key_for(name) if config.mode == "harden" else None
     try:
         if pick_backend(x, fmt, backend) == "native":  # both outputs and the count from one pass
-            _check_fused(x, fmt, name, row_offset, col_offset)
+            _check_coordinates(x, row_offset, col_offset)
             nearest, hardened, changed = fmt.native_quantize(x, name, key, row_offset, col_offset)
             out = nearest if hardened is None else hardened
         else:

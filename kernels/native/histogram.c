@@ -38,9 +38,6 @@ static inline float storage_ulp(float v, const struct tally_params *tp) {
 
 #define BLOCK 256 /* weights per round of the two-phase loop below */
 
-/* Two phases per block of weights: every per-weight quantity and every bin index in loops without branches (gcc
- * vectorizes them), then the histogram increments, which are scattered stores and stay scalar. Bins beyond
- * cdf_points: ON_CODE (a decoy on a code) and SPILL (not counted). */
 /* The code values of one block of weights [start, start + n) from the rule (struct value_rule): lo, hi, near and
  * above of codes lower, upper, nearest and nearest's next interior code, run by run of one scale group. */
 static void rule_values(const struct value_rule *r, const int32_t *lower, const int32_t *upper, const int32_t *nearest,
@@ -52,7 +49,8 @@ static void rule_values(const struct value_rule *r, const int32_t *lower, const 
         const float s = r->scale[g], m = r->shift ? r->shift[g] : 0.0f;
         for (int k = i; k < i + run; ++k) {
             ptrdiff_t at = start + k;
-            int32_t codes[4] = {lower[at], upper[at], nearest[at], nearest[at] < tp->top ? nearest[at] + 1 : nearest[at] - 1};
+            const int32_t next = nearest[at] < tp->top ? nearest[at] + 1 : nearest[at] - 1;
+            int32_t codes[4] = {lower[at], upper[at], nearest[at], next};
             float *out[4] = {lo, hi, near, above};
             const float sign = r->negative && r->negative[at] ? -1.0f : 1.0f;
             for (int j = 0; j < 4; ++j) {
@@ -66,6 +64,9 @@ static void rule_values(const struct value_rule *r, const int32_t *lower, const 
     }
 }
 
+/* Two phases per block of weights: every per-weight quantity and every bin index in loops without branches (gcc
+ * vectorizes them), then the histogram increments, which are scattered stores and stay scalar. Bins beyond
+ * cdf_points: ON_CODE (a decoy on a code) and SPILL (not counted). */
 VECTORIZED int cell_tally(const float *values, const float *position, const int32_t *lower, const int32_t *upper,
                           const int32_t *nearest, const float *lo, const float *hi, const float *near,
                           const float *above, const struct value_rule *rule, ptrdiff_t count,

@@ -431,7 +431,8 @@ static PyMethodDef methods[] = {
      "philox_isa(widest): use the widest Philox batch the CPU runs up to 'avx512', 'avx2' or 'portable' (C); returns "
      "the one it picked"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},
-    {"threads", py_threads, METH_NOARGS, "threads(): how jobs run: 'openmp' (torch's threads), 'threads' (a forked child), 'serial' (no OpenMP)"},
+    {"threads", py_threads, METH_NOARGS,
+     "threads(): how jobs run: 'openmp' (torch's threads), 'threads' (a forked child), 'serial' (no OpenMP)"},
     {NULL, NULL, 0, NULL},
 };
 
