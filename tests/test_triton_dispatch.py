@@ -133,6 +133,13 @@ def test_fused_native_pass_is_harden_tensor(monkeypatch, fmt_name):
     cases = standard_cases(6, 512, 256, int(torch.randint(2**31 - 1, (1,), generator=g)))
     cases |= {"rows": torch.randn(600, 1024, generator=g) * 0.02, "zeros": torch.zeros(3, 64)}
     cases["tiny"] = torch.full((3, 64), 1e-37).index_fill_(1, torch.tensor([5]), 0.0)
+    # rows whose largest magnitude is negative, an all -0.0 row and a mixed-zero row (the per-channel scale the
+    # fused pass computes from each row's bits)
+    signed = torch.randn(4, 64, generator=g).abs_() * 0.02
+    signed[0, 9], signed[1] = -1.0, -0.0
+    signed[2, ::2] = -0.0
+    signed[2, 1::2] = 0.0
+    cases["signed"] = signed
     changed = {}
     for case, x in cases.items():
         assert pick_backend(x, fmt) == "native", case

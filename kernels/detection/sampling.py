@@ -14,7 +14,7 @@ import torch
 
 __all__ = ["DETECTOR_SAMPLE", "ROW_RUN", "sample_row_ranges", "sample_rows"]
 
-DETECTOR_SAMPLE = 1 << 20
+DETECTOR_SAMPLE = 1 << 18
 ROW_RUN = 128  # rows read together, starting at multiples of 128
 
 

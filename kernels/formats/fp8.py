@@ -126,6 +126,13 @@ def fp8_cells_reference(r: torch.Tensor) -> tuple[RoundingCells, torch.Tensor]:
     return codebook_cells(v, e4m3_magnitudes(), nearest, lower), signbit(r)
 
 
+def _abs_max(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """x.abs().amax(dim) of finite x from one aminmax pass (no |x| temporary): max(-min, max), whose only possible
+    difference, -0.0 for an all-zero slice, abs() turns back into amax's +0.0."""
+    low, high = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim)
+    return torch.maximum(low.neg(), high).abs_()
+
+
 def _cuda_fminf_fmaxf_clamp(u: torch.Tensor, limit: float) -> torch.Tensor:
     """``fmaxf(-limit, fminf(u, limit))`` with CUDA's NaN rule: fminf(NaN, y) returns y, so NaN becomes +limit."""
     return torch.where(torch.isnan(u), torch.full_like(u, limit), u.clamp(-limit, limit))
@@ -169,10 +176,10 @@ class Fp8E4M3(Format):
         """(scale, rule, factor) of the per-tensor and per-channel rules: x times one inverse scale, or x divided by
         its row's scale (scaled_fp8_cells' rules)."""
         if self.granularity == "tensor":
-            amax = x.abs().amax().reshape(1)
+            amax = _abs_max(x).reshape(1)
             scale = amax / torch.tensor(E4M3_MAX, dtype=torch.float32)
             return scale, "multiply", 1.0 / scale
-        amax = x.abs().amax(dim=1, keepdim=True)
+        amax = _abs_max(x, dim=1).unsqueeze(1)
         floor = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(E4M3_MAX * 512, dtype=torch.float32)
         scale = (amax / torch.tensor(E4M3_MAX, dtype=torch.float32)).clamp_min(floor)
         return scale, "divide_row", scale
@@ -183,9 +190,13 @@ class Fp8E4M3(Format):
     def _native_quantize(
         self, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
-        scale, rule, factor = self._scale_rule(x)
-        if not bool(torch.isfinite(factor).all()):  # x * inf can be NaN: torch scales (scaled_fp8_cells' fallback)
-            x, rule, factor = _cuda_fminf_fmaxf_clamp(x * factor, E4M3_MAX), "as_is", None
+        if self.granularity == "channel":  # the pass computes each row's scale itself (_scale_rule's bits)
+            scale = torch.empty(x.shape[0], 1, dtype=torch.float32)
+            rule, factor = "row_scale", scale
+        else:
+            scale, rule, factor = self._scale_rule(x)
+            if not bool(torch.isfinite(factor).all()):  # x * inf can be NaN: torch scales (scaled_fp8_cells' fallback)
+                x, rule, factor = _cuda_fminf_fmaxf_clamp(x * factor, E4M3_MAX), "as_is", None
         nearest, hardened, changed = native.fp8_quantize(x, rule, factor, key, row_offset, col_offset)
 
         def tensors(codes: torch.Tensor) -> dict[str, torch.Tensor]:

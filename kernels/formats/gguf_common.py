@@ -95,10 +95,14 @@ def pack_bit_fields(values: torch.Tensor, width: int, run: int) -> torch.Tensor:
     i in bits width*i .. width*(i+1) - 1. Q5_K's qh is (width 1, run 32), Q2_K's qs (2, 32), Q4_K's qs (4, 32), Q6_K's
     ql (4, 64). n must be a multiple of k * run.
     """
-    k = 8 // width
-    fields = (values.to(torch.int32) & ((1 << width) - 1)).reshape(*values.shape[:-1], -1, k, run)
-    shifts = (width * torch.arange(k, dtype=torch.int32)).view(k, 1)
-    return (fields << shifts).sum(dim=-2).reshape(*values.shape[:-1], -1).to(torch.uint8)
+    k, mask = 8 // width, (1 << width) - 1
+    # in uint8 throughout (an integer's conversion keeps its low 8 bits), OR-ing the k runs: 3-5x faster than a
+    # shifted int32 sum over the run axis
+    fields = values.to(torch.uint8).reshape(*values.shape[:-1], -1, k, run)
+    out = fields[..., 0, :] & mask
+    for i in range(1, k):
+        out |= (fields[..., i, :] & mask) << (width * i)
+    return out.reshape(*values.shape[:-1], -1)
 
 
 def unpack_bit_fields(raw: torch.Tensor, width: int, run: int) -> torch.Tensor:

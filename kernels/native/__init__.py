@@ -50,6 +50,7 @@ __all__ = [
 _ENV = "QCBGUARD_NATIVE"
 _MIN_PER_THREAD = 512  # sub-blocks: below this a thread costs more than it saves
 _MIN_DRAWS_PER_THREAD = 1 << 18  # Philox draws or elements, likewise
+_MIN_TALLY_PER_THREAD = 1 << 14  # weights the detector counts: ~15 ns each, so a thread pays off from ~0.2 ms
 
 
 def enabled(on: torch.Tensor | None = None) -> bool:
@@ -219,8 +220,9 @@ def legacy_encode(
     return d, (m if affine else None), u, nearest
 
 
-#: fp8_cells' scale rules (native.h): r = x, x / divisor[row], x * multiplier
-_FP8_RULES = {"as_is": 0, "divide_row": 1, "multiply": 2}
+#: fp8_cells' scale rules (native.h): r = x, x / divisor[row], x * multiplier; fp8_quantize's "row_scale" computes
+#: each row's per-channel scale, writes it to factor[row] and divides by it
+_FP8_RULES = {"as_is": 0, "divide_row": 1, "multiply": 2, "row_scale": 3}
 
 
 def _fp8_rows(x: torch.Tensor, rule: str, factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,15 +231,18 @@ def _fp8_rows(x: torch.Tensor, rule: str, factor: torch.Tensor | None) -> tuple[
     if x.device.type != "cpu":
         raise ValueError("the fp8 twins need a CPU tensor")
     rows_of = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-    expected = {"as_is": 0, "divide_row": rows_of.shape[0], "multiply": 1}[rule]
+    per_row = rule in ("divide_row", "row_scale")
+    expected = rows_of.shape[0] if per_row else {"as_is": 0, "multiply": 1}[rule]
+    if rule == "row_scale" and (factor is None or factor.dtype != torch.float32 or not factor.is_contiguous()):
+        raise ValueError("fp8 rule 'row_scale' writes its scales to `factor`: a contiguous float32 tensor")
     f = torch.ones(1, dtype=torch.float32) if factor is None else _flat(factor, torch.float32)
-    if f.numel() != max(expected, 1) or (rule == "divide_row" and x.dim() != 2):
+    if f.numel() != max(expected, 1) or (per_row and x.dim() != 2):
         raise ValueError(f"fp8 rule {rule!r} on shape {tuple(x.shape)} needs {expected} factors, got {f.numel()}")
     return rows_of, f
 
 
 def _factor_at(f: torch.Tensor, rule: str, row: int) -> int:
-    return _at(f, row if rule == "divide_row" else 0)
+    return _at(f, row if rule in ("divide_row", "row_scale") else 0)
 
 
 def fp8_cells(
@@ -269,7 +274,8 @@ def fp8_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """The e4m3 bytes (uint8, x's 2-D shape) of x under a scale rule as fp8_cells takes it: round-to-nearest, and with
     a key the hardened bytes (stochastic_codes at global (row_start, col_start)) and how many codes differ, in one
-    pass that never materialises the cells."""
+    pass that never materialises the cells. Rule "row_scale" (x finite): each row divided by vLLM's per-channel
+    scale, which the pass computes from the row and writes to `factor` (float32, one per row, contiguous)."""
     rows_of, f = _fp8_rows(x, rule, factor)
     rows, cols = rows_of.shape
 
@@ -373,7 +379,7 @@ def cell_tally(
             out[1].data_ptr(),
         )
 
-    _parallel(_ext.cell_tally, v.numel(), job, _MIN_DRAWS_PER_THREAD)  # at least one range: parts is never empty
+    _parallel(_ext.cell_tally, v.numel(), job, _MIN_TALLY_PER_THREAD)  # at least one range: parts is never empty
     counts = sum(c for c, _ in parts)
     tally = sum(t for _, t in parts)
     return counts[0], counts[1], dict(zip(TALLY_FIELDS, tally.tolist(), strict=True))

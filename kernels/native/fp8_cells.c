@@ -84,11 +84,31 @@ VECTORIZED void fp8_cells(const float *restrict x, ptrdiff_t rows, ptrdiff_t col
     }
 }
 
+/* vLLM's per-channel scale of one row of finite weights (Fp8E4M3._scale_rule): max(amax / 448, 1 / (448 * 512)),
+ * each operation rounded once as torch does it. amax = max |x| over the bits with the sign cleared: for finite
+ * floats their order is the integers' (and -0.0 becomes +0.0, as abs() makes it), and an integer max vectorizes. */
+static float row_scale(const float *x, ptrdiff_t cols) {
+    const float floor_scale = 1.0f / 229376.0f; /* 1 / (448 * 512): both exact, the quotient rounded once */
+    uint32_t top = 0;
+    for (ptrdiff_t i = 0; i < cols; ++i) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        bits &= 0x7fffffffu;
+        top = bits > top ? bits : top;
+    }
+    float amax;
+    memcpy(&amax, &top, sizeof amax);
+    float scale = amax / 448.0f;
+    return scale < floor_scale ? floor_scale : scale;
+}
+
 /* Quantize rows x cols weights to e4m3 bytes without keeping their cells: each row's cells go to row-sized scratch
  * (in cache), the stochastic choice is stochastic_codes' on the row's global coordinates, and the bytes are
- * Fp8E4M3._pack's (magnitude code | sign << 7). Writes round-to-nearest bytes, and with `harden` the hardened bytes
- * and how many differ. Returns 0, or -1 when the scratch could not be allocated (nothing written). */
-int fp8_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, const float *factor, int rule, int harden,
+ * Fp8E4M3._pack's (magnitude code | sign << 7). FP8_ROW_SCALE computes each row's scale first (from the row, in
+ * cache: a pass over memory saved) and writes it to factor[row]. Writes round-to-nearest bytes, and with `harden`
+ * the hardened bytes and how many differ. Returns 0, or -1 when the scratch could not be allocated (nothing
+ * written). */
+int fp8_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, float *factor, int rule, int harden,
                  uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
                  int64_t *changed) {
     int32_t *scratch = malloc((size_t)cols * (4 * sizeof(int32_t) + sizeof(float) + 1));
@@ -98,8 +118,10 @@ int fp8_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, const float *fa
     uint8_t *negative = (uint8_t *)(position + cols);
     int64_t differ = 0;
     for (ptrdiff_t row = 0; row < rows; ++row) {
-        const float *row_factor = rule == FP8_DIVIDE_ROW ? factor + row : factor;
-        fp8_cells(x + row * cols, 1, cols, row_factor, rule, lower, upper, position, nearest, negative);
+        if (rule == FP8_ROW_SCALE) factor[row] = row_scale(x + row * cols, cols);
+        const int cell_rule = rule == FP8_ROW_SCALE ? FP8_DIVIDE_ROW : rule;
+        const float *row_factor = cell_rule == FP8_DIVIDE_ROW ? factor + row : factor;
+        fp8_cells(x + row * cols, 1, cols, row_factor, cell_rule, lower, upper, position, nearest, negative);
         uint8_t *near_out = nearest_bytes + row * cols, *hard_out = hardened_bytes + row * cols;
         for (ptrdiff_t c = 0; c < cols; ++c) near_out[c] = (uint8_t)(nearest[c] | negative[c] << 7);
         if (!harden) continue;

@@ -28,8 +28,10 @@ static int check_len(int n) {
     return 1;
 }
 
-static int check_rule(int rule) {
-    if (rule == FP8_AS_IS || rule == FP8_DIVIDE_ROW || rule == FP8_MULTIPLY) return 1;
+/* FP8_ROW_SCALE (scales computed and written) only where the pass quantizes */
+static int check_rule(int rule, int quantizing) {
+    if (rule == FP8_AS_IS || rule == FP8_DIVIDE_ROW || rule == FP8_MULTIPLY || (quantizing && rule == FP8_ROW_SCALE))
+        return 1;
     PyErr_Format(PyExc_ValueError, "unknown fp8 scale rule %d", rule);
     return 0;
 }
@@ -267,7 +269,7 @@ static int parse_fp8_cells(PyObject *args, void *job) {
     struct fp8_cells_job *j = job;
     return PyArg_ParseTuple(args, "KnnKiKKKKK", &j->x, &j->rows, &j->cols, &j->factor, &j->rule, &j->lower, &j->upper,
                             &j->position, &j->nearest, &j->negative) &&
-           check_rule(j->rule);
+           check_rule(j->rule, 0);
 }
 
 static int run_fp8_cells(const void *job) {
@@ -290,12 +292,12 @@ static int parse_fp8_quantize(PyObject *args, void *job) {
     struct fp8_quantize_job *j = job;
     return PyArg_ParseTuple(args, "KnnKipKIKKKK", &j->x, &j->rows, &j->cols, &j->factor, &j->rule, &j->harden,
                             &j->key, &j->row_start, &j->col_start, &j->nearest, &j->hardened, &j->changed) &&
-           check_rule(j->rule);
+           check_rule(j->rule, 1);
 }
 
 static int run_fp8_quantize(const void *job) {
     const struct fp8_quantize_job *j = job;
-    return fp8_quantize(ADDR(const float, j->x), j->rows, j->cols, ADDR(const float, j->factor), j->rule, j->harden,
+    return fp8_quantize(ADDR(const float, j->x), j->rows, j->cols, ADDR(float, j->factor), j->rule, j->harden,
                         j->key, j->row_start, j->col_start, ADDR(uint8_t, j->nearest), ADDR(uint8_t, j->hardened),
                         ADDR(int64_t, j->changed));
 }

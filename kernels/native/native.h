@@ -37,13 +37,14 @@ void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmi
 
 /* fp8_cells.c: formats.fp8.fp8_cells for rows x cols values r (the buffers must not overlap): r = x (FP8_AS_IS),
  * x / factor[row] (FP8_DIVIDE_ROW) or x * factor[0] (FP8_MULTIPLY), never NaN; clamped to +-448 or not, the same */
-enum { FP8_AS_IS, FP8_DIVIDE_ROW, FP8_MULTIPLY };
+enum { FP8_AS_IS, FP8_DIVIDE_ROW, FP8_MULTIPLY, FP8_ROW_SCALE };
 void fp8_cells(const float *restrict x, ptrdiff_t rows, ptrdiff_t cols, const float *restrict factor, int rule,
                int32_t *restrict lower, int32_t *restrict upper, float *restrict position, int32_t *restrict nearest,
                uint8_t *restrict negative);
 /* fp8_cells.c: the e4m3 bytes of those rows, round-to-nearest and (harden) stochastic at global (row_start,
- * col_start), in one pass without the cells; 0, or -1 when out of memory */
-int fp8_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, const float *factor, int rule, int harden,
+ * col_start), in one pass without the cells; FP8_ROW_SCALE also computes vLLM's per-channel scale of each row and
+ * writes it to factor[row] (then used as FP8_DIVIDE_ROW's); 0, or -1 when out of memory */
+int fp8_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, float *factor, int rule, int harden,
                  uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
                  int64_t *changed);
 
