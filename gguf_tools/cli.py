@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qcbguard.atomic import write_json_atomic
 from qcbguard_kernels import QcbguardError
+from qcbguard_kernels.detection import DETECTOR_SAMPLE
 from qcbguard_kernels.hardening import HardeningConfig
 
 from .mixtures import ALIASES, MIXTURES
@@ -84,7 +85,9 @@ def _export_metrics(result: QuantizeResult, args: argparse.Namespace, mode: str)
 def cmd_quantize(args: argparse.Namespace) -> int:
     _check_output_dir(args.report, "report")
     _check_output_dir(args.metrics_file, "metrics file")
-    config = HardeningConfig(mode=args.mode, on_suspicious=args.on_suspicious, seed_file=args.seed_file)
+    config = HardeningConfig(
+        mode=args.mode, on_suspicious=args.on_suspicious, seed_file=args.seed_file, detector_sample=args.detector_sample
+    )
     options = QuantizeOptions(
         output_type=args.type,
         harden=not args.no_harden,
@@ -135,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed-file", help="deployment seed file (64 hex characters, mode 600); default: a fresh seed")
     q.add_argument("--mode", choices=("harden", "detect-only"), default="harden")
     q.add_argument("--on-suspicious", choices=("report", "refuse"), default="report")
+    q.add_argument(
+        "--detector-sample",
+        type=int,
+        default=DETECTOR_SAMPLE,
+        metavar="N",
+        help=f"weights the detector reads per tensor at most (default {DETECTOR_SAMPLE})",
+    )
     q.add_argument("--report", help="write a per-tensor JSON report here")
     q.add_argument("--metrics-file", help="write Prometheus metrics here (node_exporter textfile format)")
     q.add_argument("--pushgateway", help="push the metrics to this Prometheus Pushgateway URL")

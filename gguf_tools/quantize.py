@@ -121,6 +121,7 @@ class QuantizeResult:
                     mean_change_steps=rep.mean_change_steps,
                     max_change_steps=rep.max_change_steps,
                     detector_distance=rep.detector_distance,
+                    detector_sampled=rep.detector_sampled,
                     suspicious=rep.suspicious,
                     reasons=list(rep.reasons),
                 )
@@ -213,6 +214,7 @@ def _merge(parts: list[TensorReport]) -> TensorReport:
         mean_change_steps=sum(p.mean_change_steps * p.elements for p in parts) / n,
         max_change_steps=max(p.max_change_steps for p in parts),
         detector_distance=max(p.detector_distance for p in parts),
+        detector_sampled=max(p.detector_sampled for p in parts),  # the chunks share one screen of the tensor
         on_grid_fraction=sum(p.on_grid_fraction * p.elements for p in parts) / n,
         suspicious=any(p.suspicious for p in parts),
         reasons=tuple(reasons),
@@ -328,7 +330,7 @@ def _device(backend: str) -> torch.device:
 def _screen(f: GgufFile, info: TensorInfo, fmt: Format, name: str, options: QuantizeOptions) -> Screened:
     """The detector's score and verdict for a whole tensor, from its sample rows only (refuses a flagged tensor under
     on_suspicious="refuse", before any of it is quantized)."""
-    ranges = sample_row_ranges(info.n_rows, info.ne[0])
+    ranges = sample_row_ranges(info.n_rows, info.ne[0], options.config.detector_sample)
     sample = torch.cat([read_rows(f, info, start, end) for start, end in ranges])
     return screen(sample, fmt, name, options.config)
 

@@ -6,9 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcbguard_kernels.detection import DETECTOR_SAMPLE, ROW_RUN, cell_score, sample_row_ranges, sample_rows, scan_tensor
+from qcbguard_kernels.detection import (
+    DETECTOR_SAMPLE,
+    MIN_DETECTOR_SAMPLE,
+    ROW_RUN,
+    cell_score,
+    sample_row_ranges,
+    sample_rows,
+    scan_tensor,
+)
+from qcbguard_kernels.errors import QcbguardError
 from qcbguard_kernels.formats import get_format
-from qcbguard_kernels.hardening.harden import detector_score
+from qcbguard_kernels.hardening import HardeningConfig
+from qcbguard_kernels.hardening.harden import detector_score, screen
 
 
 @pytest.mark.parametrize(
@@ -49,3 +59,19 @@ def test_hardening_and_scan_score_the_same_sample():
     scan = scan_tensor(x, "w", [fmt])
     assert hardening == expected
     assert scan.findings[0].score == expected and scan.shape == (3000, 512)
+
+
+def test_the_configured_budget_sets_the_sample_everywhere(tmp_path):
+    """HardeningConfig.detector_sample reaches every screen: hardening's (the vLLM hook's path) reads that many weights
+    and the GGUF tool's sample rows follow it; budgets below MIN_DETECTOR_SAMPLE or not integers are refused."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4096, 512, generator=g).to(torch.bfloat16)
+    fmt = get_format("q8_0")
+    wide = HardeningConfig(detector_sample=1 << 20)
+    score, _ = screen(x, fmt, "w", wide)
+    assert score.elements == 1 << 20 and score == cell_score(sample_rows(x, 1 << 20), fmt, "w")
+    assert screen(x, fmt, "w", HardeningConfig())[0].elements == DETECTOR_SAMPLE
+    for bad in (MIN_DETECTOR_SAMPLE - 1, 2.0**20, True, "262144"):
+        with pytest.raises(QcbguardError, match="detector_sample"):
+            HardeningConfig(detector_sample=bad)
+    assert HardeningConfig.from_dict({"detector_sample": 1 << 16}).detector_sample == 1 << 16

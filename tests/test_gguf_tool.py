@@ -377,6 +377,22 @@ def test_row_chunks_change_no_byte(model_dir, tmp_path, monkeypatch):
     assert any(t["detector_distance"] is not None for t in whole_fields)
 
 
+def test_detector_sample_flag_sets_what_the_detector_reads(model_dir, tmp_path):
+    """--detector-sample reaches the GGUF screen: token_embd (300 x 256) is read whole by default and as one run of
+    128 rows under a budget of 2**14 weights; the report says how many weights the detector read."""
+    src = model_dir / "llama-f16.gguf"
+    sampled = {}
+    for budget in (None, 1 << 14):
+        report, out = tmp_path / f"{budget}.json", tmp_path / f"{budget}.gguf"
+        extra = [] if budget is None else ["--detector-sample", str(budget)]
+        assert _run("quantize", str(src), str(out), "Q8_0", "-q", "--report", str(report), *extra) == 0
+        tensors = {t["name"]: t for t in json.loads(report.read_text())["tensors"]}
+        sampled[budget] = tensors["token_embd.weight"]["detector_sampled"]
+    assert sampled == {None: 300 * 256, 1 << 14: 128 * 256}
+    assert _run("quantize", str(src), str(tmp_path / "bad.gguf"), "Q8_0", "-q", "--detector-sample", "100") == 2
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 def test_rows_stay_on_the_cpu_when_the_environment_asks_for_the_reference(monkeypatch):
     from gguf_tools.quantize import _device
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .cell_statistic import CellScore, Verdict, cell_score, threshold_for, verdict
-from .sampling import DETECTOR_SAMPLE, ROW_RUN, sample_row_ranges, sample_rows
+from .sampling import DETECTOR_SAMPLE, MIN_DETECTOR_SAMPLE, ROW_RUN, sample_row_ranges, sample_rows
 from .scan import (
     DEFAULT_SCAN_FORMATS,
     FormatFinding,
@@ -18,6 +18,7 @@ from .scan import (
 __all__ = [
     "DEFAULT_SCAN_FORMATS",
     "DETECTOR_SAMPLE",
+    "MIN_DETECTOR_SAMPLE",
     "ROW_RUN",
     "CellScore",
     "FormatFinding",

@@ -2,8 +2,9 @@
 
 Hardening (every layer vLLM or the GGUF tool quantizes) and the scans score a tensor on the same sample, so a tensor
 gets the same verdict wherever it is checked, and large tensors cost no more than DETECTOR_SAMPLE weights. The
-Kolmogorov distance's sampling noise is about 3 / sqrt(n): 0.003 at 2**20 weights, a seventh of the default
-threshold. Runs of whole rows keep every scale block intact (GGUF and per-channel blocks lie along a row, fp8_per_block
+Kolmogorov distance's sampling noise is about 3 / sqrt(n): 0.006 at the default 2**18 weights, a third of the default
+threshold 0.02 (HardeningConfig.detector_sample sets another budget, where a deployment would rather read more of each
+tensor). Runs of whole rows keep every scale block intact (GGUF and per-channel blocks lie along a row, fp8_per_block
 tiles are 128 x 128), so the sample's cells are the full tensor's; only per-tensor scales (fp8_per_tensor) see the
 sample's own absmax, which moves no position by more than that ratio.
 """
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DETECTOR_SAMPLE", "ROW_RUN", "sample_row_ranges", "sample_rows"]
+__all__ = ["DETECTOR_SAMPLE", "MIN_DETECTOR_SAMPLE", "ROW_RUN", "sample_row_ranges", "sample_rows"]
 
 DETECTOR_SAMPLE = 1 << 18
+MIN_DETECTOR_SAMPLE = 1 << 14  # noise 3 / sqrt(n) = 0.023: above this the default threshold still means something
 ROW_RUN = 128  # rows read together, starting at multiples of 128
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..detection.sampling import DETECTOR_SAMPLE, MIN_DETECTOR_SAMPLE
 from ..errors import QcbguardError
 
 __all__ = ["ALGORITHM_VERSION", "MODES", "ON_SUSPICIOUS", "HardeningConfig"]
@@ -25,12 +26,15 @@ class HardeningConfig:
     seed_file: a seed file (64 hex characters, mode 600) for reproducible output; None draws a fresh seed per run.
     detector_threshold: Kolmogorov distance (share of weights) above which a tensor is suspicious; None uses each
         format family's default (detection.threshold_for).
+    detector_sample: weights the detector reads per tensor at most (whole-row runs, detection.sampling); more reads
+        more of each tensor, at a proportional cost in load or quantize time.
     """
 
     mode: str = "harden"
     on_suspicious: str = "report"
     seed_file: str | None = None
     detector_threshold: float | None = None
+    detector_sample: int = DETECTOR_SAMPLE
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -41,6 +45,9 @@ class HardeningConfig:
             )
         if self.detector_threshold is not None and not 0.0 < self.detector_threshold < 1.0:
             raise QcbguardError(f"detector_threshold must lie in (0, 1), got {self.detector_threshold}")
+        sample = self.detector_sample
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < MIN_DETECTOR_SAMPLE:
+            raise QcbguardError(f"detector_sample must be an integer of at least {MIN_DETECTOR_SAMPLE}, got {sample!r}")
 
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> HardeningConfig:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import native
-from ..detection import CellScore, Verdict, cell_score, sample_rows, verdict
+from ..detection import DETECTOR_SAMPLE, CellScore, Verdict, cell_score, sample_rows, verdict
 from ..errors import QcbguardError
 from ..formats.base import Encoding, Format, QuantizedTensor
 from .config import HardeningConfig
@@ -54,6 +54,7 @@ class TensorReport:
     mean_change_steps: float
     max_change_steps: int
     detector_distance: float
+    detector_sampled: int  # weights the detector read (its sample: the whole tensor when small)
     on_grid_fraction: float
     suspicious: bool
     reasons: tuple[str, ...]
@@ -100,10 +101,12 @@ def stochastic_codes(enc: Encoding, key: int, row_offset: int = 0, col_offset: i
     return torch.where(upper.reshape(shape), cells.upper, cells.lower)
 
 
-def detector_score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding | None = None) -> CellScore:
-    """cell_score of x on the detector's sample (detection.sample_rows), on the CPU wherever x lives; enc =
-    fmt.encode(x) is reused when given and the sample is the whole tensor, and the sample is encoded otherwise."""
-    sample = sample_rows(x)
+def detector_score(
+    x: torch.Tensor, fmt: Format, name: str, enc: Encoding | None = None, budget: int = DETECTOR_SAMPLE
+) -> CellScore:
+    """cell_score of x on the detector's sample (detection.sample_rows, at most `budget` weights), on the CPU wherever
+    x lives; enc = fmt.encode(x) is reused when given and the sample is the whole tensor, else the sample is encoded."""
+    sample = sample_rows(x, budget)
     if sample is x and enc is not None:
         return cell_score(x, fmt, name, enc)
     return cell_score(sample.detach().cpu(), fmt, name)
@@ -112,7 +115,7 @@ def detector_score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding | None
 def screen(x: torch.Tensor, fmt: Format, name: str, config: HardeningConfig, enc: Encoding | None = None) -> Screened:
     """The detector's score and verdict for x; under on_suspicious="refuse" a flagged tensor raises
     SuspiciousTensorError (before anything is quantized)."""
-    score = detector_score(x, fmt, name, enc)
+    score = detector_score(x, fmt, name, enc, config.detector_sample)
     judged = verdict(score, threshold=config.detector_threshold)
     if judged.suspicious and config.on_suspicious == "refuse":
         raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
@@ -228,6 +231,7 @@ def tensor_report(
         mean_change_steps=mean_change_steps,
         max_change_steps=max_change_steps,
         detector_distance=score.distance,
+        detector_sampled=score.elements,
         on_grid_fraction=score.on_grid_fraction,
         suspicious=judged.suspicious,
         reasons=judged.reasons,
