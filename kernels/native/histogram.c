@@ -38,40 +38,45 @@ static inline float storage_ulp(float v, const struct tally_params *tp) {
 
 #define BLOCK 256 /* weights per round of the two-phase loop below */
 
-/* The value of `code` under the rule, for a weight of sign `sign` in a group of scale s and shift m: one rounding per
- * operation, as code_values (no shift: no + 0.0f, which would turn -0.0 into +0.0). */
-static inline float rule_value(const struct value_rule *r, int32_t code, float sign, float s, float m) {
-    int32_t idx = code - r->first_code; /* out of the table only for a neighbour of an end code */
-    idx = idx < 0 ? 0 : (idx >= r->size ? r->size - 1 : idx);
-    float v = r->table[idx] * sign * s;
-    return r->shift ? v + m : v;
+/* The value of `code` under a rule's table, for a weight of sign factor `sign` (+-1) in a group of scale s: one
+ * rounding per operation, as code_values; the caller adds the group's shift (when there is one: no + 0.0f, which
+ * would turn -0.0 into +0.0). */
+static inline float table_value(const float *table, int32_t first_code, int32_t size, int32_t code, float sign,
+                                float s) {
+    int32_t idx = code - first_code; /* out of the table only for a neighbour of an end code */
+    idx = idx < 0 ? 0 : (idx >= size ? size - 1 : idx);
+    return table[idx] * sign * s;
 }
 
 /* The code values of one block of weights [start, start + n) from the rule (struct value_rule): lo, hi, near and
- * above of codes lower, upper, nearest and nearest's next interior code, run by run of one scale group. Two table
- * reads per weight: near is lo's or hi's value (a cell's nearest code is one of its ends; the same code gives the
- * same value), and above is read only for a weight on the grid, the only one whose `above` cell_tally uses (as the
- * step of a pinned decoy source); elsewhere near stands in (a pinned step of 0). On the grid is cell_tally's test. */
-static void rule_values(const struct value_rule *r, const float *values, const float *position, const int32_t *lower,
-                        const int32_t *upper, const int32_t *nearest, const struct tally_params *tp, ptrdiff_t start,
-                        int n, float *lo, float *hi, float *near, float *above) {
+ * above of codes lower, upper, nearest and nearest's next interior code, run by run of one scale group. near is
+ * lo's or hi's value (a cell's nearest code is one of its ends, RoundingCells; the same code gives the same value).
+ * The rule's fields are read into locals and the sign is arithmetic, 1 - 2 * negative: a branch on random signs
+ * (or a reload of the struct after every float store) costs more than the table reads. */
+static void rule_values(const struct value_rule *r, const int32_t *lower, const int32_t *upper, const int32_t *nearest,
+                        const struct tally_params *tp, ptrdiff_t start, int n, float *restrict lo,
+                        float *restrict hi, float *restrict near, float *restrict above) {
+    const float *table = r->table;
+    const int32_t first_code = r->first_code, size = r->size, top = tp->top;
+    const uint8_t *negative = r->negative;
+    const float *shift = r->shift;
+    const ptrdiff_t group = r->group, first = r->first;
     for (int i = 0; i < n;) {
-        ptrdiff_t e = r->first + start + i, g = e / r->group;
-        int run = (int)((g + 1) * r->group - e < n - i ? (g + 1) * r->group - e : n - i);
-        const float s = r->scale[g], m = r->shift ? r->shift[g] : 0.0f;
+        ptrdiff_t e = first + start + i, g = e / group;
+        int run = (int)((g + 1) * group - e < n - i ? (g + 1) * group - e : n - i);
+        const float s = r->scale[g], m = shift ? shift[g] : 0.0f;
         for (int k = i; k < i + run; ++k) {
             ptrdiff_t at = start + k;
-            const float sign = r->negative && r->negative[at] ? -1.0f : 1.0f;
-            const float l = rule_value(r, lower[at], sign, s, m), h = rule_value(r, upper[at], sign, s, m);
-            const int32_t c = nearest[at];
-            const float nv = c == lower[at] ? l : (c == upper[at] ? h : rule_value(r, c, sign, s, m));
-            const float v = values[at], p = position[at];
-            lo[k] = l;
-            hi[k] = h;
-            near[k] = nv;
-            above[k] = nv;
-            if ((v == nv) | (v == l) | (v == h) | (p < tp->on_low) | (p > tp->on_high))
-                above[k] = rule_value(r, c < tp->top ? c + 1 : c - 1, sign, s, m);
+            const float sign = negative ? 1.0f - 2.0f * (float)negative[at] : 1.0f;
+            const int32_t c = nearest[at], next = c < top ? c + 1 : c - 1;
+            const float l = table_value(table, first_code, size, lower[at], sign, s);
+            const float h = table_value(table, first_code, size, upper[at], sign, s);
+            const float a = table_value(table, first_code, size, next, sign, s);
+            const float nv = c == lower[at] ? l : h;
+            lo[k] = shift ? l + m : l;
+            hi[k] = shift ? h + m : h;
+            near[k] = shift ? nv + m : nv;
+            above[k] = shift ? a + m : a;
         }
         i += run;
     }
@@ -98,8 +103,7 @@ VECTORIZED int cell_tally(const float *values, const float *position, const int3
         int n = count - start < BLOCK ? (int)(count - start) : BLOCK;
         const float *lo_b = rule_lo, *hi_b = rule_hi, *near_b = rule_near, *above_b = rule_above;
         if (rule) {
-            rule_values(rule, values, position, lower, upper, nearest, tp, start, n, rule_lo, rule_hi, rule_near,
-                        rule_above);
+            rule_values(rule, lower, upper, nearest, tp, start, n, rule_lo, rule_hi, rule_near, rule_above);
         } else {
             /* no near: lo stands in (v == lo is tested already, and the near-code count is not read); no above: no
              * pinned decoy sources (the live ones are computed and not counted) */
