@@ -22,7 +22,7 @@ NATIVE = Extension(
     "qcbguard_kernels.native._native",
     sources=[
         f"kernels/native/{name}.c"
-        for name in ("module", "kquant_search", "legacy", "grid_cells", "fp8_cells", "histogram", "philox")
+        for name in ("module", "kquant_search", "legacy", "grid_cells", "fp8_cells", "histogram", "philox", "widen")
     ],
     depends=["kernels/native/native.h"],
     # -fno-trapping-math / -fno-math-errno change no value (they let selects and sqrtf vectorize); the other two keep

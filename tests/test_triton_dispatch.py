@@ -168,6 +168,39 @@ def test_formats_without_a_fused_native_pass_keep_the_reference(monkeypatch):
     assert pick_backend(_x(), get_format("fp8_per_channel"), "reference") == "reference"
 
 
+@pytest.mark.parametrize("fmt_name", ["fp8_per_channel", "fp8_per_tensor", "q8_0", "q4_1", "q5_0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_native_pass_reads_16_bit_weights(monkeypatch, fmt_name, dtype):
+    """The fused passes widen bfloat16 and float16 rows themselves (no float32 copy): the bytes, scales and counts are
+    harden_tensor's on the same 16-bit tensor, over the dtype's awkward values (float16 subnormals down to 2**-24,
+    its largest finite 65504, signed zeros, a zero row) and 600 normal rows over two threads."""
+    monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
+    fmt, seed = get_format(fmt_name), DeploymentSeed(bytes(range(32)))
+    g = torch.Generator().manual_seed(fresh_seed())
+    tiny = torch.finfo(dtype).tiny
+    awkward = torch.randn(8, 256, generator=g) * 0.02
+    awkward[0] = torch.arange(256) * 2.0**-24 * (1 if dtype == torch.float16 else 2.0**-100)  # subnormals
+    awkward[1, ::3], awkward[1, 1::3] = -0.0, 0.0
+    awkward[2] = 0.0
+    awkward[3, 5], awkward[4, 7] = torch.finfo(dtype).max, -torch.finfo(dtype).max
+    awkward[5] *= tiny * 1e3
+    for case, x in {
+        "awkward": awkward.to(dtype),
+        "rows": (torch.randn(600, 512, generator=g) * 0.02).to(dtype),
+    }.items():
+        assert torch.isfinite(x).all() and pick_backend(x, fmt) == "native", case
+        reference, ref_report = harden_tensor(x, fmt, "w", seed, row_offset=3, col_offset=32)
+        nearest, fused, report = harden_fused(x, fmt, "w", seed, row_offset=3, col_offset=32)
+        plain = fmt.quantize(x)
+        for key, t in reference.tensors.items():
+            assert torch.equal(fused.tensors[key].view(torch.uint8), t.view(torch.uint8)), f"{case} {key}"
+            assert torch.equal(nearest.tensors[key].view(torch.uint8), plain.tensors[key].view(torch.uint8)), case
+        assert (report.codes_changed, report.detector_distance) == (
+            ref_report.codes_changed,
+            ref_report.detector_distance,
+        )
+
+
 def test_harden_fused_refuses_a_flagged_tensor_before_launching(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

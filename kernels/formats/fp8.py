@@ -128,9 +128,10 @@ def fp8_cells_reference(r: torch.Tensor) -> tuple[RoundingCells, torch.Tensor]:
 
 def _abs_max(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """x.abs().amax(dim) of finite x from one aminmax pass (no |x| temporary): max(-min, max), whose only possible
-    difference, -0.0 for an all-zero slice, abs() turns back into amax's +0.0."""
+    difference, -0.0 for an all-zero slice, abs() turns back into amax's +0.0. In float32 (exact: an element of x),
+    so that a 16-bit x gives float32 scales."""
     low, high = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim)
-    return torch.maximum(low.neg(), high).abs_()
+    return torch.maximum(low.neg(), high).abs_().float()
 
 
 def _cuda_fminf_fmaxf_clamp(u: torch.Tensor, limit: float) -> torch.Tensor:
@@ -196,7 +197,7 @@ class Fp8E4M3(Format):
         else:
             scale, rule, factor = self._scale_rule(x)
             if not bool(torch.isfinite(factor).all()):  # x * inf can be NaN: torch scales (scaled_fp8_cells' fallback)
-                x, rule, factor = _cuda_fminf_fmaxf_clamp(x * factor, E4M3_MAX), "as_is", None
+                x, rule, factor = _cuda_fminf_fmaxf_clamp(x.float() * factor, E4M3_MAX), "as_is", None
         nearest, hardened, changed = native.fp8_quantize(x, rule, factor, key, row_offset, col_offset)
 
         def tensors(codes: torch.Tensor) -> dict[str, torch.Tensor]:

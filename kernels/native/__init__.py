@@ -225,9 +225,19 @@ def legacy_encode(
 _FP8_RULES = {"as_is": 0, "divide_row": 1, "multiply": 2, "row_scale": 3}
 
 
+#: the weight dtypes the fused quantize passes read as they are (widen.c), by their C code; others become float32
+_WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _weights(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x contiguous in a dtype the fused passes read (float32, bfloat16, float16: no float32 copy of a 16-bit
+    checkpoint, whose fresh pages cost more than widening each row in cache), and that dtype's C code."""
+    x = x.contiguous() if x.dtype in _WEIGHT_DTYPES else _contiguous(x, torch.float32)
+    return x, _WEIGHT_DTYPES[x.dtype]
+
+
 def _fp8_rows(x: torch.Tensor, rule: str, factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x as float32 rows (a 2-D view) and the factors of its scale rule, checked against each other."""
-    x = _contiguous(x, torch.float32)
+    """x (contiguous) as rows (a 2-D view) and the factors of its scale rule, checked against each other."""
     if x.device.type != "cpu":
         raise ValueError("the fp8 twins need a CPU tensor")
     rows_of = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
@@ -252,7 +262,7 @@ def fp8_cells(
     x 2-D, one factor per row) or x * factor ("multiply", one factor; the caller keeps x * factor free of NaN): the
     clamp to +-448 that precedes the cast changes no cell. Returns (lower, upper, position, nearest, negative) shaped
     like x."""
-    rows_of, f = _fp8_rows(x, rule, factor)
+    rows_of, f = _fp8_rows(_contiguous(x, torch.float32), rule, factor)
     rows, cols = rows_of.shape
     lower, upper, nearest = (torch.empty(x.shape, dtype=torch.int32) for _ in range(3))
     position = torch.empty(x.shape, dtype=torch.float32)
@@ -275,13 +285,15 @@ def fp8_quantize(
     """The e4m3 bytes (uint8, x's 2-D shape) of x under a scale rule as fp8_cells takes it: round-to-nearest, and with
     a key the hardened bytes (stochastic_codes at global (row_start, col_start)) and how many codes differ, in one
     pass that never materialises the cells. Rule "row_scale" (x finite): each row divided by vLLM's per-channel
-    scale, which the pass computes from the row and writes to `factor` (float32, one per row, contiguous)."""
+    scale, which the pass computes from the row and writes to `factor` (float32, one per row, contiguous).
+    float32, bfloat16 and float16 weights are read as they are."""
+    x, dtype = _weights(x)
     rows_of, f = _fp8_rows(x, rule, factor)
     rows, cols = rows_of.shape
 
     def job(a: int, b: int, *outputs: int) -> tuple[object, ...]:
         return (
-            _at(rows_of, a), b - a, cols, _factor_at(f, rule, a), _FP8_RULES[rule], key is not None, key or 0,
+            _at(rows_of, a), dtype, b - a, cols, _factor_at(f, rule, a), _FP8_RULES[rule], key is not None, key or 0,
             row_start + a, col_start, *outputs,
         )  # fmt: skip
 
@@ -293,15 +305,17 @@ def legacy_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """GgufLegacy's packed blocks (uint8 (rows, blocks * block bytes)) of x (rows of whole 32-weight blocks):
     round-to-nearest, and with a key the hardened blocks (stochastic_codes at global (row_start, col_start)) and how
-    many codes differ, in one pass per row (encode, cells, draw, pack) that never materialises the cells."""
-    x = _contiguous(x, torch.float32)
+    many codes differ, in one pass per row (encode, cells, draw, pack) that never materialises the cells. float32,
+    bfloat16 and float16 weights are read as they are."""
+    x, dtype = _weights(x)
     if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] % 32:
         raise ValueError(f"legacy_quantize needs CPU rows of whole 32-weight blocks, got {tuple(x.shape)}")
     rows, cols = x.shape
     row_bytes = cols // 32 * _ext.legacy_block_bytes(bits, affine)
 
     def job(a: int, b: int, *outputs: int) -> tuple[object, ...]:
-        return (_at(x, a), b - a, cols, bits, affine, key is not None, key or 0, row_start + a, col_start, *outputs)
+        harden = key is not None
+        return (_at(x, a), dtype, b - a, cols, bits, affine, harden, key or 0, row_start + a, col_start, *outputs)
 
     return _fused_rows(_ext.legacy_quantize, rows, cols, row_bytes, key, job)
 

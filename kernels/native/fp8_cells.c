@@ -102,26 +102,27 @@ static float row_scale(const float *x, ptrdiff_t cols) {
     return scale < floor_scale ? floor_scale : scale;
 }
 
-/* Quantize rows x cols weights to e4m3 bytes without keeping their cells: each row's cells go to row-sized scratch
- * (in cache), the stochastic choice is stochastic_codes' on the row's global coordinates, and the bytes are
+/* Quantize rows x cols weights (float32, bfloat16 or float16: `dtype`, widen.c) to e4m3 bytes without keeping their
+ * cells: each row's cells go to row-sized scratch (in cache), the stochastic choice is stochastic_codes' on the row's global coordinates, and the bytes are
  * Fp8E4M3._pack's (magnitude code | sign << 7). FP8_ROW_SCALE computes each row's scale first (from the row, in
  * cache: a pass over memory saved) and writes it to factor[row]. Writes round-to-nearest bytes, and with `harden`
  * the hardened bytes and how many differ. Returns 0, or -1 when the scratch could not be allocated (nothing
  * written). */
-int fp8_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, float *factor, int rule, int harden,
+int fp8_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, float *factor, int rule, int harden,
                  uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
                  int64_t *changed) {
-    int32_t *scratch = malloc((size_t)cols * (4 * sizeof(int32_t) + sizeof(float) + 1));
+    int32_t *scratch = malloc((size_t)cols * (4 * sizeof(int32_t) + 2 * sizeof(float) + 1));
     if (!scratch) return -1;
     int32_t *lower = scratch, *upper = lower + cols, *nearest = upper + cols, *codes = nearest + cols;
-    float *position = (float *)(codes + cols);
-    uint8_t *negative = (uint8_t *)(position + cols);
+    float *position = (float *)(codes + cols), *wide = position + cols;
+    uint8_t *negative = (uint8_t *)(wide + cols);
     int64_t differ = 0;
     for (ptrdiff_t row = 0; row < rows; ++row) {
-        if (rule == FP8_ROW_SCALE) factor[row] = row_scale(x + row * cols, cols);
+        const float *xr = float_row(x, dtype, row, cols, wide);
+        if (rule == FP8_ROW_SCALE) factor[row] = row_scale(xr, cols);
         const int cell_rule = rule == FP8_ROW_SCALE ? FP8_DIVIDE_ROW : rule;
         const float *row_factor = cell_rule == FP8_DIVIDE_ROW ? factor + row : factor;
-        fp8_cells(x + row * cols, 1, cols, row_factor, cell_rule, lower, upper, position, nearest, negative);
+        fp8_cells(xr, 1, cols, row_factor, cell_rule, lower, upper, position, nearest, negative);
         uint8_t *near_out = nearest_bytes + row * cols, *hard_out = hardened_bytes + row * cols;
         for (ptrdiff_t c = 0; c < cols; ++c) near_out[c] = (uint8_t)(nearest[c] | negative[c] << 7);
         if (!harden) continue;

@@ -171,21 +171,20 @@ static void pack_legacy_row(const int32_t *codes, const float *d, const float *m
     }
 }
 
-int legacy_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, int bits, int affine, int harden, uint64_t key,
-                    uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
-                    int64_t *changed) {
+int legacy_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, int bits, int affine, int harden,
+                    uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes,
+                    uint8_t *hardened_bytes, int64_t *changed) {
     const ptrdiff_t nblocks = cols / QK;
     const int qmax = (affine || bits < 8) ? (1 << bits) - 1 : 127, qmin = (affine || bits < 8) ? 0 : -127;
     const ptrdiff_t row_bytes = nblocks * legacy_block_bytes(bits, affine);
-    /* per row: d, m, u, position (float) and nearest, lower, upper, codes (int32) */
-    float *scratch = malloc((size_t)(2 * nblocks + 2 * cols) * sizeof(float) + (size_t)(4 * cols) * sizeof(int32_t));
+    /* per row: d, m, u, position, the widened row (float) and nearest, lower, upper, codes (int32) */
+    float *scratch = malloc((size_t)(2 * nblocks + 3 * cols) * sizeof(float) + (size_t)(4 * cols) * sizeof(int32_t));
     if (!scratch) return -1;
-    float *d = scratch, *m = d + nblocks, *u = m + nblocks, *position = u + cols;
-    int32_t *nearest = (int32_t *)(position + cols), *lower = nearest + cols, *upper = lower + cols,
-            *codes = upper + cols;
+    float *d = scratch, *m = d + nblocks, *u = m + nblocks, *position = u + cols, *wide = position + cols;
+    int32_t *nearest = (int32_t *)(wide + cols), *lower = nearest + cols, *upper = lower + cols, *codes = upper + cols;
     int64_t differ = 0;
     for (ptrdiff_t row = 0; row < rows; ++row) {
-        legacy_encode(x + row * cols, nblocks, bits, affine, d, m, u, nearest);
+        legacy_encode(float_row(x, dtype, row, cols, wide), nblocks, bits, affine, d, m, u, nearest);
         pack_legacy_row(nearest, d, m, nblocks, bits, affine, nearest_bytes + row * row_bytes);
         if (!harden) continue;
         grid_cells(u, nearest, cols, qmin, qmax, 0, lower, upper, position);

@@ -36,6 +36,12 @@ static int check_rule(int rule, int quantizing) {
     return 0;
 }
 
+static int check_dtype(int dtype) {
+    if (dtype == WEIGHTS_F32 || dtype == WEIGHTS_BF16 || dtype == WEIGHTS_F16) return 1;
+    PyErr_Format(PyExc_ValueError, "unknown weight dtype code %d", dtype);
+    return 0;
+}
+
 static int check_bits(int bits) {
     if (bits == 4 || bits == 5 || bits == 8) return 1;
     PyErr_Format(PyExc_ValueError, "legacy blocks have 4, 5 or 8 bits, not %d", bits);
@@ -234,15 +240,16 @@ static PyObject *py_legacy_block_bytes(PyObject *self, PyObject *args) {
 struct legacy_quantize_job {
     unsigned long long x, key, col_start, nearest, hardened, changed;
     Py_ssize_t rows, cols;
-    int bits, affine, harden;
+    int dtype, bits, affine, harden;
     unsigned int row_start;
 };
 
 static int parse_legacy_quantize(PyObject *args, void *job) {
     struct legacy_quantize_job *j = job;
-    if (!PyArg_ParseTuple(args, "KnnippKIKKKK", &j->x, &j->rows, &j->cols, &j->bits, &j->affine, &j->harden, &j->key,
-                          &j->row_start, &j->col_start, &j->nearest, &j->hardened, &j->changed) ||
-        !check_bits(j->bits))
+    if (!PyArg_ParseTuple(args, "KinnippKIKKKK", &j->x, &j->dtype, &j->rows, &j->cols, &j->bits, &j->affine,
+                          &j->harden, &j->key, &j->row_start, &j->col_start, &j->nearest, &j->hardened,
+                          &j->changed) ||
+        !check_dtype(j->dtype) || !check_bits(j->bits))
         return 0;
     if (j->cols % 32) {
         PyErr_Format(PyExc_ValueError, "legacy rows hold whole blocks of 32, not %zd weights", j->cols);
@@ -253,7 +260,7 @@ static int parse_legacy_quantize(PyObject *args, void *job) {
 
 static int run_legacy_quantize(const void *job) {
     const struct legacy_quantize_job *j = job;
-    return legacy_quantize(ADDR(const float, j->x), j->rows, j->cols, j->bits, j->affine, j->harden, j->key,
+    return legacy_quantize(ADDR(const void, j->x), j->dtype, j->rows, j->cols, j->bits, j->affine, j->harden, j->key,
                            j->row_start, j->col_start, ADDR(uint8_t, j->nearest), ADDR(uint8_t, j->hardened),
                            ADDR(int64_t, j->changed));
 }
@@ -284,20 +291,21 @@ JOB_BINDING(fp8_cells)
 struct fp8_quantize_job {
     unsigned long long x, factor, key, col_start, nearest, hardened, changed;
     Py_ssize_t rows, cols;
-    int rule, harden;
+    int dtype, rule, harden;
     unsigned int row_start;
 };
 
 static int parse_fp8_quantize(PyObject *args, void *job) {
     struct fp8_quantize_job *j = job;
-    return PyArg_ParseTuple(args, "KnnKipKIKKKK", &j->x, &j->rows, &j->cols, &j->factor, &j->rule, &j->harden,
-                            &j->key, &j->row_start, &j->col_start, &j->nearest, &j->hardened, &j->changed) &&
-           check_rule(j->rule, 1);
+    return PyArg_ParseTuple(args, "KinnKipKIKKKK", &j->x, &j->dtype, &j->rows, &j->cols, &j->factor, &j->rule,
+                            &j->harden, &j->key, &j->row_start, &j->col_start, &j->nearest, &j->hardened,
+                            &j->changed) &&
+           check_dtype(j->dtype) && check_rule(j->rule, 1);
 }
 
 static int run_fp8_quantize(const void *job) {
     const struct fp8_quantize_job *j = job;
-    return fp8_quantize(ADDR(const float, j->x), j->rows, j->cols, ADDR(float, j->factor), j->rule, j->harden,
+    return fp8_quantize(ADDR(const void, j->x), j->dtype, j->rows, j->cols, ADDR(float, j->factor), j->rule, j->harden,
                         j->key, j->row_start, j->col_start, ADDR(uint8_t, j->nearest), ADDR(uint8_t, j->hardened),
                         ADDR(int64_t, j->changed));
 }
@@ -416,11 +424,13 @@ static PyMethodDef methods[] = {
     {"legacy", py_legacy, METH_VARARGS, "legacy(x, nblocks, bits, affine, d, m, u, nearest): GgufLegacy encoding"},
     {"legacy_block_bytes", py_legacy_block_bytes, METH_VARARGS, "legacy_block_bytes(bits, affine): bytes per block"},
     {"legacy_quantize", py_legacy_quantize, METH_VARARGS,
-     "legacy_quantize(x, rows, cols, bits, affine, harden, key, row_start, col_start, nearest, hardened, changed)"},
+     "legacy_quantize(x, dtype, rows, cols, bits, affine, harden, key, row_start, col_start, nearest, hardened, "
+     "changed)"},
     {"fp8_cells", py_fp8_cells, METH_VARARGS,
      "fp8_cells(x, rows, cols, factor, rule, lower, upper, position, nearest, negative): formats.fp8.fp8_cells"},
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS,
-     "fp8_quantize(x, rows, cols, factor, rule, harden, key, row_start, col_start, nearest, hardened, changed)"},
+     "fp8_quantize(x, dtype, rows, cols, factor, rule, harden, key, row_start, col_start, nearest, hardened, "
+     "changed)"},
     {"cell_tally", py_cell_tally, METH_VARARGS,
      "cell_tally(values, position, lower, upper, nearest, lo, hi, near, above, table, first_code, size, negative, "
      "scale, shift, group, first, rule_above, count, bottom, top, mantissa_bits, tiny, shifts, nshifts, on_low, "

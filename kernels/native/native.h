@@ -27,9 +27,14 @@ void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int affine, floa
 int legacy_block_bytes(int bits, int affine);
 /* legacy.c: the packed blocks of rows x cols weights (cols a multiple of 32), round-to-nearest and (harden)
  * stochastic at global (row_start, col_start), in one pass that keeps no cells; 0, or -1 when out of memory */
-int legacy_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, int bits, int affine, int harden, uint64_t key,
-                    uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
-                    int64_t *changed);
+int legacy_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, int bits, int affine, int harden,
+                    uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes,
+                    uint8_t *hardened_bytes, int64_t *changed);
+
+/* widen.c: the fused passes' weight rows: float32, bfloat16 or float16, read as they are; float_row returns row
+ * `row` of x (rows of `cols`) as float32: x's own row, or (16-bit dtypes) `scratch` holding it widened, exactly */
+enum { WEIGHTS_F32, WEIGHTS_BF16, WEIGHTS_F16 };
+const float *float_row(const void *x, int dtype, ptrdiff_t row, ptrdiff_t cols, float *restrict scratch);
 
 /* grid_cells.c: formats.cells.integer_grid_cells for `count` elements (codes stored as grid index + offset) */
 void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,
@@ -44,7 +49,7 @@ void fp8_cells(const float *restrict x, ptrdiff_t rows, ptrdiff_t cols, const fl
 /* fp8_cells.c: the e4m3 bytes of those rows, round-to-nearest and (harden) stochastic at global (row_start,
  * col_start), in one pass without the cells; FP8_ROW_SCALE also computes vLLM's per-channel scale of each row and
  * writes it to factor[row] (then used as FP8_DIVIDE_ROW's); 0, or -1 when out of memory */
-int fp8_quantize(const float *x, ptrdiff_t rows, ptrdiff_t cols, float *factor, int rule, int harden,
+int fp8_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, float *factor, int rule, int harden,
                  uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
                  int64_t *changed);
 
