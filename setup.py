@@ -18,12 +18,11 @@ KERNEL_PACKAGES = find_packages(include=["kernels", "kernels.*"])
 INSTALLED_AS = {p: "qcbguard_kernels" + p[len("kernels") :] for p in KERNEL_PACKAGES}
 ADAPTERS = find_packages(include=["vllm_qcbguard*", "gguf_tools*", "qcbguard", "qcbguard.*"])
 
+NATIVE_SOURCES = ["module", "kquant_search", "kquant_fused", "legacy", "grid_cells", "fp8_cells", "histogram"]
+NATIVE_SOURCES += ["philox", "widen"]
 NATIVE = Extension(
     "qcbguard_kernels.native._native",
-    sources=[
-        f"kernels/native/{name}.c"
-        for name in ("module", "kquant_search", "legacy", "grid_cells", "fp8_cells", "histogram", "philox", "widen")
-    ],
+    sources=[f"kernels/native/{name}.c" for name in NATIVE_SOURCES],
     depends=["kernels/native/native.h"],
     # -fno-trapping-math / -fno-math-errno change no value (they let selects and sqrtf vectorize); the other two keep
     # one rounding per operation.

@@ -121,21 +121,24 @@ def test_harden_fused_is_harden_tensor(monkeypatch, fmt_name, shape):
     assert kept is nearest and report.codes_changed == 0
 
 
-@pytest.mark.parametrize("fmt_name", ["fp8_per_channel", "fp8_per_tensor", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+@pytest.mark.parametrize(
+    "fmt_name", ["fp8_per_channel", "fp8_per_tensor", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q3_k", "q6_k"]
+)
 def test_fused_native_pass_is_harden_tensor(monkeypatch, fmt_name):
     """On a CPU, auto takes the fused native pass for vLLM's per-channel and per-tensor fp8 (what the vLLM hook runs
-    there) and GGUF's legacy types (the GGUF tool): harden_tensor's bytes and change counts, round-to-nearest beside
-    them, at an offset, on awkward inputs, over one and two threads (600 rows), and a zero and a subnormal-tiny tensor
-    (fp8 per-tensor: an infinite inverse scale; legacy: 1/d overflowing, scales flushed to half subnormals)."""
+    there) and GGUF's legacy types, Q3_K and Q6_K (the GGUF tool): harden_tensor's bytes and change counts,
+    round-to-nearest beside them, at an offset, on awkward inputs, over one and two threads (600 rows), and a zero and
+    a subnormal-tiny tensor (fp8 per-tensor: an infinite inverse scale; legacy: 1/d overflowing, scales flushed to
+    half subnormals; k-quants: all-zero super-blocks)."""
     monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
     fmt, seed = get_format(fmt_name), DeploymentSeed(bytes(range(32)))
     g = torch.Generator().manual_seed(fresh_seed())
     cases = standard_cases(6, 512, 256, int(torch.randint(2**31 - 1, (1,), generator=g)))
-    cases |= {"rows": torch.randn(600, 1024, generator=g) * 0.02, "zeros": torch.zeros(3, 64)}
-    cases["tiny"] = torch.full((3, 64), 1e-37).index_fill_(1, torch.tensor([5]), 0.0)
+    cases |= {"rows": torch.randn(600, 1024, generator=g) * 0.02, "zeros": torch.zeros(3, 256)}
+    cases["tiny"] = torch.full((3, 256), 1e-37).index_fill_(1, torch.tensor([5]), 0.0)
     # rows whose largest magnitude is negative, an all -0.0 row and a mixed-zero row (the per-channel scale the
     # fused pass computes from each row's bits)
-    signed = torch.randn(4, 64, generator=g).abs_() * 0.02
+    signed = torch.randn(4, 256, generator=g).abs_() * 0.02
     signed[0, 9], signed[1] = -1.0, -0.0
     signed[2, ::2] = -0.0
     signed[2, 1::2] = 0.0
@@ -163,12 +166,12 @@ def test_fused_native_pass_is_harden_tensor(monkeypatch, fmt_name):
 
 def test_formats_without_a_fused_native_pass_keep_the_reference(monkeypatch):
     monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
-    for name in ("fp8_per_block", "q4_k", "q6_k", "nf4", "int8_per_channel"):
+    for name in ("fp8_per_block", "q4_k", "q5_k", "q2_k", "nf4", "int8_per_channel"):
         assert pick_backend(_x(4, 256), get_format(name)) == "reference", name
     assert pick_backend(_x(), get_format("fp8_per_channel"), "reference") == "reference"
 
 
-@pytest.mark.parametrize("fmt_name", ["fp8_per_channel", "fp8_per_tensor", "q8_0", "q4_1", "q5_0"])
+@pytest.mark.parametrize("fmt_name", ["fp8_per_channel", "fp8_per_tensor", "q8_0", "q4_1", "q5_0", "q3_k", "q6_k"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_native_pass_reads_16_bit_weights(monkeypatch, fmt_name, dtype):
     """The fused passes widen bfloat16 and float16 rows themselves (no float32 copy): the bytes, scales and counts are

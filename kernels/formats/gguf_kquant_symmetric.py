@@ -257,6 +257,16 @@ class GgufKQuantSymmetric(KQuantFormat):
             "signed sub-block scales",
         )
 
+    def fuses_on_cpu(self, x: torch.Tensor) -> bool:
+        return native.enabled(x)
+
+    def _native_quantize(
+        self, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+        rows = x.reshape(-1, x.shape[-1])
+        nearest, hardened, changed = native.kquant_sym_quantize(rows, self.bits, key, row_offset, col_offset)
+        return {"blocks": nearest}, (None if hardened is None else {"blocks": hardened}), changed
+
     # ---------------------------------------------------------------- encode
 
     def _sub_block_search(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,7 @@ __all__ = [
     "fp8_cells",
     "fp8_quantize",
     "grid_cells",
+    "kquant_sym_quantize",
     "legacy_encode",
     "legacy_quantize",
     "philox_uniform_grid",
@@ -318,6 +319,26 @@ def legacy_quantize(
         return (_at(x, a), dtype, b - a, cols, bits, affine, harden, key or 0, row_start + a, col_start, *outputs)
 
     return _fused_rows(_ext.legacy_quantize, rows, cols, row_bytes, key, job)
+
+
+def kquant_sym_quantize(
+    x: torch.Tensor, bits: int, key: int | None, row_start: int = 0, col_start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """GgufKQuantSymmetric's packed super-blocks (uint8 (rows, blocks * block bytes)) of x (rows of whole 256-weight
+    super-blocks; Q3_K: bits 3, Q6_K: bits 6): round-to-nearest, and with a key the hardened blocks (stochastic_codes
+    at global (row_start, col_start)) and how many codes differ, in one pass per row (search, scales, codes, cells,
+    draw, pack) that never materialises the cells. float32, bfloat16 and float16 weights are read as they are."""
+    x, dtype = _weights(x)
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] % 256:
+        raise ValueError(f"kquant_sym_quantize needs CPU rows of whole 256-weight super-blocks, got {tuple(x.shape)}")
+    rows, cols = x.shape
+    row_bytes = cols // 256 * _ext.kquant_sym_block_bytes(bits)
+
+    def job(a: int, b: int, *outputs: int) -> tuple[object, ...]:
+        harden = key is not None
+        return (_at(x, a), dtype, b - a, cols, bits, harden, key or 0, row_start + a, col_start, *outputs)
+
+    return _fused_rows(_ext.kquant_sym_quantize, rows, cols, row_bytes, key, job)
 
 
 def _fused_rows(

@@ -20,15 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define GROUP_MAX_EPS 1e-15f
 #define Q3_SWEEPS 5
-
-static inline int nearest_int(float fval) {
-    float val = fval + 12582912.f; /* 1.5 * 2^23: the low mantissa bits now hold round-half-even(fval) */
-    int32_t i;
-    memcpy(&i, &val, sizeof i);
-    return (i & 0x007fffff) - 0x00400000;
-}
 
 static inline int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 

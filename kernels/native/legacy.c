@@ -116,26 +116,6 @@ int legacy_block_bytes(int bits, int affine) {
     return 2 * (1 + affine) + (bits == 5 ? 4 : 0) + (bits == 8 ? QK : QK / 2);
 }
 
-/* IEEE half bits of f, rounded to nearest even, as torch's float -> float16 and ggml's GGML_FP32_TO_FP16 round;
- * beyond the half range inf, NaN the quiet 0x7e00 (a finite input never makes one). */
-static uint16_t half_bits(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    const uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return sign | 0x7e00u;
-    if (ax >= 0x477ff000u) return sign | 0x7c00u; /* >= 65520, the midpoint above 65504: inf */
-    if (ax < 0x38800000u) {                       /* below 2**-14: a half subnormal, in units of 2**-24 */
-        float a;
-        memcpy(&a, &ax, sizeof a);
-        return sign | (uint16_t)rintf(a * 0x1p24f); /* exact scaling, then ties to even; 1024 is the first normal */
-    }
-    const uint32_t rebased = ax - 0x38000000u; /* exponent bias 127 -> 15 */
-    uint32_t h = rebased >> 13, rest = rebased & 0x1fffu;
-    h += rest > 0x1000u || (rest == 0x1000u && (h & 1u)); /* a carry into the exponent is the right rounding */
-    return sign | (uint16_t)h;
-}
-
 static void put_half(uint8_t *out, float f) {
     uint16_t h = half_bits(f);
     out[0] = (uint8_t)h;

@@ -266,6 +266,47 @@ static int run_legacy_quantize(const void *job) {
 }
 JOB_BINDING(legacy_quantize)
 
+static int check_kquant_bits(int bits) {
+    if (bits == 3 || bits == 6) return 1;
+    PyErr_Format(PyExc_ValueError, "symmetric k-quants have 3 (Q3_K) or 6 (Q6_K) bits, not %d", bits);
+    return 0;
+}
+
+static PyObject *py_kquant_sym_block_bytes(PyObject *self, PyObject *args) {
+    int bits;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &bits) || !check_kquant_bits(bits)) return NULL;
+    return PyLong_FromLong(kquant_sym_block_bytes(bits));
+}
+
+struct kquant_sym_quantize_job {
+    unsigned long long x, key, col_start, nearest, hardened, changed;
+    Py_ssize_t rows, cols;
+    int dtype, bits, harden;
+    unsigned int row_start;
+};
+
+static int parse_kquant_sym_quantize(PyObject *args, void *job) {
+    struct kquant_sym_quantize_job *j = job;
+    if (!PyArg_ParseTuple(args, "KinnipKIKKKK", &j->x, &j->dtype, &j->rows, &j->cols, &j->bits, &j->harden, &j->key,
+                          &j->row_start, &j->col_start, &j->nearest, &j->hardened, &j->changed) ||
+        !check_dtype(j->dtype) || !check_kquant_bits(j->bits))
+        return 0;
+    if (j->cols % 256) {
+        PyErr_Format(PyExc_ValueError, "k-quant rows hold whole super-blocks of 256, not %zd weights", j->cols);
+        return 0;
+    }
+    return 1;
+}
+
+static int run_kquant_sym_quantize(const void *job) {
+    const struct kquant_sym_quantize_job *j = job;
+    return kquant_sym_quantize(ADDR(const void, j->x), j->dtype, j->rows, j->cols, j->bits, j->harden, j->key,
+                               j->row_start, j->col_start, ADDR(uint8_t, j->nearest), ADDR(uint8_t, j->hardened),
+                               ADDR(int64_t, j->changed));
+}
+JOB_BINDING(kquant_sym_quantize)
+
 struct fp8_cells_job {
     unsigned long long x, factor, lower, upper, position, nearest, negative;
     Py_ssize_t rows, cols;
@@ -426,6 +467,10 @@ static PyMethodDef methods[] = {
     {"legacy_quantize", py_legacy_quantize, METH_VARARGS,
      "legacy_quantize(x, dtype, rows, cols, bits, affine, harden, key, row_start, col_start, nearest, hardened, "
      "changed)"},
+    {"kquant_sym_block_bytes", py_kquant_sym_block_bytes, METH_VARARGS,
+     "kquant_sym_block_bytes(bits): bytes per Q3_K / Q6_K super-block"},
+    {"kquant_sym_quantize", py_kquant_sym_quantize, METH_VARARGS,
+     "kquant_sym_quantize(x, dtype, rows, cols, bits, harden, key, row_start, col_start, nearest, hardened, changed)"},
     {"fp8_cells", py_fp8_cells, METH_VARARGS,
      "fp8_cells(x, rows, cols, factor, rule, lower, upper, position, nearest, negative): formats.fp8.fp8_cells"},
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS,

@@ -6,6 +6,16 @@
 #include <stdint.h>
 
 #define MAX_SUB_BLOCK 32 /* the longest k-quant sub-block (Q4_K, Q5_K) */
+#define GROUP_MAX_EPS 1e-15f /* ggml's: a (sub-)block whose largest |x| is below this is all zero */
+
+/* ggml's nearest_int: 1.5 * 2^23 added, the low mantissa bits then hold round-half-even(fval); reproduced as is for
+ * huge and non-finite arguments */
+static inline int nearest_int(float fval) {
+    float val = fval + 12582912.f;
+    int32_t i;
+    __builtin_memcpy(&i, &val, sizeof i);
+    return (i & 0x007fffff) - 0x00400000;
+}
 
 /* x86-64: an AVX2 clone chosen at load time, SSE2 otherwise (AVX2 alone brings no FMA; -ffp-contract=off anyway). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -35,6 +45,17 @@ int legacy_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, in
  * `row` of x (rows of `cols`) as float32: x's own row, or (16-bit dtypes) `scratch` holding it widened, exactly */
 enum { WEIGHTS_F32, WEIGHTS_BF16, WEIGHTS_F16 };
 const float *float_row(const void *x, int dtype, ptrdiff_t row, ptrdiff_t cols, float *restrict scratch);
+/* widen.c: IEEE half bits of f rounded to nearest even (torch's and ggml's float -> half), and a half widened */
+uint16_t half_bits(float f);
+float half_to_float(uint16_t h);
+
+/* kquant_fused.c: GgufKQuantSymmetric's packed super-blocks (Q3_K: bits 3, Q6_K: bits 6) of rows x cols weights
+ * (float32, bfloat16 or float16; cols a multiple of 256), round-to-nearest and (harden) stochastic at global
+ * (row_start, col_start), in one pass per row that keeps no cells; 0, or -1 when out of memory */
+int kquant_sym_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, int bits, int harden, uint64_t key,
+                        uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
+                        int64_t *changed);
+int kquant_sym_block_bytes(int bits);
 
 /* grid_cells.c: formats.cells.integer_grid_cells for `count` elements (codes stored as grid index + offset) */
 void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,

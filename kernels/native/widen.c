@@ -1,11 +1,14 @@
-/* Checkpoint rows as float32, one row at a time: the fused quantize passes read bfloat16 and float16 weights as
- * they are and widen each row into row-sized scratch (in cache), instead of a float32 copy of the whole tensor,
- * whose fresh pages cost more than the conversion (1.5 ns per weight on a 23 M-weight tensor, measured).
- * Both widenings are exact, as torch's .float(): bfloat16 is float32's upper half; a float16 normal rebiases its
- * exponent (15 -> 127), a subnormal or zero is its integer mantissa times 2**-24 (exact in float32, signed zeros
- * kept), and inf and NaN keep their class (the callers refuse non-finite weights before any pass). */
+/* 16-bit floats: checkpoint rows as float32, one row at a time, and the IEEE half conversions the packers share.
+ *
+ * Rows: the fused quantize passes read bfloat16 and float16 weights as they are and widen each row into row-sized
+ * scratch (in cache), instead of a float32 copy of the whole tensor, whose fresh pages cost more than the conversion
+ * (1.5 ns per weight on a 23 M-weight tensor, measured). Both widenings are exact, as torch's .float(): bfloat16 is
+ * float32's upper half; a float16 normal rebiases its exponent (15 -> 127), a subnormal or zero is its integer
+ * mantissa times 2**-24 (exact in float32, signed zeros kept), and inf and NaN keep their class (the callers refuse
+ * non-finite weights before any pass). */
 #include "native.h"
 
+#include <math.h>
 #include <string.h>
 
 static inline float from_bits(uint32_t bits) {
@@ -14,7 +17,7 @@ static inline float from_bits(uint32_t bits) {
     return f;
 }
 
-static inline float half_to_float(uint16_t h) {
+static inline float half_value(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
     const float fixed = (float)mantissa * 0x1p-24f; /* exponent 0: subnormal or zero */
     const float wide = from_bits(exponent == 0x1f ? (sign | 0x7f800000u | mantissa << 13)
@@ -28,6 +31,28 @@ VECTORIZED const float *float_row(const void *x, int dtype, ptrdiff_t row, ptrdi
     if (dtype == WEIGHTS_BF16)
         for (ptrdiff_t i = 0; i < cols; ++i) scratch[i] = from_bits((uint32_t)in[i] << 16);
     else
-        for (ptrdiff_t i = 0; i < cols; ++i) scratch[i] = half_to_float(in[i]);
+        for (ptrdiff_t i = 0; i < cols; ++i) scratch[i] = half_value(in[i]);
     return scratch;
+}
+
+float half_to_float(uint16_t h) { return half_value(h); }
+
+/* IEEE half bits of f, rounded to nearest even, as torch's float -> float16 and ggml's GGML_FP32_TO_FP16 round;
+ * beyond the half range inf, NaN the quiet 0x7e00 (a finite input never makes one). */
+uint16_t half_bits(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00u;
+    if (ax >= 0x477ff000u) return sign | 0x7c00u; /* >= 65520, the midpoint above 65504: inf */
+    if (ax < 0x38800000u) {                       /* below 2**-14: a half subnormal, in units of 2**-24 */
+        float a;
+        memcpy(&a, &ax, sizeof a);
+        return sign | (uint16_t)rintf(a * 0x1p24f); /* exact scaling, then ties to even; 1024 is the first normal */
+    }
+    const uint32_t rebased = ax - 0x38000000u; /* exponent bias 127 -> 15 */
+    uint32_t h = rebased >> 13, rest = rebased & 0x1fffu;
+    h += rest > 0x1000u || (rest == 0x1000u && (h & 1u)); /* a carry into the exponent is the right rounding */
+    return sign | (uint16_t)h;
 }
