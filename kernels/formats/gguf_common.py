@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
 from ..errors import UnsupportedInputError
 from .base import Encoding, Format, QuantizedTensor
 
@@ -34,6 +35,24 @@ class GgufFormat(Format):
     ggml_type: int
     block_size: int
     type_size: int
+    #: the type has a fused native pass (_native_blocks): the legacy types, Q3_K and Q6_K
+    fused_natively: bool = False
+
+    def fuses_on_cpu(self, x: torch.Tensor) -> bool:
+        return self.fused_natively and native.enabled(x)
+
+    def _native_quantize(
+        self, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+        nearest, hardened, changed = self._native_blocks(x.reshape(-1, x.shape[-1]), key, row_offset, col_offset)
+        return {"blocks": nearest}, (None if hardened is None else {"blocks": hardened}), changed
+
+    def _native_blocks(
+        self, rows: torch.Tensor, key: int | None, row_offset: int, col_offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The fused native pass over rows (rows, ne0): (round-to-nearest blocks, hardened blocks or None, codes
+        changed), each blocks tensor uint8 (rows, bytes per row); types with fused_natively implement it."""
+        raise NotImplementedError(f"{self.name} has no fused native pass")
 
     def check_shape(self, x: torch.Tensor, name: str) -> None:
         if x.dim() == 0:

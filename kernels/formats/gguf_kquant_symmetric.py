@@ -247,6 +247,7 @@ class GgufKQuantSymmetric(KQuantFormat):
     """
 
     spec: KQuantSymmetricSpec
+    fused_natively = True
 
     def __init__(self, name: str, spec: KQuantSymmetricSpec) -> None:
         scale_kind = "6-bit" if spec.scale_levels == 32 else "8-bit"
@@ -257,15 +258,10 @@ class GgufKQuantSymmetric(KQuantFormat):
             "signed sub-block scales",
         )
 
-    def fuses_on_cpu(self, x: torch.Tensor) -> bool:
-        return native.enabled(x)
-
-    def _native_quantize(
-        self, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
-        rows = x.reshape(-1, x.shape[-1])
-        nearest, hardened, changed = native.kquant_sym_quantize(rows, self.bits, key, row_offset, col_offset)
-        return {"blocks": nearest}, (None if hardened is None else {"blocks": hardened}), changed
+    def _native_blocks(
+        self, rows: torch.Tensor, key: int | None, row_offset: int, col_offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        return native.kquant_sym_quantize(rows, self.bits, key, row_offset, col_offset)
 
     # ---------------------------------------------------------------- encode
 

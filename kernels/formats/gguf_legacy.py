@@ -47,6 +47,7 @@ class GgufLegacy(GgufFormat):
 
     family = "gguf-legacy"
     block_size = QK
+    fused_natively = True
 
     def __init__(self, name: str, ggml_type: int, bits: int, affine: bool) -> None:
         self.name = name
@@ -79,15 +80,10 @@ class GgufLegacy(GgufFormat):
             scales["m"] = low
         return Encoding(self.name, x.shape, cells, scales)
 
-    def fuses_on_cpu(self, x: torch.Tensor) -> bool:
-        return native.enabled(x)
-
-    def _native_quantize(
-        self, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
-        rows = x.reshape(-1, x.shape[-1])
-        nearest, hardened, changed = native.legacy_quantize(rows, self.bits, self.affine, key, row_offset, col_offset)
-        return {"blocks": nearest}, (None if hardened is None else {"blocks": hardened}), changed
+    def _native_blocks(
+        self, rows: torch.Tensor, key: int | None, row_offset: int, col_offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        return native.legacy_quantize(rows, self.bits, self.affine, key, row_offset, col_offset)
 
     def _encode_reference(
         self, blocks: torch.Tensor
