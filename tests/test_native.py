@@ -289,6 +289,47 @@ def test_detector_tally_matches_reference(dtype):
         assert ref.source > 0 if code_values[3] is not None else ref.source == 0
 
 
+@pytest.mark.parametrize("table_kind", ["gathered", "ramp", "e4m3"])
+def test_detector_tally_evaluates_code_value_rules(table_kind):
+    """The counting pass with a CodeValueRule equals the pass reading the rule's values as arrays, for each way it
+    reads a table: gathered (any table), computed as an integer ramp (the legacy types) or as e4m3's magnitudes
+    (fp8); with signs, a shift, groups that start mid-block and the clamped neighbour of the top code."""
+    from qcbguard_kernels.detection import cell_statistic as cs
+    from qcbguard_kernels.formats.base import CodeValueRule
+    from qcbguard_kernels.formats.fp8 import e4m3_magnitudes
+
+    g = torch.Generator().manual_seed(SEED)
+    values, cells, *_ = _tally_inputs(torch.bfloat16, g)
+    n, top = values.numel(), 16
+    table = {
+        "gathered": torch.sort(torch.randn(17, generator=g)).values,
+        "ramp": torch.arange(-8, 9, dtype=torch.float32),
+        "e4m3": e4m3_magnitudes(),
+    }[table_kind]
+    group = 37
+    negative = torch.rand(n, generator=g) < 0.5
+    scale = torch.rand(-(-n // group), generator=g) * 0.01
+    shift = torch.randn(-(-n // group), generator=g) * 0.01
+    # values near the rule's codes, so that some are on the grid and feed pinned decoys
+    rule = CodeValueRule(table, 0, scale, group, negative=negative, shift=shift)
+    at = torch.arange(n) // group
+    sign = torch.where(negative, -1.0, 1.0)
+
+    def value(codes: torch.Tensor) -> torch.Tensor:
+        return table[codes.clamp(0, table.numel() - 1).long()] * sign * scale[at] + shift[at]
+
+    lo, hi = value(cells.lower), value(cells.upper)
+    near = torch.where(cells.nearest == cells.lower, lo, hi)
+    above = value(torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1))
+    values = torch.where(torch.rand(n, generator=g) < 0.1, near, values)
+    arrays = cs._tally(cs._Weights(values, torch.bfloat16, cells, (lo, hi, near, above), (0, top)))
+    ruled = cs._tally(cs._Weights(values, torch.bfloat16, cells, rule, (0, top)))
+    for field in native.TALLY_FIELDS:
+        assert getattr(ruled, field) == getattr(arrays, field), f"{field} (seed {SEED})"
+    assert torch.equal(ruled.live_counts, arrays.live_counts) and torch.equal(ruled.decoy_counts, arrays.decoy_counts)
+    assert arrays.source > arrays.live > 0 and arrays.on_grid > 0, f"seed {SEED}"
+
+
 @pytest.mark.parametrize(
     "name", ["fp8_per_channel", "fp8_per_tensor", "nf4", "fp4", "bnb_int8", "mxfp4", "q8_0", "q4_1", "q4_k", "q6_k"]
 )

@@ -14,20 +14,6 @@
 
 #define TOP_CODE 126
 
-static inline float from_bits(int32_t bits) {
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* grid[c] from the code's bits (a gather would keep the loop scalar): (1 + m/8) * 2**(e - 7) for e >= 1, an
- * exponent field of e + 120; m * 2**-9 in the fixed-point range e = 0. Exact, equal to the table. */
-static inline float magnitude(int32_t c) {
-    int32_t e = c >> 3, m = c & 7;
-    float normal = from_bits(((e + 120) << 23) | (m << 20));
-    return e == 0 ? (float)m * 0x1p-9f : normal;
-}
-
 static inline int32_t floor_code(float v) {
     int32_t bits;
     memcpy(&bits, &v, sizeof bits);
@@ -45,7 +31,7 @@ static inline void cell_at(float r, ptrdiff_t i, float top, int32_t *restrict lo
     float v = fabsf(r);
     int32_t lo = floor_code(v);
     int32_t next = lo < TOP_CODE ? lo + 1 : TOP_CODE;
-    float g_lo = magnitude(lo), g_next = magnitude(next);
+    float g_lo = e4m3_magnitude(lo), g_next = e4m3_magnitude(next);
     float mid = (g_lo + g_next) * 0.5f; /* exact in float32 */
     /* ties to the even code (an odd lower is below 126, so lo + 1 == next); written as nested selects, the form
      * gcc's if-conversion vectorizes (a bool | int mix here kept the whole loop scalar) */
@@ -63,7 +49,7 @@ static inline void cell_at(float r, ptrdiff_t i, float top, int32_t *restrict lo
 VECTORIZED void fp8_cells(const float *restrict x, ptrdiff_t rows, ptrdiff_t cols, const float *restrict factor,
                           int rule, int32_t *restrict lower, int32_t *restrict upper, float *restrict position,
                           int32_t *restrict nearest, uint8_t *restrict negative) {
-    const float top = magnitude(TOP_CODE);
+    const float top = e4m3_magnitude(TOP_CODE);
     for (ptrdiff_t row = 0; row < rows; ++row) {
         const float *xr = x + row * cols;
         ptrdiff_t base = row * cols;

@@ -38,46 +38,83 @@ static inline float storage_ulp(float v, const struct tally_params *tp) {
 
 #define BLOCK 256 /* weights per round of the two-phase loop below */
 
-/* The value of `code` under a rule's table, for a weight of sign factor `sign` (+-1) in a group of scale s: one
- * rounding per operation, as code_values; the caller adds the group's shift (when there is one: no + 0.0f, which
- * would turn -0.0 into +0.0). */
-static inline float table_value(const float *table, int32_t first_code, int32_t size, int32_t code, float sign,
-                                float s) {
-    int32_t idx = code - first_code; /* out of the table only for a neighbour of an end code */
-    idx = idx < 0 ? 0 : (idx >= size ? size - 1 : idx);
-    return table[idx] * sign * s;
+/* How a rule's table is read: gathered, or, where the table is one the code can compute, computed (which
+ * vectorizes): an integer ramp table[i] = table[0] + i (the GGUF legacy types' code - offset; (float)i + table[0] is
+ * exact for small integers), or e4m3's magnitudes from code 0 (vLLM's fp8, e4m3_magnitude). */
+enum { TABLE_GATHER, TABLE_RAMP, TABLE_E4M3 };
+
+static int table_kind(const struct value_rule *r) {
+    int ramp = fabsf(r->table[0]) + (float)r->size < 16777216.0f && r->table[0] == truncf(r->table[0]);
+    int e4m3 = r->first_code == 0 && r->size == 127;
+    for (int32_t i = 0; i < r->size; ++i) {
+        ramp &= r->table[i] == r->table[0] + (float)i;
+        e4m3 &= r->table[i] == e4m3_magnitude(i);
+    }
+    return ramp ? TABLE_RAMP : (e4m3 ? TABLE_E4M3 : TABLE_GATHER);
+}
+
+/* table[i] as `kind` reads it */
+static inline float table_entry(const float *table, int32_t i, const int kind) {
+    return kind == TABLE_RAMP ? (float)i + table[0] : (kind == TABLE_E4M3 ? e4m3_magnitude(i) : table[i]);
+}
+
+/* One run of rule_values within a scale group (scale s, shift m), elements [i, i + run) of the block; `kind` is a
+ * constant at each call site, so each gets its own loop without a branch (a gather kept conditional does not
+ * vectorize). */
+static inline __attribute__((always_inline)) void rule_run(const float *table, int32_t first_code,
+                                                           int32_t last, int32_t top, const int32_t *lower,
+                                                           const int32_t *upper, const int32_t *nearest,
+                                                           const float *sign, float s, float m, ptrdiff_t start,
+                                                           int i, int run, float *restrict lo, float *restrict hi,
+                                                           float *restrict near, float *restrict above,
+                                                           const int kind) {
+    for (int k = i; k < i + run; ++k) {
+        const ptrdiff_t at = start + k;
+        const int32_t c = nearest[at], next = c < top ? c + 1 : c - 1;
+        int32_t il = lower[at] - first_code, ih = upper[at] - first_code, ia = next - first_code;
+        il = il < 0 ? 0 : (il > last ? last : il);
+        ih = ih < 0 ? 0 : (ih > last ? last : ih);
+        ia = ia < 0 ? 0 : (ia > last ? last : ia);
+        const float tl = table_entry(table, il, kind), th = table_entry(table, ih, kind);
+        const float ta = table_entry(table, ia, kind);
+        const float l = tl * sign[k] * s + m, h = th * sign[k] * s + m;
+        lo[k] = l;
+        hi[k] = h;
+        near[k] = c == lower[at] ? l : h;
+        above[k] = ta * sign[k] * s + m;
+    }
 }
 
 /* The code values of one block of weights [start, start + n) from the rule (struct value_rule): lo, hi, near and
- * above of codes lower, upper, nearest and nearest's next interior code, run by run of one scale group. near is
- * lo's or hi's value (a cell's nearest code is one of its ends, RoundingCells; the same code gives the same value).
- * The rule's fields are read into locals and the sign is arithmetic, 1 - 2 * negative: a branch on random signs
- * (or a reload of the struct after every float store) costs more than the table reads. */
-static void rule_values(const struct value_rule *r, const int32_t *lower, const int32_t *upper, const int32_t *nearest,
-                        const struct tally_params *tp, ptrdiff_t start, int n, float *restrict lo,
-                        float *restrict hi, float *restrict near, float *restrict above) {
-    const float *table = r->table;
-    const int32_t first_code = r->first_code, size = r->size, top = tp->top;
-    const uint8_t *negative = r->negative;
-    const float *shift = r->shift;
+ * above of codes lower, upper, nearest and nearest's next interior code, run by run of one scale group; each is
+ * (table[c - first_code] * sign) * s + m, one rounding per operation, as code_values. Written for the vectorizer:
+ * the sign is a per-block array of +-1 (1 - 2 * negative), a missing shift is m = -0.0 (x + -0.0 is x for every x,
+ * -0.0 included, where + 0.0 would turn -0.0 into +0.0), near is lo's or hi's value (a cell's nearest code is one
+ * of its ends, RoundingCells; the same code gives the same value) and a table the code can compute is computed.
+ * Codes outside the table (only a neighbour of an end code) are clamped to it. */
+static void rule_values(const struct value_rule *r, int kind, const int32_t *lower, const int32_t *upper,
+                        const int32_t *nearest, const struct tally_params *tp, ptrdiff_t start, int n,
+                        float *restrict lo, float *restrict hi, float *restrict near, float *restrict above) {
+    const int32_t first_code = r->first_code, last = r->size - 1, top = tp->top;
     const ptrdiff_t group = r->group, first = r->first;
+    float sign[BLOCK];
+    if (r->negative)
+        for (int k = 0; k < n; ++k) sign[k] = 1.0f - 2.0f * (float)r->negative[start + k];
+    else
+        for (int k = 0; k < n; ++k) sign[k] = 1.0f;
     for (int i = 0; i < n;) {
         ptrdiff_t e = first + start + i, g = e / group;
         int run = (int)((g + 1) * group - e < n - i ? (g + 1) * group - e : n - i);
-        const float s = r->scale[g], m = shift ? shift[g] : 0.0f;
-        for (int k = i; k < i + run; ++k) {
-            ptrdiff_t at = start + k;
-            const float sign = negative ? 1.0f - 2.0f * (float)negative[at] : 1.0f;
-            const int32_t c = nearest[at], next = c < top ? c + 1 : c - 1;
-            const float l = table_value(table, first_code, size, lower[at], sign, s);
-            const float h = table_value(table, first_code, size, upper[at], sign, s);
-            const float a = table_value(table, first_code, size, next, sign, s);
-            const float nv = c == lower[at] ? l : h;
-            lo[k] = shift ? l + m : l;
-            hi[k] = shift ? h + m : h;
-            near[k] = shift ? nv + m : nv;
-            above[k] = shift ? a + m : a;
-        }
+        const float s = r->scale[g], m = r->shift ? r->shift[g] : -0.0f;
+#define RUN(k)                                                                                                        \
+    rule_run(r->table, first_code, last, top, lower, upper, nearest, sign, s, m, start, i, run, lo, hi, near, above, k)
+        if (kind == TABLE_RAMP)
+            RUN(TABLE_RAMP);
+        else if (kind == TABLE_E4M3)
+            RUN(TABLE_E4M3);
+        else
+            RUN(TABLE_GATHER);
+#undef RUN
         i += run;
     }
 }
@@ -94,6 +131,7 @@ VECTORIZED int cell_tally(const float *values, const float *position, const int3
     const float resolution = 64.0f; /* DECOY_RESOLUTION */
     /* with a rule, the code values of each block come from it (in_cell: with above); without, from the arrays */
     const int in_cell = rule ? rule->above : above != NULL;
+    const int kind = rule ? table_kind(rule) : TABLE_GATHER;
     int64_t t[TALLY_FIELDS] = {0};
     int64_t *live_hist = calloc((size_t)(2 * (points + 3)), sizeof(int64_t)), *decoy_hist = live_hist + points + 3;
     if (!live_hist) return -1;
@@ -103,7 +141,7 @@ VECTORIZED int cell_tally(const float *values, const float *position, const int3
         int n = count - start < BLOCK ? (int)(count - start) : BLOCK;
         const float *lo_b = rule_lo, *hi_b = rule_hi, *near_b = rule_near, *above_b = rule_above;
         if (rule) {
-            rule_values(rule, lower, upper, nearest, tp, start, n, rule_lo, rule_hi, rule_near, rule_above);
+            rule_values(rule, kind, lower, upper, nearest, tp, start, n, rule_lo, rule_hi, rule_near, rule_above);
         } else {
             /* no near: lo stands in (v == lo is tested already, and the near-code count is not read); no above: no
              * pinned decoy sources (the live ones are computed and not counted) */

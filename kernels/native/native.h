@@ -8,6 +8,16 @@
 #define MAX_SUB_BLOCK 32 /* the longest k-quant sub-block (Q4_K, Q5_K) */
 #define GROUP_MAX_EPS 1e-15f /* ggml's: a (sub-)block whose largest |x| is below this is all zero */
 
+/* e4m3fn's non-negative magnitude of code c in [0, 126] from its bits (a gather would keep loops scalar):
+ * (1 + m/8) * 2**(e - 7) for e = c >> 3 >= 1, an exponent field of e + 120; m * 2**-9 for e = 0. Exact, equal to
+ * formats.fp8.e4m3_magnitudes(). */
+static inline float e4m3_magnitude(int32_t c) {
+    int32_t e = c >> 3, m = c & 7, bits = ((e + 120) << 23) | (m << 20);
+    float normal;
+    __builtin_memcpy(&normal, &bits, sizeof normal);
+    return e == 0 ? (float)m * 0x1p-9f : normal;
+}
+
 /* ggml's nearest_int: 1.5 * 2^23 added, the low mantissa bits then hold round-half-even(fval); reproduced as is for
  * huge and non-finite arguments */
 static inline int nearest_int(float fval) {
