@@ -84,8 +84,10 @@ def test_no_false_positive_on_the_embedded_model_in_any_format():
 # sit off the new grid by more than the storage precision and are not recognised as grid-aligned: the k-quants'
 # scale searches and int8_per_channel after bf16 re-rounding, torchao's int8 and int4 rules after fp16 or bf16, and
 # nf4_dq's double-quantized absmax after fp16 (86-89% of weights at codes over 12 seeds, against the 90% rule).
+# Q3_K even in float32: its coordinate-descent search re-fits 9-12% of the weights elsewhere (7 of 100 seeds below
+# the 90% rule, lowest 87.7%, 2026-12-07; the test had failed on such a seed).
 _NOT_RECOGNISED = {
-    torch.float32: set(),
+    torch.float32: {"q3_k"},
     torch.float16: {"torchao_int8", "torchao_int4", "nf4_dq"},
     torch.bfloat16: {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "int8_per_channel", "torchao_int8", "torchao_int4"},
 }
@@ -95,8 +97,8 @@ _NOT_RECOGNISED = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_dequantized_models_are_not_flagged_in_any_format_or_storage_dtype(dtype):
     """A model dequantized from a format (or trained for it), stored in fp32, fp16 or bf16, is grid-aligned: its
-    weights are their codes' values to the storage precision (or, for fp32 k-quants, 90% of them are, where the
-    re-encoded scale search lands elsewhere)."""
+    weights are their codes' values to the storage precision (or, for fp32 k-quants but Q3_K, 90% of them are, where
+    the re-encoded scale search lands elsewhere)."""
     from qcbguard_kernels import format_names
 
     x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(SEED)).to(dtype)
