@@ -34,6 +34,7 @@ from qcbguard_kernels.hardening import (
     HardeningConfig,
     Screened,
     TensorReport,
+    detector_sample_key,
     harden_tensor,
     screen,
 )
@@ -292,7 +293,7 @@ def quantize_file(
                         if screened is None and options.harden and chunk < info.n_rows:
                             # several chunks: screen the whole tensor's sample once (one chunk screens itself,
                             # on the same sample, reusing its encoding)
-                            screened = _screen(f, info, fmt, p.name, options)
+                            screened = _screen(f, info, fmt, p.name, options, seed)
                         packed, rep = _quantize_rows(x.to(device), fmt, p.name, r0, seed, options, screened)
                         if rep is not None:
                             parts.append(rep)
@@ -327,10 +328,14 @@ def _device(backend: str) -> torch.device:
     return torch.device("cuda") if usable else torch.device("cpu")
 
 
-def _screen(f: GgufFile, info: TensorInfo, fmt: Format, name: str, options: QuantizeOptions) -> Screened:
-    """The detector's score and verdict for a whole tensor, from its sample rows only (refuses a flagged tensor under
-    on_suspicious="refuse", before any of it is quantized)."""
-    ranges = sample_row_ranges(info.n_rows, info.ne[0], options.config.detector_sample)
+def _screen(
+    f: GgufFile, info: TensorInfo, fmt: Format, name: str, options: QuantizeOptions, seed: DeploymentSeed | None
+) -> Screened:
+    """The detector's score and verdict for a whole tensor, from its sample rows only (drawn with the deployment seed,
+    the rows screen() draws on a whole tensor; refuses a flagged tensor under on_suspicious="refuse", before any of
+    it is quantized)."""
+    key = None if seed is None else detector_sample_key(seed, name)
+    ranges = sample_row_ranges(info.n_rows, info.ne[0], options.config.detector_sample, key)
     sample = torch.cat([read_rows(f, info, start, end) for start, end in ranges])
     return screen(sample, fmt, name, options.config)
 

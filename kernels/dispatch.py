@@ -144,7 +144,7 @@ def harden_fused(
     _check_offsets(row_offset, col_offset)
     config = config or HardeningConfig()
     start = time.perf_counter()
-    score, judged = screened if screened is not None else screen(x, fmt, name, config)
+    score, judged = screened if screened is not None else screen(x, fmt, name, config, seed=seed)
     place = {"row_offset": row_offset, "col_offset": col_offset, "backend": backend}
     key = seed.key_for(name) if config.mode == "harden" else None
     try:

@@ -1,5 +1,5 @@
-"""The detector's sample (qcbguard_kernels.detection.sampling): bounded, spread over the whole tensor, whole rows in
-runs that keep every scale block intact, and the same rows for hardening and for the scans."""
+"""The detector's sample (qcbguard_kernels.detection.sampling): bounded, whole rows in runs that keep every scale
+block intact, spread over the whole tensor for the scans, drawn with the deployment seed for hardening."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from qcbguard_kernels.detection import (
 )
 from qcbguard_kernels.errors import QcbguardError
 from qcbguard_kernels.formats import get_format
-from qcbguard_kernels.hardening import HardeningConfig
-from qcbguard_kernels.hardening.harden import detector_score, screen
+from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig
+from qcbguard_kernels.hardening.harden import detector_sample_key, detector_score, screen
+from tests.attacks import box_attack
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,8 @@ def test_sample_rows_is_the_tensor_when_small_and_those_rows_when_large():
     assert torch.equal(sample_rows(three_d), sample_rows(three_d.reshape(-1, 256)))
 
 
-def test_hardening_and_scan_score_the_same_sample():
+def test_scans_and_unseeded_scores_read_the_same_public_sample():
+    """Without a deployment seed (the scans, detector_score alone) the sample is the evenly spread one."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3000, 512, generator=g).to(torch.bfloat16)
     fmt = get_format("q4_0")
@@ -75,3 +77,41 @@ def test_the_configured_budget_sets_the_sample_everywhere(tmp_path):
         with pytest.raises(QcbguardError, match="detector_sample"):
             HardeningConfig(detector_sample=bad)
     assert HardeningConfig.from_dict({"detector_sample": 1 << 16}).detector_sample == 1 << 16
+
+
+def test_keyed_runs_are_whole_bounded_and_differ_by_key():
+    """With a key the runs are drawn without replacement: whole ROW_RUN runs at multiples of ROW_RUN, in order, as
+    many as the spread takes, the same for the same key, different across keys, and every run reachable."""
+    n_rows, row_len = 4096, 512  # 32 runs, 4 fit in the default budget
+    spread = sample_row_ranges(n_rows, row_len)
+    seen: set[int] = set()
+    draws = set()
+    for k in range(200):
+        ranges = sample_row_ranges(n_rows, row_len, key=k)
+        assert ranges == sample_row_ranges(n_rows, row_len, key=k) and len(ranges) == len(spread) == 4
+        assert all(e - s == ROW_RUN and s % ROW_RUN == 0 for s, e in ranges) and ranges == sorted(set(ranges))
+        seen.update(s for s, _ in ranges)
+        draws.add(tuple(ranges))
+    assert seen == set(range(0, n_rows, ROW_RUN)) and len(draws) > 150
+    assert sample_row_ranges(200, 512, key=1) == [(0, 200)]  # small tensors are read whole either way
+
+
+def test_hardening_draws_its_sample_rows_with_the_deployment_seed():
+    """An attacker who leaves the scans' public rows clean and tampers with every other row passes a spread sample
+    but not hardening's, whose rows come from the deployment seed; under one seed the vLLM path (screen on the whole
+    tensor) and the GGUF tool (sample_row_ranges with detector_sample_key) read the same rows."""
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randn(4096, 512, generator=g) * 0.02
+    attacked, _ = box_attack(clean, "q8_0", margin=0.1, block=32, seed=5)
+    public = torch.zeros(4096, dtype=torch.bool)
+    for start, end in sample_row_ranges(4096, 512):
+        public[start:end] = True
+    x = torch.where(public[:, None], clean, attacked)
+    fmt, config = get_format("q8_0"), HardeningConfig()
+    assert not screen(x, fmt, "w", config)[1].suspicious  # the public spread sees only clean rows
+    for secret in (bytes(32), bytes(range(32)), b"\x07" * 32):
+        seed = DeploymentSeed(secret)
+        score, judged = screen(x, fmt, "w", config, seed=seed)
+        assert judged.suspicious, score
+        rows = sample_row_ranges(4096, 512, config.detector_sample, detector_sample_key(seed, "w"))
+        assert score == cell_score(torch.cat([x[s:e] for s, e in rows]), fmt, "w")

@@ -28,6 +28,7 @@ __all__ = [
     "SuspiciousTensorError",
     "TensorReport",
     "change_stats",
+    "detector_sample_key",
     "detector_score",
     "harden_encoding",
     "harden_tensor",
@@ -101,21 +102,42 @@ def stochastic_codes(enc: Encoding, key: int, row_offset: int = 0, col_offset: i
     return torch.where(upper.reshape(shape), cells.upper, cells.lower)
 
 
+def detector_sample_key(seed: DeploymentSeed, name: str) -> int:
+    """The key that picks the detector's sample rows of a tensor (detection.sampling) under a deployment seed: the
+    seed's key of a name of its own, independent of the tensor's Philox key."""
+    return seed.key_for(f"qcbguard.detector-sample/{name}")
+
+
 def detector_score(
-    x: torch.Tensor, fmt: Format, name: str, enc: Encoding | None = None, budget: int = DETECTOR_SAMPLE
+    x: torch.Tensor,
+    fmt: Format,
+    name: str,
+    enc: Encoding | None = None,
+    budget: int = DETECTOR_SAMPLE,
+    key: int | None = None,
 ) -> CellScore:
-    """cell_score of x on the detector's sample (detection.sample_rows, at most `budget` weights), on the CPU wherever
-    x lives; enc = fmt.encode(x) is reused when given and the sample is the whole tensor, else the sample is encoded."""
-    sample = sample_rows(x, budget)
+    """cell_score of x on the detector's sample (detection.sample_rows: at most `budget` weights, rows drawn with
+    `key` or, without one, evenly spread), on the CPU wherever x lives; enc = fmt.encode(x) is reused when given and
+    the sample is the whole tensor, else the sample is encoded."""
+    sample = sample_rows(x, budget, key)
     if sample is x and enc is not None:
         return cell_score(x, fmt, name, enc)
     return cell_score(sample.detach().cpu(), fmt, name)
 
 
-def screen(x: torch.Tensor, fmt: Format, name: str, config: HardeningConfig, enc: Encoding | None = None) -> Screened:
-    """The detector's score and verdict for x; under on_suspicious="refuse" a flagged tensor raises
-    SuspiciousTensorError (before anything is quantized)."""
-    score = detector_score(x, fmt, name, enc, config.detector_sample)
+def screen(
+    x: torch.Tensor,
+    fmt: Format,
+    name: str,
+    config: HardeningConfig,
+    enc: Encoding | None = None,
+    seed: DeploymentSeed | None = None,
+) -> Screened:
+    """The detector's score and verdict for x, on sample rows drawn with the deployment seed (detector_sample_key;
+    evenly spread without one); under on_suspicious="refuse" a flagged tensor raises SuspiciousTensorError (before
+    anything is quantized)."""
+    key = None if seed is None else detector_sample_key(seed, name)
+    score = detector_score(x, fmt, name, enc, config.detector_sample, key)
     judged = verdict(score, threshold=config.detector_threshold)
     if judged.suspicious and config.on_suspicious == "refuse":
         raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
@@ -169,7 +191,7 @@ def harden_encoding(
     """
     config = config or HardeningConfig()
     start = time.perf_counter() if started is None else started
-    score, judged = screened if screened is not None else screen(x, fmt, name, config, enc)
+    score, judged = screened if screened is not None else screen(x, fmt, name, config, enc, seed)
     if config.mode == "harden":
         key = seed.key_for(name)
         codes = draw(enc, key) if draw is not None else stochastic_codes(enc, key, row_offset, col_offset)
