@@ -1,4 +1,4 @@
-"""Which weights the detector reads: a bounded spread of whole-row runs, the same for every adapter.
+"""Which weights the detector reads: a bounded set of whole-row runs, the same for every adapter under one seed.
 
 Large tensors cost no more than DETECTOR_SAMPLE weights. Which runs: the scans (no seed) read runs evenly spread
 over the tensor, public and the same for every scan; hardening reads runs drawn with a key from the deployment seed,
