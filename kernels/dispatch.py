@@ -134,11 +134,11 @@ def harden_fused(
     """harden_tensor through the fused kernels: (round-to-nearest, what the config asks for, report), on x's device.
 
     The bytes are harden_tensor's. The detector scores the same CPU sample as every other path under the seed
-    (detection.sampling, at most config.detector_sample weights), so the verdict is the reference's. Codes changed are counted by the native pass,
-    or on the Triton outputs' dequantized values (a moved code dequantizes to another value, except in a block whose
-    scale is zero, where no code matters); stochastic rounding moves a code by at most one step, so the mean change in
-    steps is the share changed; the steerable count is the sample's (exact when the sample is the whole tensor),
-    scaled to the tensor.
+    (detection.sampling, at most config.detector_sample weights), so the verdict is the reference's. Codes changed
+    are counted by the native pass, or on the Triton outputs' dequantized values (a moved code dequantizes to another
+    value, except in a block whose scale is zero, where no code matters); stochastic rounding moves a code by at most
+    one step, so the mean change in steps is the share changed; the steerable count is the sample's (exact when the
+    sample is the whole tensor), scaled to the tensor.
     `screened`: screen()'s result for the whole tensor, when x is one of its row chunks (as in harden_tensor).
     """
     _check_offsets(row_offset, col_offset)
