@@ -177,9 +177,7 @@ class Format(ABC):
         if not self.fuses_on_cpu(x):
             raise UnsupportedInputError(f"{self.name} has no fused native CPU pass for this tensor: use encode, pack")
         self.validate(x, name)
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            x = x.float()
-        nearest, hardened, changed = self._native_quantize(x.contiguous(), key, row_offset, col_offset)
+        nearest, hardened, changed = self._native_quantize(x, key, row_offset, col_offset)
 
         def packed(tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
             return QuantizedTensor(self.name, x.shape, tensors)
@@ -189,9 +187,9 @@ class Format(ABC):
     def _native_quantize(
         self, x: torch.Tensor, key: int | None, row_offset: int, col_offset: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
-        """native_quantize's packed tensors (round-to-nearest, hardened or None) and change count; x is float32,
-        bfloat16 or float16 (the native passes widen 16-bit rows themselves, exactly), contiguous, validated, and
-        fuses_on_cpu(x) holds."""
+        """native_quantize's packed tensors (round-to-nearest, hardened or None) and change count; x is validated and
+        fuses_on_cpu(x) holds. The native passes read float32, bfloat16 and float16 as they are (widening 16-bit rows
+        themselves, exactly) and convert other dtypes to float32 (native._weights)."""
         raise NotImplementedError(f"{self.name} declares a fused native pass but has none")
 
     def __repr__(self) -> str:

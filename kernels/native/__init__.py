@@ -308,17 +308,8 @@ def legacy_quantize(
     round-to-nearest, and with a key the hardened blocks (stochastic_codes at global (row_start, col_start)) and how
     many codes differ, in one pass per row (encode, cells, draw, pack) that never materialises the cells. float32,
     bfloat16 and float16 weights are read as they are."""
-    x, dtype = _weights(x)
-    if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] % 32:
-        raise ValueError(f"legacy_quantize needs CPU rows of whole 32-weight blocks, got {tuple(x.shape)}")
-    rows, cols = x.shape
-    row_bytes = cols // 32 * _ext.legacy_block_bytes(bits, affine)
-
-    def job(a: int, b: int, *outputs: int) -> tuple[object, ...]:
-        harden = key is not None
-        return (_at(x, a), dtype, b - a, cols, bits, affine, harden, key or 0, row_start + a, col_start, *outputs)
-
-    return _fused_rows(_ext.legacy_quantize, rows, cols, row_bytes, key, job)
+    block_bytes = _ext.legacy_block_bytes(bits, affine)
+    return _block_rows(_ext.legacy_quantize, x, (32, block_bytes), (bits, affine), key, row_start, col_start)
 
 
 def kquant_sym_quantize(
@@ -328,17 +319,33 @@ def kquant_sym_quantize(
     super-blocks; Q3_K: bits 3, Q6_K: bits 6): round-to-nearest, and with a key the hardened blocks (stochastic_codes
     at global (row_start, col_start)) and how many codes differ, in one pass per row (search, scales, codes, cells,
     draw, pack) that never materialises the cells. float32, bfloat16 and float16 weights are read as they are."""
+    block_bytes = _ext.kquant_sym_block_bytes(bits)
+    return _block_rows(_ext.kquant_sym_quantize, x, (256, block_bytes), (bits,), key, row_start, col_start)
+
+
+def _block_rows(
+    function: Callable[[list[tuple[object, ...]]], None],
+    x: torch.Tensor,
+    block: tuple[int, int],
+    type_args: tuple[object, ...],
+    key: int | None,
+    row_start: int,
+    col_start: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """A GGUF type's fused pass (legacy_quantize, kquant_sym_quantize) over the rows of x, whose length is a whole
+    number of blocks; `block` = (weights, bytes) per block, `type_args` the type's arguments after (x, dtype, rows,
+    cols). See _fused_rows for the outputs."""
     x, dtype = _weights(x)
-    if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] % 256:
-        raise ValueError(f"kquant_sym_quantize needs CPU rows of whole 256-weight super-blocks, got {tuple(x.shape)}")
+    weights, block_bytes = block
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] % weights:
+        raise ValueError(f"{function.__name__} needs CPU rows of whole {weights}-weight blocks, got {tuple(x.shape)}")
     rows, cols = x.shape
-    row_bytes = cols // 256 * _ext.kquant_sym_block_bytes(bits)
 
     def job(a: int, b: int, *outputs: int) -> tuple[object, ...]:
         harden = key is not None
-        return (_at(x, a), dtype, b - a, cols, bits, harden, key or 0, row_start + a, col_start, *outputs)
+        return (_at(x, a), dtype, b - a, cols, *type_args, harden, key or 0, row_start + a, col_start, *outputs)
 
-    return _fused_rows(_ext.kquant_sym_quantize, rows, cols, row_bytes, key, job)
+    return _fused_rows(function, rows, cols, cols // weights * block_bytes, key, job)
 
 
 def _fused_rows(

@@ -89,8 +89,8 @@ static float row_scale(const float *x, ptrdiff_t cols) {
 }
 
 /* Quantize rows x cols weights (float32, bfloat16 or float16: `dtype`, widen.c) to e4m3 bytes without keeping their
- * cells: each row's cells go to row-sized scratch (in cache), the stochastic choice is stochastic_codes' on the row's global coordinates, and the bytes are
- * Fp8E4M3._pack's (magnitude code | sign << 7). FP8_ROW_SCALE computes each row's scale first (from the row, in
+ * cells: each row's cells go to row-sized scratch (in cache), the stochastic choice is stochastic_codes' on the row's
+ * global coordinates, and the bytes are Fp8E4M3._pack's (magnitude code | sign << 7). FP8_ROW_SCALE computes each row's scale first (from the row, in
  * cache: a pass over memory saved) and writes it to factor[row]. Writes round-to-nearest bytes, and with `harden`
  * the hardened bytes and how many differ. Returns 0, or -1 when the scratch could not be allocated (nothing
  * written). */
