@@ -20,7 +20,7 @@ import torch
 
 from ..errors import UnsupportedInputError
 from ..numerics import div_rn
-from .base import Encoding, Format, QuantizedTensor
+from .base import CodeValueRule, Encoding, Format, QuantizedTensor
 from .cells import codebook_cells, integer_grid_cells
 from .registry import register_format
 
@@ -97,6 +97,11 @@ class BnbRowwiseInt8(Format):
 
     def code_values(self, enc: Encoding, codes: torch.Tensor) -> torch.Tensor:
         return codes.float() * (enc.scales["row_stats"].unsqueeze(-1) / 127.0)
+
+    def code_value_rule(self, enc: Encoding) -> CodeValueRule:
+        """code_values as a rule: code * (row_stats / 127), per row."""
+        table = torch.arange(-127, 128, dtype=torch.float32)
+        return CodeValueRule(table, -127, enc.scales["row_stats"] / 127.0, enc.shape[-1])
 
 
 @functools.cache
@@ -245,8 +250,14 @@ class BnbCodebook4bit(Format):
         return self._scale_elements(self.code[nibbles.long()], self._stored_absmax(q.tensors), q.shape)
 
     def code_values(self, enc: Encoding, codes: torch.Tensor) -> torch.Tensor:
-        absmax = self._stored_absmax(self._pack(enc, enc.cells.nearest).tensors)
-        return self._scale_elements(self.grid[codes.reshape(-1).long()], absmax, enc.shape)
+        return self._scale_elements(self.grid[codes.reshape(-1).long()], self._consumer_absmax(enc), enc.shape)
+
+    def code_value_rule(self, enc: Encoding) -> CodeValueRule:
+        """code_values as a rule: grid value * the block's absmax as a consumer reads it, per block."""
+        return CodeValueRule(self.grid, 0, self._consumer_absmax(enc), self.blocksize)
+
+    def _consumer_absmax(self, enc: Encoding) -> torch.Tensor:
+        return self._stored_absmax(self._pack(enc, enc.cells.nearest).tensors)
 
 
 register_format(BnbRowwiseInt8("bnb_int8"))

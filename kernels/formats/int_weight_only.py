@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnsupportedInputError
-from .base import Encoding, Format, QuantizedTensor, RoundingCells
+from .base import CodeValueRule, Encoding, Format, QuantizedTensor, RoundingCells
 from .cells import integer_grid_cells
 from .registry import register_format
 
@@ -160,6 +160,11 @@ class AbsmaxRowInt8(_TypedFormat):
     def code_values(self, enc: Encoding, codes: torch.Tensor) -> torch.Tensor:
         return codes.float() * self._row_scale(enc.scales["scale"])
 
+    def code_value_rule(self, enc: Encoding) -> CodeValueRule:
+        """code_values as a rule: code * the row's scale."""
+        table = torch.arange(self.rule.qmin, 128, dtype=torch.float32)
+        return CodeValueRule(table, self.rule.qmin, enc.scales["scale"].reshape(-1), enc.shape[-1])
+
 
 class TinygemmGroupInt4(_TypedFormat):
     """torchao's tinygemm int4: asymmetric per group of ``group_size`` along rows, float zero point, codes 0..15."""
@@ -223,6 +228,12 @@ class TinygemmGroupInt4(_TypedFormat):
 
     def code_values(self, enc: Encoding, codes: torch.Tensor) -> torch.Tensor:
         return self._values(codes.to(torch.int32), enc.scales["scale"], enc.scales["zero"])
+
+    def code_value_rule(self, enc: Encoding) -> CodeValueRule:
+        """_values as a rule: (code - 8) * scale + zero, per group along the row."""
+        table = torch.arange(-_INT4_MID, 16 - _INT4_MID, dtype=torch.float32)
+        scale, zero = (enc.scales[k].float().reshape(-1) for k in ("scale", "zero"))
+        return CodeValueRule(table, 0, scale, self.group_size, shift=zero)
 
 
 VLLM_INT8_RULE = Int8RowRule(divisor=127.0, qmin=-127, eps=None, quotient="divide", fp32_scalar_division="reciprocal")

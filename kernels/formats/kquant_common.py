@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UnsupportedInputError
 from ..numerics import nearest_int
-from .base import Encoding, QuantizedTensor, RoundingCells
+from .base import CodeValueRule, Encoding, QuantizedTensor, RoundingCells
 from .cells import integer_grid_cells
 from .gguf_common import QK_K, GgufFormat
 
@@ -113,6 +113,15 @@ class KQuantFormat(GgufFormat):
         degenerate = kept | ~(u.abs() <= NEAREST_INT_LIMIT)
         u = torch.where(degenerate, (codes - h).float(), u)
         return {"u": u.reshape(u.shape[0], -1), "nearest": codes.reshape(u.shape[0], -1)}
+
+    def code_value_rule(self, enc: Encoding) -> CodeValueRule:
+        """code_values as a rule: (L - h) * sub_d, minus sub_dm in the affine types, per sub-block (the products and
+        the difference each rounded once, as dequantize_row_* does)."""
+        h = self.spec.offset
+        table = torch.arange(-h, self.spec.qmax - h + 1, dtype=torch.float32)
+        sub_d, sub_dm = enc.scales["sub_d"], enc.scales.get("sub_dm")
+        shift = None if sub_dm is None else -sub_dm.reshape(-1)  # x - y is x + (-y), bit for bit
+        return CodeValueRule(table, 0, sub_d.reshape(-1), QK_K // sub_d.shape[-1], shift=shift)
 
     def _pack(self, enc: Encoding, codes: torch.Tensor) -> QuantizedTensor:
         qmax = self.spec.qmax

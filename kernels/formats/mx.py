@@ -34,7 +34,7 @@ import torch
 
 from ..errors import UnsupportedInputError
 from ..numerics import float32_bits, signbit
-from .base import Encoding, Format, QuantizedTensor
+from .base import CodeValueRule, Encoding, Format, QuantizedTensor
 from .cells import codebook_cells
 from .fp8 import E4M3_MAX, e4m3_magnitudes, fp8_cells
 from .registry import register_format
@@ -163,6 +163,11 @@ class MxFormat(Format):
     def code_values(self, enc: Encoding, codes: torch.Tensor) -> torch.Tensor:
         sign = torch.where(enc.scales["negative"], -1.0, 1.0)  # times +-1: exact, -0.0 included
         return self._apply_scale(self.grid[codes] * sign, enc.scales["scale"], enc.shape)
+
+    def code_value_rule(self, enc: Encoding) -> CodeValueRule:
+        """code_values as a rule: magnitude * sign * the block's power of two, per block of 32."""
+        scale = e8m0_to_float(enc.scales["scale"]).reshape(-1)
+        return CodeValueRule(self.grid, 0, scale, MX_BLOCK, negative=enc.scales["negative"])
 
 
 register_format(MxFormat("mxfp8", "e4m3"))

@@ -1,0 +1,178 @@
+"""Calibrated hardening: qcbguard's unbiased per-element draw, with GPTQ-style error feedback over calibration data.
+
+Unbiased stochastic rounding leaves each weight an error variance of p(1-p) step^2, twice round-to-nearest's on
+average, and no data-free rule lowers it without handing back a bias an attacker can steer. A linear layer's output,
+though, feels the error matrix E through E H E^T, H = sum over calibration inputs of x x^T. Error feedback (Frantar
+et al. 2022, GPTQ) rounds one input column at a time and folds each column's error into the columns not yet rounded
+along H's inverse, so that where inputs are correlated later roundings cancel earlier ones.
+
+Here every rounding stays qcbguard's draw: element (r, j) takes the upper code of the cell its *updated* value falls
+in with probability equal to that value's position, compared with the same Philox uniform harden_tensor uses for
+(r, j). Each column's error is zero-mean given the columns before it, and the feedback is linear in those errors, so
+E[hardened value] = weight still holds, and an attacker's parking of weights inside cells buys nothing. The scales
+are the standard quantizer's (fmt.encode(x)), so the result packs into the format's native layout as ever. Formats
+reach the grid through their CodeValueRule (value of code c = table[c] * sign * scale + shift, per element).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedInputError
+from ..formats.base import CodeValueRule, Encoding, Format, QuantizedTensor
+from .config import HardeningConfig
+from .harden import Screened, TensorReport, harden_encoding
+from .rng import uniform_grid
+from .seed import DeploymentSeed
+
+__all__ = ["HessianAccumulator", "feedback_codes", "harden_calibrated"]
+
+#: GPTQ's dampening: this share of H's mean diagonal is added to its diagonal, so that inputs the calibration data
+#: barely excites do not dominate the inverse
+DAMPING = 0.01
+#: columns rounded between two whole-matrix updates (GPTQ's lazy batch): the per-column work stays in cache
+_BLOCK = 128
+
+
+class HessianAccumulator:
+    """H = sum of x x^T over the inputs a linear layer sees (float64, inputs on the last dimension)."""
+
+    def __init__(self, features: int) -> None:
+        self.hessian = torch.zeros(features, features, dtype=torch.float64)
+        self.samples = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(device="cpu", dtype=torch.float64)
+        if x.shape[1] != self.hessian.shape[0]:
+            raise ValueError(f"inputs have {x.shape[1]} features, the accumulator {self.hessian.shape[0]}")
+        self.hessian.addmm_(x.T, x)
+        self.samples += x.shape[0]
+
+
+def _inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, GPTQ's update matrix. Inputs the data never
+    excited (zero diagonal) get a unit diagonal: their columns are rounded, and feed nothing forward."""
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    diag = torch.diagonal(h)
+    diag += damping * float(diag.mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def _rule_per_element(rule: CodeValueRule, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each element's multiplier (sign * scale) and shift, float64, shaped (rows, cols)."""
+    numel = shape[0] * shape[1]
+    group = torch.arange(numel) // rule.group
+    multiplier = rule.scale.reshape(-1).double()[group]
+    if rule.negative is not None:
+        multiplier = torch.where(rule.negative.reshape(-1), -multiplier, multiplier)
+    if rule.shift is None:
+        return multiplier.reshape(shape), torch.zeros(shape, dtype=torch.float64)
+    shift = rule.shift.reshape(-1).double()[group]
+    return multiplier.reshape(shape), shift.reshape(shape)
+
+
+def _draw_column(
+    target: torch.Tensor,
+    multiplier: torch.Tensor,
+    shift: torch.Tensor,
+    nearest: torch.Tensor,
+    u: torch.Tensor,
+    table: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (table indices) and their errors (target - value) for one column of targets: the upper code of the cell
+    each target falls in with probability its position (u < position), clamped at the grid's ends. Where every code
+    is worth the same (a zero multiplier: an all-zero block) or the scale is not finite (a block of huge weights),
+    the standard quantizer's code stays and nothing is fed forward from a non-finite value."""
+    live = (multiplier != 0) & multiplier.isfinite() & shift.isfinite()
+    z = (target - shift) / torch.where(live, multiplier, 1.0)  # the target in table units
+    last = table.numel() - 1
+    lower = (torch.searchsorted(table, z, right=True) - 1).clamp_(0, last)
+    upper = (lower + 1).clamp_(max=last)
+    span = table[upper] - table[lower]
+    position = torch.where(span > 0, (z - table[lower]) / torch.where(span > 0, span, 1.0), 0.0).clamp_(0.0, 1.0)
+    index = torch.where(live, torch.where(u < position, upper, lower), nearest)
+    error = target - (table[index] * multiplier + shift)
+    return index, torch.where(error.isfinite(), error, 0.0)
+
+
+def feedback_codes(
+    x: torch.Tensor,
+    enc: Encoding,
+    rule: CodeValueRule,
+    hessian: torch.Tensor,
+    key: int,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    damping: float = DAMPING,
+) -> torch.Tensor:
+    """Codes of a 2-D weight (rows = outputs, cols = inputs) drawn column by column with error feedback along H.
+
+    Columns go in descending order of H's diagonal (GPTQ's act-order: the inputs with the most energy are rounded
+    first, while the most columns remain to absorb their errors; on SmolLM2-135M in Q4_0 it halves the perplexity
+    cost of feedback in natural order). The uniforms are stochastic_codes' (rng.uniform_grid at the element's global
+    (row, col)), whatever the order; with H diagonal nothing is fed forward and every element is drawn from its own
+    cell, as harden_tensor does, but for positions taken on the stored scales (Q4_0's quantizer rounds x / d with d
+    in float32, then stores d as float16: the value-based cell is the one the served weights see)."""
+    rows, cols = x.shape
+    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    factor = _inverse_factor(hessian[order][:, order], damping)
+    multiplier, shift = (t[:, order] for t in _rule_per_element(rule, (rows, cols)))
+    table = rule.table.double()
+    nearest = (enc.cells.nearest.reshape(rows, cols) - rule.first_code).long()[:, order]
+    u = uniform_grid(key, row_offset, rows, col_offset, cols).double()[:, order]
+    work = x.double()[:, order]  # the targets, in rounding order, updated as errors are fed forward
+    index = torch.empty((rows, cols), dtype=torch.long)
+    for start in range(0, cols, _BLOCK):
+        end = min(start + _BLOCK, cols)
+        errors = torch.empty((rows, end - start), dtype=torch.float64)
+        for j in range(start, end):
+            index[:, j], error = _draw_column(work[:, j], multiplier[:, j], shift[:, j], nearest[:, j], u[:, j], table)
+            error /= factor[j, j]
+            work[:, j + 1 : end] -= error[:, None] * factor[j, j + 1 : end]
+            errors[:, j - start] = error
+        work[:, end:] -= errors @ factor[start:end, end:]
+    codes = torch.empty_like(index)
+    codes[:, order] = index
+    return (codes + rule.first_code).to(torch.int32)
+
+
+def harden_calibrated(
+    x: torch.Tensor,
+    fmt: Format,
+    name: str,
+    seed: DeploymentSeed,
+    hessian: torch.Tensor,
+    config: HardeningConfig | None = None,
+    *,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    damping: float = DAMPING,
+    screened: Screened | None = None,
+) -> tuple[QuantizedTensor, TensorReport]:
+    """harden_tensor with error feedback along `hessian` (inputs x inputs, e.g. HessianAccumulator's) for a 2-D
+    weight of a format with a CodeValueRule; detection, modes and the report are harden_tensor's (a fed-back code may
+    lie more than one step from round-to-nearest: max_change_steps says how far)."""
+    if x.dim() != 2:
+        raise UnsupportedInputError(f"tensor {name!r}: calibrated hardening takes a 2-D weight, got {tuple(x.shape)}")
+    if tuple(hessian.shape) != (x.shape[1], x.shape[1]):
+        raise UnsupportedInputError(
+            f"tensor {name!r}: the Hessian must be {x.shape[1]} x {x.shape[1]} (the weight's inputs), "
+            f"got {tuple(hessian.shape)}"
+        )
+    if not torch.isfinite(hessian).all():
+        raise UnsupportedInputError(f"tensor {name!r}: the Hessian has non-finite entries")
+    enc = fmt.encode(x, name)
+    rule = fmt.code_value_rule(enc)
+    if rule is None:
+        raise UnsupportedInputError(
+            f"{fmt.name} has no code-value rule for calibrated hardening; use harden_tensor (no feedback)"
+        )
+
+    def draw(enc: Encoding, key: int) -> torch.Tensor:
+        return feedback_codes(x, enc, rule, hessian, key, row_offset, col_offset, damping)
+
+    place = {"row_offset": row_offset, "col_offset": col_offset}
+    return harden_encoding(x, enc, fmt, name, seed, config, **place, draw=draw, screened=screened)
