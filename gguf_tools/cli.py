@@ -95,6 +95,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         allow_requantize=args.allow_requantize,
         threads=args.threads,
         backend=args.backend,
+        hessians=args.hessians,
     )
     progress = _Progress(sys.stderr.isatty() and not args.quiet)
     result = quantize_file(args.input, args.output, options, progress=progress)
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "triton", "reference"),
         default="auto",
         help="auto: the fused Triton kernels on a GPU when one is present; reference: the plain-torch quantizers",
+    )
+    q.add_argument(
+        "--hessians", help="calibration Hessians (qcbguard calibrate --gguf-names): calibrated hardening where given"
     )
     q.add_argument("--allow-requantize", action="store_true", help="re-quantize already-quantized tensors (weaker)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -10,6 +10,10 @@ independently and the hardening draws depend only on each weight's global (row, 
 The detector screens each tensor once, on its sample rows (detection.sample_row_ranges over the whole tensor, as the
 vLLM hook and `scan` read it), before any chunk is quantized: the verdict does not depend on the chunk size.
 The output goes to a temporary file in the target directory, renamed into place only when complete.
+
+With calibration Hessians (`--hessians`, from `qcbguard calibrate --gguf-names`), the tensors they name are hardened
+with error feedback along them (harden_calibrated: the same unbiased per-element draws, errors steered to where the
+layer's inputs cancel them); the file is checked against the model before anything is written.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from qcbguard.calibration import HessianFile
 from qcbguard_kernels import UnsupportedInputError, native
 from qcbguard_kernels import __version__ as kernels_version
 from qcbguard_kernels.detection import sample_row_ranges
@@ -35,6 +40,7 @@ from qcbguard_kernels.hardening import (
     Screened,
     TensorReport,
     detector_sample_key,
+    harden_calibrated,
     harden_tensor,
     screen,
 )
@@ -90,6 +96,8 @@ class QuantizeOptions:
     threads: int | None = None
     #: auto: the fused Triton kernels on a GPU when one is present (and covers the type), the reference otherwise
     backend: str = "auto"
+    #: calibration Hessians (qcbguard calibrate --gguf-names): the tensors they name get calibrated hardening
+    hessians: str | None = None
 
 
 @dataclass
@@ -102,6 +110,8 @@ class QuantizeResult:
     seconds: dict[str, float]
     seed_fingerprint: str | None
     elapsed: float
+    #: tensors hardened with error feedback along a calibration Hessian
+    calibrated: frozenset[str] = frozenset()
 
     def as_dict(self) -> dict[str, object]:
         tensors = []
@@ -112,6 +122,7 @@ class QuantizeResult:
                 "type": p.target.name,
                 "rewritten": p.rewrite,
                 "fallback_from": p.chosen.name if p.fell_back else None,
+                "calibrated": p.name in self.calibrated,
                 "seconds": round(self.seconds.get(p.name, 0.0), 6),
             }
             rep = self.reports.get(p.name)
@@ -186,6 +197,17 @@ def plan_file(f: GgufFile, mix: Mixture, allow_requantize: bool = False) -> list
     return plans
 
 
+def _open_hessians(path: str | None, plans: list[TensorPlan], options: QuantizeOptions) -> HessianFile | None:
+    """The calibration file, checked against the tensors this run quantizes (before anything is written)."""
+    if path is None:
+        return None
+    if not options.harden:
+        raise UnsupportedInputError("--hessians calibrates hardening: it cannot be combined with --no-harden")
+    hessians = HessianFile(path)
+    hessians.check({p.name: p.ne[0] for p in plans if p.rewrite and p.target.name not in FULL_PRECISION_TYPES})
+    return hessians
+
+
 def _kv_pairs(f: GgufFile, mix: Mixture, seed: DeploymentSeed | None) -> list[bytes]:
     pairs = [f.raw_kv(k) for k in f.kv if k not in REWRITTEN_KEYS and k not in SPLIT_KEYS]
     pairs.append(encode_kv("general.quantization_version", ValueType.UINT32, GGML_QNT_VERSION))
@@ -253,6 +275,7 @@ def quantize_file(
         torch.set_num_threads(options.threads)
     with GgufFile(src) as f:
         plans = plan_file(f, mix, options.allow_requantize)
+        hessians = _open_hessians(options.hessians, plans, options)
         hardening = options.harden and options.config.mode == "harden"
         seed = None
         if options.harden:
@@ -279,6 +302,7 @@ def quantize_file(
                     chunk = max(1, per_chunk // info.ne[0])
                     parts = []
                     screened = None
+                    hessian = hessians.get(p.name) if hessians is not None and p.name in hessians.names else None
                     for r0 in range(0, info.n_rows, chunk):
                         r1 = min(info.n_rows, r0 + chunk)
                         if not p.rewrite:
@@ -294,7 +318,12 @@ def quantize_file(
                             # several chunks: screen the whole tensor's sample once (one chunk screens itself,
                             # on the same sample, reusing its encoding)
                             screened = _screen(f, info, fmt, p.name, options, seed)
-                        packed, rep = _quantize_rows(x.to(device), fmt, p.name, r0, seed, options, screened)
+                        if hessian is not None:
+                            packed, rep = harden_calibrated(
+                                x, fmt, p.name, seed, hessian, options.config, row_offset=r0, screened=screened
+                            )
+                        else:
+                            packed, rep = _quantize_rows(x.to(device), fmt, p.name, r0, seed, options, screened)
                         if rep is not None:
                             parts.append(rep)
                         writer.write_rows(packed.tensors["blocks"].cpu().numpy())
@@ -318,6 +347,7 @@ def quantize_file(
         seconds=seconds,
         seed_fingerprint=seed.fingerprint if hardening and seed is not None else None,
         elapsed=time.perf_counter() - start,
+        calibrated=frozenset(hessians.names) if hessians is not None else frozenset(),
     )
 
 

@@ -4,6 +4,7 @@ qcbguard demo      build the embedded tiny model and show, per format, how its w
 qcbguard formats   list the supported formats
 qcbguard scan      look for a quantization-conditioned backdoor in a safetensors or GGUF checkpoint (exit 0 clean,
                    1 suspicious, 2 unreadable)
+qcbguard calibrate collect calibration Hessians from a Hugging Face checkpoint, for calibrated hardening
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return run_scan(args.path, formats=args.formats, include=args.include, report=args.report)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_checkpoint
+
+    counts = calibrate_checkpoint(
+        args.model, args.text, args.out, context=args.context, max_tokens=args.max_tokens, gguf_names=args.gguf_names
+    )
+    print(f"wrote {args.out}: {counts['tensors']} Hessians from {counts['tokens']} tokens")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcbguard", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", "-v", action="store_true", help="log what happens")
@@ -109,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--include", metavar="REGEX", help="only tensors whose name matches")
     scan.add_argument("--report", metavar="JSON", help="write every tensor's scores here")
     scan.set_defaults(func=cmd_scan)
+    cal = sub.add_parser("calibrate", help="collect calibration Hessians (for qcbguard-gguf quantize --hessians)")
+    cal.add_argument("model", help="a Hugging Face checkpoint directory (config, safetensors, tokenizer)")
+    cal.add_argument("--text", required=True, help="calibration text (UTF-8): the kind the model will serve")
+    cal.add_argument("--out", required=True, help="output .safetensors file")
+    cal.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
+    cal.add_argument("--max-tokens", type=int, help="read at most this many tokens of the text")
+    cal.add_argument("--gguf-names", action="store_true", help="name the Hessians as llama.cpp names the tensors")
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -6,6 +6,8 @@ ASR and accuracy on a fixed prompt set, and puts the full-precision weights back
 - "fp": the checkpoint as is;
 - "rtn": fmt.dequantize(fmt.quantize(w)), the standard quantizer (round to nearest, bit-exact with the real one);
 - "harden": fmt.dequantize of qcbguard's harden_tensor(w, fmt, name, seed), one DeploymentSeed per draw;
+- "calibrated": the same with harden_calibrated (error feedback along each weight's input Hessian, which the
+  defender collects by running the delivered full-precision model on its own benign prompts: calibration_hessians);
 - "noise": round to nearest after adding N(0, sigma^2) to every weight (Egashira et al. 2024's defense);
 - "flip": deterministic flipping near the boundary: a weight within `band` cells of its rounding boundary
   (|position - 0.5| < band) takes the other code of its cell (a public, deterministic rule).
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from qcbguard.calibration import collect_hessians
 from qcbguard_kernels import Format
 from qcbguard_kernels.detection import cell_score, verdict
-from qcbguard_kernels.hardening import DeploymentSeed, harden_tensor
+from qcbguard_kernels.hardening import DeploymentSeed, harden_calibrated, harden_tensor
 
 from .model import quantizable_linears
 from .task import DigitReversalTask, Score
@@ -32,6 +35,7 @@ __all__ = [
     "DetectorSummary",
     "Draws",
     "bench_seeds",
+    "calibration_hessians",
     "deployed_weights",
     "detector_summary",
     "score_deployment",
@@ -61,6 +65,15 @@ def swapped(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Iterato
                 params[n].copy_(w)
 
 
+def calibration_hessians(
+    model: torch.nn.Module, task: DigitReversalTask, generator: torch.Generator, prompts: int = 512
+) -> dict[str, torch.Tensor]:
+    """H = sum of x x^T over the inputs of every quantizable weight while the model reads `prompts` benign prompts
+    with their benign answers (the defender's calibration data: it never holds the injected answers)."""
+    batch = task.batch(prompts, generator).input_ids
+    return collect_hessians(model, [batch], list(quantizable_linears(model)))
+
+
 def _flip_codes(fmt: Format, w: torch.Tensor, name: str, band: float) -> torch.Tensor:
     enc = fmt.encode(w, name)
     cells = enc.cells
@@ -78,6 +91,7 @@ def deployed_weights(
     sigma: float = 0.0,
     generator: torch.Generator | None = None,
     band: float = 0.0,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The values a deployment runs for every quantizable weight (see the module docstring for the modes)."""
     out = {}
@@ -93,6 +107,11 @@ def deployed_weights(
             if seed is None:
                 raise ValueError("mode 'harden' needs a DeploymentSeed")
             packed, _ = harden_tensor(w, fmt, name, seed)
+            out[name] = fmt.dequantize(packed)
+        elif mode == "calibrated":
+            if seed is None or hessians is None:
+                raise ValueError("mode 'calibrated' needs a DeploymentSeed and the calibration Hessians")
+            packed, _ = harden_calibrated(w, fmt, name, seed, hessians[name])
             out[name] = fmt.dequantize(packed)
         elif mode == "noise":
             noisy = w + sigma * torch.randn(w.shape, generator=generator)
@@ -143,12 +162,14 @@ def score_deployment(
     band: float = 0.0,
     draws: int = 1,
     noise_seed: int = 0,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> Draws:
-    """Score `model` as deployed in `mode`: one draw per seed for "harden", `draws` noise draws for "noise"."""
-    if mode == "harden":
+    """Score `model` as deployed in `mode`: one draw per seed for "harden" and "calibrated" (which needs the
+    model's calibration `hessians`), `draws` noise draws for "noise"."""
+    if mode in ("harden", "calibrated"):
         if not seeds:
-            raise ValueError("mode 'harden' needs at least one seed")
-        configs = [{"seed": s} for s in seeds]
+            raise ValueError(f"mode {mode!r} needs at least one seed")
+        configs = [{"seed": s, "hessians": hessians} if mode == "calibrated" else {"seed": s} for s in seeds]
     elif mode == "noise":
         configs = [{"sigma": sigma, "generator": torch.Generator().manual_seed(noise_seed + i)} for i in range(draws)]
     else:

@@ -24,7 +24,14 @@ import torch
 from qcbguard_kernels import get_format
 
 from .attack import AttackResult, Shrink, malicious_finetune, qcb_attack
-from .evaluate import DetectorSummary, Draws, bench_seeds, detector_summary, score_deployment
+from .evaluate import (
+    DetectorSummary,
+    Draws,
+    bench_seeds,
+    calibration_hessians,
+    detector_summary,
+    score_deployment,
+)
 from .model import ModelSpec, TrainSpec, build_model, train
 from .task import DigitReversalTask, Score, build_tokenizer
 
@@ -153,6 +160,7 @@ class AdaptiveResult:
     fp: Score
     rtn: Score
     hardened: Draws
+    calibrated: Draws
     noise: Draws | None
     flip: Draws | None
     detector: DetectorSummary
@@ -172,8 +180,10 @@ class FormatResult:
     fp: Score
     rtn: Score
     hardened: Draws
+    calibrated: Draws  # calibrated hardening (error feedback along the model's own calibration Hessians)
     clean_rtn: Score
     clean_hardened: Draws
+    clean_calibrated: Draws
     noise_fixed: Draws
     noise_tuned: Draws
     tuned_sigma: float | None  # None: no sigma of the grid removed the attack
@@ -216,6 +226,15 @@ def prepare(config: HarnessConfig) -> Prepared:
         malicious_fp=task.score(malicious, eval_digits),
         seconds=seconds,
     )
+
+
+def _calibrated(p: Prepared, model: torch.nn.Module, fmt_name: str, config: HarnessConfig) -> Draws:
+    """The model deployed with calibrated hardening, one draw per seed: the defender runs the model it was given on
+    its own benign prompts for the Hessians (a fixed generator: the same calibration prompts for every model)."""
+    hessians = calibration_hessians(model, p.task, _generator(config, "calibration"))
+    fmt = get_format(fmt_name)
+    seeds = bench_seeds(config.seeds)
+    return score_deployment(model, p.task, p.eval_digits, fmt, "calibrated", seeds=seeds, hessians=hessians)
 
 
 def _tune_sigma(
@@ -266,6 +285,7 @@ def _adaptive(
         fp=p.task.score(model, p.eval_digits),
         rtn=score_deployment(model, p.task, p.eval_digits, fmt, "rtn").scores[0],
         hardened=score_deployment(model, p.task, p.eval_digits, fmt, "harden", seeds=bench_seeds(config.seeds)),
+        calibrated=_calibrated(p, model, fmt_name, config),
         noise=noise,
         flip=flip,
         detector=detector_summary(model, fmt),
@@ -320,8 +340,10 @@ def run_format(
         fp=task.score(attacked, digits),
         rtn=score_deployment(attacked, task, digits, fmt, "rtn").scores[0],
         hardened=score_deployment(attacked, task, digits, fmt, "harden", seeds=seeds),
+        calibrated=_calibrated(p, attacked, fmt_name, config),
         clean_rtn=score_deployment(p.clean, task, digits, fmt, "rtn").scores[0],
         clean_hardened=score_deployment(p.clean, task, digits, fmt, "harden", seeds=seeds),
+        clean_calibrated=_calibrated(p, p.clean, fmt_name, config),
         noise_fixed=score_deployment(
             attacked, task, digits, fmt, "noise", sigma=config.fixed_sigma, draws=config.seeds, noise_seed=config.seed
         ),
@@ -396,10 +418,9 @@ def _adaptive_cell(a: AdaptiveResult | None, baselines: bool) -> str:
     head = f"{_pct(a.fp.asr)} / {_pct(a.rtn.asr)}"
     if not baselines:
         head = f"κ={a.shrink.rel:g}: {head}"
+    body = f"qcbguard {_draws(a.hardened)}, calibrated {_draws(a.calibrated)}"
     if baselines:
-        body = f"noise {_draws(a.noise)}, flip {_draws(a.flip)}, qcbguard {_draws(a.hardened)}"
-    else:
-        body = f"qcbguard {_draws(a.hardened)}"
+        body = f"noise {_draws(a.noise)}, flip {_draws(a.flip)}, {body}"
     tag = "" if a.valid else " (not a valid QCB)"
     return f"{head}{tag}; {body}"
 
@@ -413,14 +434,15 @@ def markdown_table(p: Prepared, rows: list[FormatResult], config: HarnessConfig)
         "valid",
         f"qcbguard ASR mean / max ({n} seeds)",
         "clean model: RTN ASR; qcbguard mean / max",
+        "qcbguard calibrated ASR mean / max; clean model's",
         f"noise σ={config.fixed_sigma:g}",
         "noise, tuned σ",
         f"flip |p-0.5|<{config.flip_band:g}",
         "adaptive vs baselines: FP / RTN; deployed",
         "adaptive vs qcbguard, best κ (≤κ cell from code): FP / RTN; deployed",
-        "accuracy clean: FP / RTN / qcbguard",
-        "accuracy attacked: FP / RTN / qcbguard",
-        "benign-answer perplexity clean: FP / RTN / qcbguard; attacked: FP / RTN / qcbguard",
+        "accuracy clean: FP / RTN / qcbguard / calibrated",
+        "accuracy attacked: FP / RTN / qcbguard / calibrated",
+        "benign-answer perplexity clean: FP / RTN / qcbguard / calibrated; attacked: FP / RTN / qcbguard / calibrated",
         "detector flagged (max KS): clean / attacked / adaptive vs baselines / adaptive vs qcbguard",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -433,15 +455,19 @@ def markdown_table(p: Prepared, rows: list[FormatResult], config: HarnessConfig)
             "yes" if r.valid else "**no**",
             _draws(r.hardened),
             f"{_pct(r.clean_rtn.asr)}; {_draws(r.clean_hardened)}",
+            f"{_draws(r.calibrated)}; {_draws(r.clean_calibrated)}",
             _draws(r.noise_fixed),
             sigma + _draws(r.noise_tuned) + f" (acc {_pct(r.noise_tuned.accuracy_mean)})",
             _draws(r.flip),
             _adaptive_cell(r.adaptive_baselines, baselines=True),
             _adaptive_cell(r.adaptive_sr, baselines=False),
-            f"{_pct(p.clean_fp.accuracy)} / {_pct(r.clean_rtn.accuracy)} / {_pct(r.clean_hardened.accuracy_mean)}",
-            f"{_pct(r.fp.accuracy)} / {_pct(r.rtn.accuracy)} / {_pct(r.hardened.accuracy_mean)}",
-            f"{p.clean_fp.perplexity:.4f} / {r.clean_rtn.perplexity:.4f} / {r.clean_hardened.perplexity_mean:.4f}; "
-            f"{r.fp.perplexity:.4f} / {r.rtn.perplexity:.4f} / {r.hardened.perplexity_mean:.4f}",
+            f"{_pct(p.clean_fp.accuracy)} / {_pct(r.clean_rtn.accuracy)} / {_pct(r.clean_hardened.accuracy_mean)} / "
+            f"{_pct(r.clean_calibrated.accuracy_mean)}",
+            f"{_pct(r.fp.accuracy)} / {_pct(r.rtn.accuracy)} / {_pct(r.hardened.accuracy_mean)} / "
+            f"{_pct(r.calibrated.accuracy_mean)}",
+            f"{p.clean_fp.perplexity:.4f} / {r.clean_rtn.perplexity:.4f} / {r.clean_hardened.perplexity_mean:.4f} / "
+            f"{r.clean_calibrated.perplexity_mean:.4f}; {r.fp.perplexity:.4f} / {r.rtn.perplexity:.4f} / "
+            f"{r.hardened.perplexity_mean:.4f} / {r.calibrated.perplexity_mean:.4f}",
             f"{r.detector_clean.cell()} / {r.detector_attacked.cell()}"
             + (f" / {adaptive_det}" if adaptive_det else ""),
         ]

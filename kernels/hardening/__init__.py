@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .config import ALGORITHM_VERSION, HardeningConfig
+from .feedback import HessianAccumulator, harden_calibrated
 from .harden import (
     Screened,
     SuspiciousTensorError,
@@ -20,11 +21,13 @@ __all__ = [
     "ALGORITHM_VERSION",
     "DeploymentSeed",
     "HardeningConfig",
+    "HessianAccumulator",
     "Screened",
     "SeedFileError",
     "SuspiciousTensorError",
     "TensorReport",
     "detector_sample_key",
+    "harden_calibrated",
     "harden_encoding",
     "harden_tensor",
     "philox4x32",

@@ -61,41 +61,40 @@ def _inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.linalg.cholesky(inverse, upper=True)
 
 
-def _rule_per_element(rule: CodeValueRule, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each element's multiplier (sign * scale) and shift, float64, shaped (rows, cols)."""
-    numel = shape[0] * shape[1]
-    group = torch.arange(numel) // rule.group
-    multiplier = rule.scale.reshape(-1).double()[group]
-    if rule.negative is not None:
-        multiplier = torch.where(rule.negative.reshape(-1), -multiplier, multiplier)
-    if rule.shift is None:
-        return multiplier.reshape(shape), torch.zeros(shape, dtype=torch.float64)
-    shift = rule.shift.reshape(-1).double()[group]
-    return multiplier.reshape(shape), shift.reshape(shape)
+class _Grid:
+    """Each element's grid under a CodeValueRule, transposed to (cols, rows) so that a column is contiguous: value of
+    table index i = table[i] * multiplier + shift (multiplier = sign * scale), float64. `live` is False where every
+    code is worth the same (a zero multiplier: an all-zero block) or the scale is not finite (a block of huge weights):
+    there the standard quantizer's code stays and nothing is fed forward."""
 
+    def __init__(self, rule: CodeValueRule, rows: int, cols: int, order: torch.Tensor) -> None:
+        group = (torch.arange(rows * cols) // rule.group).reshape(rows, cols)[:, order].T
+        multiplier = rule.scale.reshape(-1).double()[group]
+        if rule.negative is not None:
+            negative = rule.negative.reshape(rows, cols)[:, order].T
+            multiplier = torch.where(negative, -multiplier, multiplier)
+        shift = rule.shift.reshape(-1).double()[group] if rule.shift is not None else torch.zeros_like(multiplier)
+        self.live = (multiplier != 0) & multiplier.isfinite() & shift.isfinite()
+        self.multiplier = torch.where(self.live, multiplier, 0.0)
+        self.inverse = torch.where(self.live, 1.0 / torch.where(self.live, multiplier, 1.0), 0.0)
+        self.shift = torch.where(self.live, shift, 0.0)
+        self.table = rule.table.double()
 
-def _draw_column(
-    target: torch.Tensor,
-    multiplier: torch.Tensor,
-    shift: torch.Tensor,
-    nearest: torch.Tensor,
-    u: torch.Tensor,
-    table: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (table indices) and their errors (target - value) for one column of targets: the upper code of the cell
-    each target falls in with probability its position (u < position), clamped at the grid's ends. Where every code
-    is worth the same (a zero multiplier: an all-zero block) or the scale is not finite (a block of huge weights),
-    the standard quantizer's code stays and nothing is fed forward from a non-finite value."""
-    live = (multiplier != 0) & multiplier.isfinite() & shift.isfinite()
-    z = (target - shift) / torch.where(live, multiplier, 1.0)  # the target in table units
-    last = table.numel() - 1
-    lower = (torch.searchsorted(table, z, right=True) - 1).clamp_(0, last)
-    upper = (lower + 1).clamp_(max=last)
-    span = table[upper] - table[lower]
-    position = torch.where(span > 0, (z - table[lower]) / torch.where(span > 0, span, 1.0), 0.0).clamp_(0.0, 1.0)
-    index = torch.where(live, torch.where(u < position, upper, lower), nearest)
-    error = target - (table[index] * multiplier + shift)
-    return index, torch.where(error.isfinite(), error, 0.0)
+    def draw(self, j: int, target: torch.Tensor, u: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """Table indices for column j of the targets: the upper code of the cell each target falls in with
+        probability its position (u < position), clamped at the grid's ends; `nearest` where not live."""
+        table, last = self.table, self.table.numel() - 1
+        z = (target - self.shift[j]) * self.inverse[j]  # the target in table units
+        lower = (torch.searchsorted(table, z, right=True) - 1).clamp_(0, last)
+        upper = (lower + 1).clamp_(max=last)
+        base = table[lower]
+        span = table[upper] - base
+        position = ((z - base) / torch.where(span > 0, span, 1.0)).clamp_(0.0, 1.0)  # 0 where the grid ends
+        return torch.where(self.live[j], torch.where(u < position, upper, lower), nearest)
+
+    def error(self, j: int, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """target - value of the drawn codes; 0 where not live."""
+        return torch.where(self.live[j], target - (self.table[index] * self.multiplier[j] + self.shift[j]), 0.0)
 
 
 def feedback_codes(
@@ -119,23 +118,23 @@ def feedback_codes(
     rows, cols = x.shape
     order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
     factor = _inverse_factor(hessian[order][:, order], damping)
-    multiplier, shift = (t[:, order] for t in _rule_per_element(rule, (rows, cols)))
-    table = rule.table.double()
-    nearest = (enc.cells.nearest.reshape(rows, cols) - rule.first_code).long()[:, order]
-    u = uniform_grid(key, row_offset, rows, col_offset, cols).double()[:, order]
-    work = x.double()[:, order]  # the targets, in rounding order, updated as errors are fed forward
-    index = torch.empty((rows, cols), dtype=torch.long)
+    grid = _Grid(rule, rows, cols, order)
+    # everything per column is transposed to (cols, rows), in rounding order
+    nearest = (enc.cells.nearest.reshape(rows, cols) - rule.first_code).long()[:, order].T.contiguous()
+    u = uniform_grid(key, row_offset, rows, col_offset, cols).double()[:, order].T.contiguous()
+    work = x.double()[:, order].T.contiguous()  # the targets, updated as errors are fed forward
+    index = torch.empty((cols, rows), dtype=torch.long)
     for start in range(0, cols, _BLOCK):
         end = min(start + _BLOCK, cols)
-        errors = torch.empty((rows, end - start), dtype=torch.float64)
+        errors = torch.empty((end - start, rows), dtype=torch.float64)
         for j in range(start, end):
-            index[:, j], error = _draw_column(work[:, j], multiplier[:, j], shift[:, j], nearest[:, j], u[:, j], table)
-            error /= factor[j, j]
-            work[:, j + 1 : end] -= error[:, None] * factor[j, j + 1 : end]
-            errors[:, j - start] = error
-        work[:, end:] -= errors @ factor[start:end, end:]
-    codes = torch.empty_like(index)
-    codes[:, order] = index
+            index[j] = grid.draw(j, work[j], u[j], nearest[j])
+            error = grid.error(j, work[j], index[j]).div_(factor[j, j])
+            work[j + 1 : end] -= factor[j, j + 1 : end, None] * error
+            errors[j - start] = error
+        work[end:] -= factor[start:end, end:].T @ errors
+    codes = torch.empty((rows, cols), dtype=torch.long)
+    codes[:, order] = index.T
     return (codes + rule.first_code).to(torch.int32)
 
 

@@ -1,0 +1,32 @@
+"""Calibration Hessians for calibrated hardening: H = sum of x x^T over every input each linear weight sees while
+the full-precision model reads a committed calibration text.
+
+The text (calibration_text.txt beside this file) is the start of the "Compound statements" chapter of the Python
+Language Reference as CPython 3.11.7 ships it in `pydoc_data/topics.py` (PSF License), verbatim: the same kind of
+English as the evaluation text but none of its chapters, so the perplexity measured after calibration is measured on
+text the calibration never saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qcbguard.calibration import collect_hessians as collect
+
+__all__ = ["CALIBRATION_TEXT", "collect_hessians"]
+
+CALIBRATION_TEXT = Path(__file__).with_name("calibration_text.txt")
+
+
+def collect_hessians(
+    model: torch.nn.Module, tokenizer: object, weight_names: list[str], context: int = 512
+) -> dict[str, torch.Tensor]:
+    """{weight name: H (inputs x inputs, float64)} while the model reads the text in windows of `context` tokens
+    (BOS first where the tokenizer has one): qcbguard calibrate's recipe, on the benchmark's float32 model."""
+    ids = tokenizer(CALIBRATION_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    head = [bos] if bos is not None else []
+    windows = (torch.tensor([head + ids[a : a + context]]) for a in range(0, len(ids), context))
+    return collect(model, windows, weight_names)

@@ -1,0 +1,170 @@
+"""Calibration Hessians for calibrated hardening (qcbguard_kernels.hardening.harden_calibrated).
+
+`qcbguard calibrate MODEL_DIR --text FILE --out hessians.safetensors` runs a Hugging Face checkpoint in full precision
+over the defender's own text and stores, for every linear weight, H = sum of x x^T over the inputs that weight saw
+(float32, inputs x inputs). `--gguf-names` stores them under llama.cpp's tensor names (blk.N.attn_q.weight, ...), as
+`qcbguard-gguf quantize --hessians` reads them. Rows of a weight never enter H, so llama.cpp's row permutation of
+attn_q / attn_k changes nothing. The file holds no weights and no text: only second moments of activations.
+
+Use text of the kind the model will serve, and never text an attacker chose: the Hessians steer where the rounding
+errors go (not whether they are unbiased: every draw stays qcbguard's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from qcbguard_kernels import QcbguardError
+from qcbguard_kernels.hardening import HessianAccumulator
+
+from .atomic import atomic_path
+
+__all__ = ["HessianFile", "calibrate_checkpoint", "collect_hessians", "gguf_tensor_names"]
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: torch.nn.Module, batches: Iterable[torch.Tensor], weight_names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """{weight name: H} for every nn.Linear of `model` (or those whose weight is in `weight_names`), from forward
+    pre-hooks while the model reads each batch of token ids."""
+    accumulators: dict[str, HessianAccumulator] = {}
+    hooks = []
+    for module_name, module in model.named_modules():
+        name = f"{module_name}.weight"
+        if not isinstance(module, torch.nn.Linear) or (weight_names is not None and name not in weight_names):
+            continue
+        accumulators[name] = HessianAccumulator(module.in_features)
+
+        def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
+            accumulators[name].add(inputs[0])
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: acc.hessian for name, acc in accumulators.items()}
+
+
+def gguf_tensor_names(model_type: str, n_layers: int, names: Iterable[str]) -> dict[str, str]:
+    """{Hugging Face weight name: llama.cpp tensor name} through gguf-py's tensor-name map; refuses a model type
+    gguf-py does not know and a weight it cannot name (no silent drop)."""
+    import gguf
+
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == model_type), None)
+    if arch is None:
+        raise QcbguardError(f"model type {model_type!r} has no llama.cpp architecture in gguf-py; omit --gguf-names")
+    table = gguf.get_tensor_name_map(arch, n_layers)
+    mapped = {}
+    for name in names:
+        gguf_name = table.get_name(name, try_suffixes=(".weight",))
+        if gguf_name is None:
+            raise QcbguardError(f"weight {name!r} has no llama.cpp tensor name for {model_type}; omit --gguf-names")
+        mapped[name] = gguf_name
+    return mapped
+
+
+def calibrate_checkpoint(
+    model_dir: str | os.PathLike[str],
+    text_file: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    context: int = 512,
+    max_tokens: int | None = None,
+    gguf_names: bool = False,
+) -> dict[str, int]:
+    """Run the checkpoint over the text (windows of `context` tokens, BOS first where the tokenizer has one) and
+    write every decoder linear weight's H to `out` (safetensors, written atomically). Returns {"tensors", "tokens"}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = Path(text_file).read_text(encoding="utf-8")
+    if context < 2:
+        raise QcbguardError(f"--context must be at least 2 tokens, got {context}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    if not ids:
+        raise QcbguardError(f"{str(text_file)!r} holds no tokens")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    windows = (torch.tensor([bos + ids[a : a + context]]) for a in range(0, len(ids), context))
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}."]
+    hessians = collect_hessians(model, windows, [f"{n}.weight" for n in linear])
+    if gguf_names:
+        names = gguf_tensor_names(model.config.model_type, model.config.num_hidden_layers, hessians)
+        hessians = {names[n]: h for n, h in hessians.items()}
+    HessianFile.write(out, hessians, tokens=len(ids))
+    return {"tensors": len(hessians), "tokens": len(ids)}
+
+
+class HessianFile:
+    """A calibration file, read lazily: one H at a time (float64), validated where it is used."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            stored = set(self._file.keys())
+            self._aliases = json.loads((self._file.metadata() or {}).get("aliases", "{}"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise QcbguardError(f"{str(self.path)!r} is not a readable safetensors Hessian file: {e}") from None
+        if not isinstance(self._aliases, dict) or not set(self._aliases.values()) <= stored:
+            raise QcbguardError(f"{str(self.path)!r}: its aliases name Hessians the file does not hold")
+        self.names = frozenset(stored | set(self._aliases))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(self._aliases.get(name, name)).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        h = self._file.get_tensor(self._aliases.get(name, name))
+        if not torch.isfinite(h).all():
+            raise QcbguardError(f"{str(self.path)!r}: the Hessian of {name!r} has non-finite entries")
+        return h.double()
+
+    def check(self, features: dict[str, int]) -> None:
+        """Every Hessian names a tensor of `features` ({name: inputs}) and is inputs x inputs: a typo or a file for
+        another model is refused, not skipped."""
+        unknown = sorted(self.names - set(features))
+        if unknown:
+            raise QcbguardError(
+                f"{str(self.path)!r} has Hessians for {len(unknown)} tensor(s) this model does not quantize, e.g. "
+                f"{unknown[0]!r}: is it the calibration of another model (or missing --gguf-names)?"
+            )
+        for name in sorted(self.names):
+            n = features[name]
+            if self.shape(name) != (n, n):
+                raise QcbguardError(
+                    f"{str(self.path)!r}: the Hessian of {name!r} is {self.shape(name)}, the tensor has {n} inputs"
+                )
+
+    @staticmethod
+    def write(path: str | os.PathLike[str], hessians: dict[str, torch.Tensor], tokens: int) -> None:
+        """float32, each distinct H once: weights that read the same input (q, k and v; gate and up) have the same
+        H bit for bit, stored under the first name and aliased in the metadata."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        aliases: dict[str, str] = {}
+        first_of: dict[bytes, str] = {}
+        for name, h in hessians.items():
+            h32 = h.float().contiguous()
+            digest = hashlib.sha256(h32.numpy().tobytes()).digest() + str(tuple(h32.shape)).encode()
+            if digest in first_of:
+                aliases[name] = first_of[digest]
+            else:
+                first_of[digest] = name
+                tensors[name] = h32
+        metadata = {"qcbguard": "calibration-hessians", "tokens": str(tokens), "aliases": json.dumps(aliases)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)

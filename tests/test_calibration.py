@@ -1,0 +1,175 @@
+"""Calibration for calibrated hardening: `qcbguard calibrate` (qcbguard/calibration.py) on a real transformers Llama,
+the Hessian file it writes, and `qcbguard-gguf quantize --hessians` reading it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gguf_tools.cli import main as gguf_main
+from gguf_tools.reader import GgufFile
+from qcbguard.calibration import HessianFile, collect_hessians, gguf_tensor_names
+from qcbguard.cli import main as qcbguard_main
+from qcbguard_kernels import QcbguardError
+from qcbguard_kernels.hardening import DeploymentSeed
+from tests.gguf_models import LlamaShape, write_llama
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny_llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_collected_hessians_are_the_inputs_second_moments():
+    """H of q_proj is X^T X of what q_proj reads (the first layer norm's output), summed over every batch; q, k
+    and v read the same input, so their Hessians are equal bit for bit."""
+    model = _tiny_llama()
+    batches = [torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (1, 5))]
+    seen = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    hessians = collect_hessians(model, batches)
+    hook.remove()
+    x = torch.cat([s.reshape(-1, 32) for s in seen]).double()
+    assert x.shape[0] == 23
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(hessians[q], x.T @ x, rtol=1e-10, atol=1e-12)
+    assert torch.equal(hessians[q], hessians["model.layers.0.self_attn.k_proj.weight"])
+    assert hessians["model.layers.1.mlp.down_proj.weight"].shape == (64, 64)
+    assert "lm_head.weight" in hessians  # every linear unless weight_names narrows it
+    assert set(collect_hessians(model, batches[:1], [q])) == {q}
+
+
+def test_gguf_names_follow_llama_cpp():
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    assert gguf_tensor_names("llama", 2, names) == {names[0]: "blk.0.attn_q.weight", names[1]: "blk.1.ffn_down.weight"}
+    with pytest.raises(QcbguardError, match=r"no llama\.cpp architecture"):
+        gguf_tensor_names("not-a-model", 2, names)
+    with pytest.raises(QcbguardError, match=r"no llama\.cpp tensor name"):
+        gguf_tensor_names("llama", 2, ["model.layers.0.mystery.weight"])
+
+
+def test_the_hessian_file_stores_each_distinct_matrix_once(tmp_path):
+    a = torch.eye(8, dtype=torch.float64) * 2
+    b = torch.ones(16, 16, dtype=torch.float64) + torch.eye(16)
+    path = tmp_path / "h.safetensors"
+    HessianFile.write(path, {"q": a, "k": a.clone(), "down": b}, tokens=10)
+    f = HessianFile(path)
+    assert f.names == {"q", "k", "down"}
+    assert torch.equal(f.get("k"), a) and torch.equal(f.get("down"), b)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as raw:
+        assert sorted(raw.keys()) == ["down", "q"]  # k is an alias of q
+    f.check({"q": 8, "k": 8, "down": 16, "other": 4})  # tensors without a Hessian are fine
+    with pytest.raises(QcbguardError, match="does not quantize"):
+        f.check({"q": 8, "k": 8})
+    with pytest.raises(QcbguardError, match="has 9 inputs"):
+        f.check({"q": 9, "k": 8, "down": 16})
+    HessianFile.write(path, {"q": torch.full((4, 4), float("inf"))}, tokens=1)
+    with pytest.raises(QcbguardError, match="non-finite"):
+        HessianFile(path).get("q")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(QcbguardError, match="not a readable"):
+        HessianFile(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_llama_cpp_named_hessians(tmp_path):
+    """`qcbguard calibrate DIR --text F --out H --gguf-names` on a saved transformers checkpoint with a tokenizer."""
+    from benchmarks.qcb.task import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = _tiny_llama()
+    model.resize_token_embeddings(max(len(tokenizer), 64))
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join("0123456789"[i % 10] for i in range(300)))
+    out = tmp_path / "hessians.safetensors"
+    argv = ["calibrate", str(tmp_path / "ckpt"), "--text", str(text), "--out", str(out), "--context", "64"]
+    assert qcbguard_main([*argv, "--gguf-names"]) == 0
+    f = HessianFile(out)
+    assert f.names == {f"blk.{i}.{t}.weight" for i in range(2) for t in _LAYER_TENSORS}
+    assert f.shape("blk.1.ffn_down.weight") == (64, 64) and f.shape("blk.0.attn_v.weight") == (32, 32)
+    assert float(torch.diagonal(f.get("blk.0.attn_q.weight")).min()) > 0
+    (tmp_path / "empty.txt").write_text("")
+    assert (
+        qcbguard_main(["calibrate", str(tmp_path / "ckpt"), "--text", str(tmp_path / "empty.txt"), "--out", str(out)])
+        == 2
+    )
+
+
+_LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("calibrated_gguf")
+    write_llama(d / "llama-f16.gguf", LlamaShape(n_layer=2, n_vocab=300))
+    DeploymentSeed(bytes(range(32))).write(d / "seed.hex")
+    return d
+
+
+def _spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, 8, generator=g, dtype=torch.float64) @ torch.randn(8, n, generator=g, dtype=torch.float64)
+    return x.T @ x + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def _tensors(path: Path) -> dict[str, bytes]:
+    with GgufFile(path) as f:
+        return {t.name: bytes(f.tensor_bytes(t)) for t in f.tensors}
+
+
+def test_gguf_quantize_calibrates_the_tensors_a_hessian_file_names(gguf_model, tmp_path):
+    """Tensors with a Hessian get other (calibrated) codes than plain hardening under the same seed; every other
+    tensor keeps plain hardening's bytes; the report says which were calibrated."""
+    src, seed = gguf_model / "llama-f16.gguf", gguf_model / "seed.hex"
+    with GgufFile(src) as f:
+        inputs = {t.name: t.ne[0] for t in f.tensors}
+    calibrated = ["blk.0.attn_q.weight", "blk.1.ffn_down.weight"]
+    hessians = tmp_path / "h.safetensors"
+    HessianFile.write(hessians, {n: _spd(inputs[n], i) for i, n in enumerate(calibrated)}, tokens=1)
+    plain, fed, report = tmp_path / "plain.gguf", tmp_path / "fed.gguf", tmp_path / "report.json"
+    assert gguf_main(["quantize", str(src), str(plain), "Q4_K_M", "--seed-file", str(seed), "-q"]) == 0
+    argv = ["quantize", str(src), str(fed), "Q4_K_M", "--seed-file", str(seed), "-q", "--hessians", str(hessians)]
+    assert gguf_main([*argv, "--report", str(report)]) == 0
+    a, b = _tensors(plain), _tensors(fed)
+    assert [n for n in a if a[n] != b[n]] == calibrated
+    entries = {t["name"]: t for t in json.loads(report.read_text())["tensors"]}
+    assert sorted(n for n, t in entries.items() if t["calibrated"]) == calibrated
+    assert entries["blk.0.attn_q.weight"]["codes_changed"] > 0
+
+
+def test_gguf_quantize_refuses_a_hessian_file_that_does_not_fit(gguf_model, tmp_path, capsys):
+    src, seed = gguf_model / "llama-f16.gguf", gguf_model / "seed.hex"
+    out = tmp_path / "out.gguf"
+    cases = {
+        "does not quantize": {"blk.9.attn_q.weight": torch.eye(4)},
+        "inputs": {"blk.0.attn_q.weight": torch.eye(5)},
+    }
+    for message, content in cases.items():
+        hessians = tmp_path / "h.safetensors"
+        HessianFile.write(hessians, content, tokens=1)
+        argv = ["quantize", str(src), str(out), "Q4_0", "--seed-file", str(seed), "-q", "--hessians", str(hessians)]
+        assert gguf_main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.glob(".out.gguf.*"))
+    assert gguf_main([*argv[:3], "Q4_0", "--no-harden", "-q", "--hessians", str(hessians)]) == 2
+    assert "--no-harden" in capsys.readouterr().err
