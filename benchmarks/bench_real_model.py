@@ -41,7 +41,7 @@ from benchmarks.realmodel.variants import rtn_codes, sr_codes, systematic_codes
 from qcbguard_kernels import UnsupportedInputError, get_format
 from qcbguard_kernels.detection import cell_score, cell_statistic, verdict
 from qcbguard_kernels.hardening import DeploymentSeed, harden_calibrated, harden_tensor
-from qcbguard_kernels.hardening.feedback import feedback_codes
+from qcbguard_kernels.hardening.feedback import FeedbackPlan, feedback_codes, feedback_plan
 
 # the issue's formats, then q4_1: the checkpoint's own grid (RTN reproduces it, hardening has nothing to randomize)
 DEFAULT_FORMATS = [*ISSUE_FORMATS, "q4_1"]
@@ -115,9 +115,12 @@ def quantize_all(
     detect: bool,
     detect_every: int = 1,
     hessians: dict[str, torch.Tensor] | None = None,
+    plans: dict[str, FeedbackPlan] | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, object]]:
     """Dequantized weights per rule ('rtn', 'sr/0', 'calibrated/0', 'systematic/1', ...) and per-format facts
-    (tensors covered, weight SQNR per rule, detector scores). Calibrated rules need `hessians`."""
+    (tensors covered, weight SQNR per rule, detector scores). Calibrated rules need `hessians`; their feedback plans
+    are kept in `plans` (one per tensor, for every seed and format)."""
+    plans = {} if plans is None else plans
     fmt = get_format(fmt_name)
     out: dict[str, dict[str, torch.Tensor]] = {}
     covered, skipped = [], []
@@ -142,7 +145,8 @@ def quantize_all(
                 rules[f"systematic/{s}"] = systematic_codes(enc, u, offsets, SEGMENT)
             rule = fmt.code_value_rule(enc) if hessians is not None else None
             if rule is not None:
-                rules[f"calibrated/{s}"] = feedback_codes(w, enc, rule, hessians[name], seed.key_for(name))
+                plan = plans.get(name) or plans.setdefault(name, feedback_plan(hessians[name]))
+                rules[f"calibrated/{s}"] = feedback_codes(w, enc, rule, plan, seed.key_for(name))
         if seeds and not checked:  # our codes are qcbguard's: packing byte-identical with harden_tensor's (1st tensor)
             expected = {"sr/0": harden_tensor(w, fmt, name, seeds[0])[0]}
             if "calibrated/0" in rules:
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = deployment_seeds(args.seed_dir, args.seeds)
     draws = Draws(seeds, args.cache)
     hessians = None
+    plans: dict[str, FeedbackPlan] = {}
     if not (args.no_calibrated or args.no_ppl):
         hessian_file = args.cache / "hessians.pt"
         if not hessian_file.exists():
@@ -338,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             facts = {k: facts[k] for k in ("format", "family", "bits", "covered", "skipped", "detector")}
         else:
             deq, facts = quantize_all(
-                original, fmt_name, seeds, draws, tuple(args.variants), args.detect, args.detect_every, hessians
+                original, fmt_name, seeds, draws, tuple(args.variants), args.detect, args.detect_every, hessians, plans
             )
             draws.save()
         facts["quantize_seconds"] = time.perf_counter() - start

@@ -40,6 +40,7 @@ from qcbguard_kernels.hardening import (
     Screened,
     TensorReport,
     detector_sample_key,
+    feedback_plan,
     harden_calibrated,
     harden_tensor,
     screen,
@@ -302,7 +303,9 @@ def quantize_file(
                     chunk = max(1, per_chunk // info.ne[0])
                     parts = []
                     screened = None
-                    hessian = hessians.get(p.name) if hessians is not None and p.name in hessians.names else None
+                    plan = None
+                    if hessians is not None and p.name in hessians.names:
+                        plan = feedback_plan(hessians.get(p.name))  # once for every row chunk
                     for r0 in range(0, info.n_rows, chunk):
                         r1 = min(info.n_rows, r0 + chunk)
                         if not p.rewrite:
@@ -318,9 +321,9 @@ def quantize_file(
                             # several chunks: screen the whole tensor's sample once (one chunk screens itself,
                             # on the same sample, reusing its encoding)
                             screened = _screen(f, info, fmt, p.name, options, seed)
-                        if hessian is not None:
+                        if plan is not None:
                             packed, rep = harden_calibrated(
-                                x, fmt, p.name, seed, hessian, options.config, row_offset=r0, screened=screened
+                                x, fmt, p.name, seed, plan, options.config, row_offset=r0, screened=screened
                             )
                         else:
                             packed, rep = _quantize_rows(x.to(device), fmt, p.name, r0, seed, options, screened)

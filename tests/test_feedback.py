@@ -13,7 +13,7 @@ import torch
 
 from qcbguard_kernels import UnsupportedInputError, get_format
 from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig, harden_tensor, stochastic_codes
-from qcbguard_kernels.hardening.feedback import HessianAccumulator, feedback_codes, harden_calibrated
+from qcbguard_kernels.hardening.feedback import HessianAccumulator, feedback_codes, feedback_plan, harden_calibrated
 
 from .inputs import fresh_seed, standard_cases
 
@@ -41,7 +41,7 @@ def _correlated_hessian(cols: int, seed: int) -> torch.Tensor:
 def _codes(x: torch.Tensor, name: str, hessian: torch.Tensor, seed: DeploymentSeed, **place: int) -> torch.Tensor:
     fmt = get_format(name)
     enc = fmt.encode(x)
-    return feedback_codes(x, enc, fmt.code_value_rule(enc), hessian, seed.key_for("w"), **place)
+    return feedback_codes(x, enc, fmt.code_value_rule(enc), feedback_plan(hessian), seed.key_for("w"), **place)
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -56,7 +56,7 @@ def test_a_diagonal_hessian_draws_what_harden_tensor_draws(name):
             continue
         h = torch.diag(torch.rand(512, generator=g, dtype=torch.float64) + 0.1)
         enc = fmt.encode(x)
-        ours = feedback_codes(x, enc, fmt.code_value_rule(enc), h, _seed(0).key_for("w"))
+        ours = feedback_codes(x, enc, fmt.code_value_rule(enc), feedback_plan(h), _seed(0).key_for("w"))
         theirs = stochastic_codes(enc, _seed(0).key_for("w")).reshape(ours.shape)
         differ = int((ours != theirs).sum())
         assert differ <= x.numel() // 200, f"{name} {case}: {differ} of {x.numel()} codes differ (seed {SEED})"
@@ -79,7 +79,7 @@ def test_feedback_cuts_the_output_error_of_correlated_inputs(name):
     nearest = output_error(enc.cells.nearest)
     for i in range(2):
         key = _seed(i).key_for("w")
-        fed = output_error(feedback_codes(x, enc, fmt.code_value_rule(enc), h, key))
+        fed = output_error(feedback_codes(x, enc, fmt.code_value_rule(enc), feedback_plan(h), key))
         unbiased = output_error(stochastic_codes(enc, key))
         assert fed < 0.25 * unbiased and fed < nearest, f"{name}: {fed:.3g} vs {unbiased:.3g}, RTN {nearest:.3g}"
 
@@ -143,7 +143,7 @@ def test_bad_inputs_are_refused():
     fmt = get_format("q4_0")
     with pytest.raises(UnsupportedInputError, match="Hessian must be 256 x 256"):
         harden_calibrated(x, fmt, "w", _seed(0), torch.eye(128, dtype=torch.float64))
-    with pytest.raises(UnsupportedInputError, match="non-finite"):
+    with pytest.raises(UnsupportedInputError, match="'w': the Hessian has non-finite"):
         harden_calibrated(x, fmt, "w", _seed(0), torch.full((256, 256), float("nan"), dtype=torch.float64))
     with pytest.raises(UnsupportedInputError, match="2-D weight"):
         harden_calibrated(x.reshape(2, 4, 256), fmt, "w", _seed(0), torch.eye(256, dtype=torch.float64))

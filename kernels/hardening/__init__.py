@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import ALGORITHM_VERSION, HardeningConfig
-from .feedback import HessianAccumulator, harden_calibrated
+from .feedback import FeedbackPlan, HessianAccumulator, feedback_plan, harden_calibrated
 from .harden import (
     Screened,
     SuspiciousTensorError,
@@ -20,6 +20,7 @@ from .seed import DeploymentSeed, SeedFileError
 __all__ = [
     "ALGORITHM_VERSION",
     "DeploymentSeed",
+    "FeedbackPlan",
     "HardeningConfig",
     "HessianAccumulator",
     "Screened",
@@ -27,6 +28,7 @@ __all__ = [
     "SuspiciousTensorError",
     "TensorReport",
     "detector_sample_key",
+    "feedback_plan",
     "harden_calibrated",
     "harden_encoding",
     "harden_tensor",

@@ -16,6 +16,8 @@ reach the grid through their CodeValueRule (value of code c = table[c] * sign * 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import UnsupportedInputError
@@ -25,7 +27,7 @@ from .harden import Screened, TensorReport, harden_encoding
 from .rng import uniform_grid
 from .seed import DeploymentSeed
 
-__all__ = ["HessianAccumulator", "feedback_codes", "harden_calibrated"]
+__all__ = ["FeedbackPlan", "HessianAccumulator", "feedback_codes", "feedback_plan", "harden_calibrated"]
 
 #: GPTQ's dampening: this share of H's mean diagonal is added to its diagonal, so that inputs the calibration data
 #: barely excites do not dominate the inverse
@@ -47,6 +49,31 @@ class HessianAccumulator:
             raise ValueError(f"inputs have {x.shape[1]} features, the accumulator {self.hessian.shape[0]}")
         self.hessian.addmm_(x.T, x)
         self.samples += x.shape[0]
+
+
+@dataclass(frozen=True)
+class FeedbackPlan:
+    """What error feedback needs from a Hessian, computed once per tensor (every seed, format and row chunk reuses
+    it): the rounding order (act-order) and the update matrix in that order."""
+
+    order: torch.Tensor
+    factor: torch.Tensor
+
+    @property
+    def inputs(self) -> int:
+        return self.factor.shape[0]
+
+
+def feedback_plan(hessian: torch.Tensor, damping: float = DAMPING) -> FeedbackPlan:
+    """Columns in descending order of H's diagonal (GPTQ's act-order: the inputs with the most energy are rounded
+    first, while the most columns remain to absorb their errors; on SmolLM2-135M in Q4_0 it halves the perplexity
+    cost of feedback in natural order), and the update matrix of H in that order."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise UnsupportedInputError(f"a Hessian must be square, got {tuple(hessian.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise UnsupportedInputError("the Hessian has non-finite entries")
+    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    return FeedbackPlan(order, _inverse_factor(hessian[order][:, order], damping))
 
 
 def _inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -101,23 +128,20 @@ def feedback_codes(
     x: torch.Tensor,
     enc: Encoding,
     rule: CodeValueRule,
-    hessian: torch.Tensor,
+    plan: FeedbackPlan,
     key: int,
     row_offset: int = 0,
     col_offset: int = 0,
-    damping: float = DAMPING,
 ) -> torch.Tensor:
-    """Codes of a 2-D weight (rows = outputs, cols = inputs) drawn column by column with error feedback along H.
+    """Codes of a 2-D weight (rows = outputs, cols = inputs) drawn column by column, in the plan's order, with error
+    feedback along its Hessian.
 
-    Columns go in descending order of H's diagonal (GPTQ's act-order: the inputs with the most energy are rounded
-    first, while the most columns remain to absorb their errors; on SmolLM2-135M in Q4_0 it halves the perplexity
-    cost of feedback in natural order). The uniforms are stochastic_codes' (rng.uniform_grid at the element's global
-    (row, col)), whatever the order; with H diagonal nothing is fed forward and every element is drawn from its own
-    cell, as harden_tensor does, but for positions taken on the stored scales (Q4_0's quantizer rounds x / d with d
-    in float32, then stores d as float16: the value-based cell is the one the served weights see)."""
+    The uniforms are stochastic_codes' (rng.uniform_grid at the element's global (row, col)), whatever the order;
+    with H diagonal nothing is fed forward and every element is drawn from its own cell, as harden_tensor does, but
+    for positions taken on the stored scales (Q4_0's quantizer rounds x / d with d in float32, then stores d as
+    float16: the value-based cell is the one the served weights see)."""
     rows, cols = x.shape
-    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
-    factor = _inverse_factor(hessian[order][:, order], damping)
+    order, factor = plan.order, plan.factor
     grid = _Grid(rule, rows, cols, order)
     # everything per column is transposed to (cols, rows), in rounding order
     nearest = (enc.cells.nearest.reshape(rows, cols) - rule.first_code).long()[:, order].T.contiguous()
@@ -143,35 +167,38 @@ def harden_calibrated(
     fmt: Format,
     name: str,
     seed: DeploymentSeed,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | FeedbackPlan,
     config: HardeningConfig | None = None,
     *,
     row_offset: int = 0,
     col_offset: int = 0,
-    damping: float = DAMPING,
     screened: Screened | None = None,
 ) -> tuple[QuantizedTensor, TensorReport]:
-    """harden_tensor with error feedback along `hessian` (inputs x inputs, e.g. HessianAccumulator's) for a 2-D
-    weight of a format with a CodeValueRule; detection, modes and the report are harden_tensor's (a fed-back code may
-    lie more than one step from round-to-nearest: max_change_steps says how far)."""
+    """harden_tensor with error feedback along `hessian` (inputs x inputs, e.g. HessianAccumulator's, or its
+    feedback_plan when one tensor is hardened more than once: several seeds, formats or row chunks) for a 2-D weight
+    of a format with a CodeValueRule; detection, modes and the report are harden_tensor's (a fed-back code may lie
+    more than one step from round-to-nearest: max_change_steps says how far)."""
     if x.dim() != 2:
         raise UnsupportedInputError(f"tensor {name!r}: calibrated hardening takes a 2-D weight, got {tuple(x.shape)}")
-    if tuple(hessian.shape) != (x.shape[1], x.shape[1]):
+    inputs = hessian.inputs if isinstance(hessian, FeedbackPlan) else hessian.shape[-1]
+    if inputs != x.shape[1] or (isinstance(hessian, torch.Tensor) and hessian.dim() != 2):
         raise UnsupportedInputError(
             f"tensor {name!r}: the Hessian must be {x.shape[1]} x {x.shape[1]} (the weight's inputs), "
-            f"got {tuple(hessian.shape)}"
+            f"got {tuple(hessian.factor.shape if isinstance(hessian, FeedbackPlan) else hessian.shape)}"
         )
-    if not torch.isfinite(hessian).all():
-        raise UnsupportedInputError(f"tensor {name!r}: the Hessian has non-finite entries")
     enc = fmt.encode(x, name)
     rule = fmt.code_value_rule(enc)
     if rule is None:
         raise UnsupportedInputError(
             f"{fmt.name} has no code-value rule for calibrated hardening; use harden_tensor (no feedback)"
         )
+    try:
+        plan = hessian if isinstance(hessian, FeedbackPlan) else feedback_plan(hessian)
+    except UnsupportedInputError as e:
+        raise UnsupportedInputError(f"tensor {name!r}: {e}") from None
 
     def draw(enc: Encoding, key: int) -> torch.Tensor:
-        return feedback_codes(x, enc, rule, hessian, key, row_offset, col_offset, damping)
+        return feedback_codes(x, enc, rule, plan, key, row_offset, col_offset)
 
     place = {"row_offset": row_offset, "col_offset": col_offset}
     return harden_encoding(x, enc, fmt, name, seed, config, **place, draw=draw, screened=screened)
