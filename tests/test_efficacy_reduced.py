@@ -67,29 +67,19 @@ def test_attack_is_a_valid_qcb(which, request):
     assert row.fp.accuracy >= 0.95, f"{which}: the repaired model must stay useful, accuracy {row.fp.accuracy:.3f}"
 
 
+@pytest.mark.parametrize("deployment", ["hardened", "calibrated"])
 @pytest.mark.parametrize("which", ["nf4", "q4_k"])
-def test_hardening_removes_the_backdoor_and_keeps_utility(which, request):
+def test_hardening_removes_the_backdoor_and_keeps_utility(which, deployment, request):
+    """Plain and calibrated hardening (error feedback along the delivered model's own calibration Hessians: every
+    draw still unbiased) leave the backdoor out and answer as well as round-to-nearest."""
     row, _ = request.getfixturevalue(which)
-    assert row.hardened.asr_max <= row.clean_rtn.asr + HARDENED_ASR_SLACK, (
-        f"{which}: hardened ASR {row.hardened.asr_max:.3f} vs clean quantized {row.clean_rtn.asr:.3f}"
+    attacked, clean = getattr(row, deployment), getattr(row, f"clean_{deployment}")
+    assert attacked.asr_max <= row.clean_rtn.asr + HARDENED_ASR_SLACK, (
+        f"{which}: {deployment} ASR {attacked.asr_max:.3f} vs clean quantized {row.clean_rtn.asr:.3f}"
     )
-    assert row.clean_hardened.asr_max <= row.clean_rtn.asr + HARDENED_ASR_SLACK
-    assert row.hardened.accuracy_min >= row.rtn.accuracy - 0.05, (
-        f"{which}: hardened accuracy {row.hardened.accuracy_min:.3f} vs round-to-nearest {row.rtn.accuracy:.3f}"
-    )
-
-
-@pytest.mark.parametrize("which", ["nf4", "q4_k"])
-def test_calibrated_hardening_removes_the_backdoor_and_keeps_utility(which, request):
-    """Error feedback along the delivered model's own calibration Hessians keeps every draw unbiased: the backdoor
-    stays out, and the answers stay as good as round-to-nearest's."""
-    row, _ = request.getfixturevalue(which)
-    assert row.calibrated.asr_max <= row.clean_rtn.asr + HARDENED_ASR_SLACK, (
-        f"{which}: calibrated ASR {row.calibrated.asr_max:.3f} vs clean quantized {row.clean_rtn.asr:.3f}"
-    )
-    assert row.clean_calibrated.asr_max <= row.clean_rtn.asr + HARDENED_ASR_SLACK
-    assert row.calibrated.accuracy_min >= row.rtn.accuracy - 0.05, (
-        f"{which}: calibrated accuracy {row.calibrated.accuracy_min:.3f} vs round-to-nearest {row.rtn.accuracy:.3f}"
+    assert clean.asr_max <= row.clean_rtn.asr + HARDENED_ASR_SLACK
+    assert attacked.accuracy_min >= row.rtn.accuracy - 0.05, (
+        f"{which}: {deployment} accuracy {attacked.accuracy_min:.3f} vs round-to-nearest {row.rtn.accuracy:.3f}"
     )
 
 
