@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qcbguard_kernels import UnsupportedInputError, get_format
-from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig, harden_tensor, stochastic_codes
+from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig, harden_tensor, stochastic_codes, uniform_grid
 from qcbguard_kernels.hardening.feedback import HessianAccumulator, feedback_codes, feedback_plan, harden_calibrated
 
 from .inputs import fresh_seed, standard_cases
@@ -41,7 +41,8 @@ def _correlated_hessian(cols: int, seed: int) -> torch.Tensor:
 def _codes(x: torch.Tensor, name: str, hessian: torch.Tensor, seed: DeploymentSeed, **place: int) -> torch.Tensor:
     fmt = get_format(name)
     enc = fmt.encode(x)
-    return feedback_codes(x, enc, fmt.code_value_rule(enc), feedback_plan(hessian), seed.key_for("w"), **place)
+    u = uniform_grid(seed.key_for("w"), place.get("row_offset", 0), x.shape[0], 0, x.shape[1])
+    return feedback_codes(x, enc, fmt.code_value_rule(enc), feedback_plan(hessian), u)
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -56,7 +57,8 @@ def test_a_diagonal_hessian_draws_what_harden_tensor_draws(name):
             continue
         h = torch.diag(torch.rand(512, generator=g, dtype=torch.float64) + 0.1)
         enc = fmt.encode(x)
-        ours = feedback_codes(x, enc, fmt.code_value_rule(enc), feedback_plan(h), _seed(0).key_for("w"))
+        u = uniform_grid(_seed(0).key_for("w"), 0, x.shape[0], 0, x.shape[1])
+        ours = feedback_codes(x, enc, fmt.code_value_rule(enc), feedback_plan(h), u)
         theirs = stochastic_codes(enc, _seed(0).key_for("w")).reshape(ours.shape)
         differ = int((ours != theirs).sum())
         assert differ <= x.numel() // 200, f"{name} {case}: {differ} of {x.numel()} codes differ (seed {SEED})"
@@ -79,7 +81,8 @@ def test_feedback_cuts_the_output_error_of_correlated_inputs(name):
     nearest = output_error(enc.cells.nearest)
     for i in range(2):
         key = _seed(i).key_for("w")
-        fed = output_error(feedback_codes(x, enc, fmt.code_value_rule(enc), feedback_plan(h), key))
+        u = uniform_grid(key, 0, x.shape[0], 0, x.shape[1])
+        fed = output_error(feedback_codes(x, enc, fmt.code_value_rule(enc), feedback_plan(h), u))
         unbiased = output_error(stochastic_codes(enc, key))
         assert fed < 0.25 * unbiased and fed < nearest, f"{name}: {fed:.3g} vs {unbiased:.3g}, RTN {nearest:.3g}"
 

@@ -129,23 +129,21 @@ def feedback_codes(
     enc: Encoding,
     rule: CodeValueRule,
     plan: FeedbackPlan,
-    key: int,
-    row_offset: int = 0,
-    col_offset: int = 0,
+    uniforms: torch.Tensor,
 ) -> torch.Tensor:
     """Codes of a 2-D weight (rows = outputs, cols = inputs) drawn column by column, in the plan's order, with error
     feedback along its Hessian.
 
-    The uniforms are stochastic_codes' (rng.uniform_grid at the element's global (row, col)), whatever the order;
-    with H diagonal nothing is fed forward and every element is drawn from its own cell, as harden_tensor does, but
-    for positions taken on the stored scales (Q4_0's quantizer rounds x / d with d in float32, then stores d as
-    float16: the value-based cell is the one the served weights see)."""
+    `uniforms` (rows, cols) are stochastic_codes' draws for these elements (rng.uniform_grid at each element's global
+    (row, col)), whatever the rounding order; with H diagonal nothing is fed forward and every element is drawn from
+    its own cell, as harden_tensor does, but for positions taken on the stored scales (Q4_0's quantizer rounds x / d
+    with d in float32, then stores d as float16: the value-based cell is the one the served weights see)."""
     rows, cols = x.shape
     order, factor = plan.order, plan.factor
     grid = _Grid(rule, rows, cols, order)
     # everything per column is transposed to (cols, rows), in rounding order
     nearest = (enc.cells.nearest.reshape(rows, cols) - rule.first_code).long()[:, order].T.contiguous()
-    u = uniform_grid(key, row_offset, rows, col_offset, cols).double()[:, order].T.contiguous()
+    u = uniforms.double()[:, order].T.contiguous()
     work = x.double()[:, order].T.contiguous()  # the targets, updated as errors are fed forward
     index = torch.empty((cols, rows), dtype=torch.long)
     for start in range(0, cols, _BLOCK):
@@ -198,7 +196,8 @@ def harden_calibrated(
         raise UnsupportedInputError(f"tensor {name!r}: {e}") from None
 
     def draw(enc: Encoding, key: int) -> torch.Tensor:
-        return feedback_codes(x, enc, rule, plan, key, row_offset, col_offset)
+        u = uniform_grid(key, row_offset, x.shape[0], col_offset, x.shape[1])
+        return feedback_codes(x, enc, rule, plan, u)
 
     place = {"row_offset": row_offset, "col_offset": col_offset}
     return harden_encoding(x, enc, fmt, name, seed, config, **place, draw=draw, screened=screened)
