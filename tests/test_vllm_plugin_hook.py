@@ -5,22 +5,24 @@ the fail-closed model check and the metrics bridge."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
+from qcbguard.calibration import HessianFile
 from qcbguard.metrics import QcbguardMetrics, write_textfile
 from qcbguard_kernels import QcbguardError, get_format
-from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig, harden_tensor
+from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig, harden_calibrated, harden_tensor
 from vllm_qcbguard.cli import add_hook_arguments, hook_settings_from_args
 from vllm_qcbguard.compat import UnsupportedVllmError, check_vllm_version, is_wrapped, wrap_attribute
-from vllm_qcbguard.hook import LayerJob, RuleDriftError, check_model, harden_against_vllm
+from vllm_qcbguard.hook import LayerJob, RuleDriftError, calibration_plan, check_model, harden_against_vllm
 from vllm_qcbguard.layout import expert_layout, layer_geometry, layer_type
 from vllm_qcbguard.metrics_bridge import TextfileDirCollector
 from vllm_qcbguard.settings import HookSettings
-from vllm_qcbguard.shard import ShardGeometry, harden_shard
+from vllm_qcbguard.shard import RowRun, ShardGeometry, harden_shard
 from vllm_qcbguard.state import HookState
 
 SEED = DeploymentSeed(bytes(range(32)))
@@ -393,3 +395,92 @@ def test_detect_only_keeps_vllm_codes_and_refuse_stops_on_a_tampered_tensor():
     job = LayerJob(_state(on_suspicious="refuse"), torch.nn.Linear(1, 1), "M", fmt, "model.layers.0.mlp.up.weight")
     with pytest.raises(QcbguardError, match="looks tampered"):
         harden_against_vllm(job, attacked, vllm)
+
+
+# ---- calibrated hardening (the hessians setting) ----
+
+
+def _hessian(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, 8, generator=g, dtype=torch.float64) @ torch.randn(8, n, generator=g, dtype=torch.float64)
+    return x.T @ x + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def _calibrated_state(tmp_path, hessians: dict[str, torch.Tensor]) -> HookState:
+    path = tmp_path / "h.safetensors"
+    HessianFile.write(path, hessians, tokens=1)
+    state = _state(hessians=str(path))
+    return dataclasses.replace(state, hessians=HessianFile(path))
+
+
+def test_settings_take_a_hessians_path():
+    assert HookSettings.from_mapping({"hessians": "/h.safetensors"}).hessians == "/h.safetensors"
+    with pytest.raises(QcbguardError, match="hessians must be a file path"):
+        HookSettings.from_mapping({"hessians": 3})
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_calibrated_qkv_shards_hold_the_tp1_calibrated_codes(tmp_path, tp):
+    """q, k and v read one input: their Hessian (stored once, under q_proj's name) calibrates the fused qkv_proj,
+    and each TP rank's [q_r; k_r; v_r] holds the TP=1 calibrated codes (rows never feed each other)."""
+    heads, kv_heads, head, hidden = 4, 2, 16, 96
+    q, k, v = _weight(heads * head, hidden, 1), _weight(kv_heads * head, hidden, 2), _weight(kv_heads * head, hidden, 3)
+    h = _hessian(hidden, 1)
+    prefix = "model.layers.0.self_attn"
+    state = _calibrated_state(tmp_path, {f"{prefix}.{p}_proj.weight": h for p in "qkv"})
+    fmt = get_format("fp8_per_channel")
+    name = f"{prefix}.qkv_proj.weight"
+    full, _ = harden_calibrated(torch.cat([q, k, v]), fmt, name, SEED, h)
+    plain, _ = harden_tensor(torch.cat([q, k, v]), fmt, name, SEED)
+    assert not torch.equal(_codes("fp8_per_channel", full), _codes("fp8_per_channel", plain))
+    for rank in range(tp):
+        layer = QKVParallelLinear(rank, tp, heads, kv_heads, head)
+        shard = _qkv_shard(q, k, v, rank, tp, kv_heads, head)
+        geometry = layer_geometry(layer, shard.shape[0])
+        job = LayerJob(state, layer, "Fp8PtpcOnlineLinearMethod", fmt, name)
+        nearest = fmt.quantize(shard)
+        packed = harden_against_vllm(
+            job, shard, {"weight": nearest.tensors["weight"], "scale": nearest.tensors["scale"]}
+        )
+        rows = torch.cat([torch.arange(run.global_start, run.global_start + run.length) for run in geometry.runs])
+        assert torch.equal(_codes("fp8_per_channel", packed), _codes("fp8_per_channel", full)[rows]), rank
+
+
+def test_calibrated_row_parallel_shards_read_their_own_columns_of_the_hessian(tmp_path):
+    """down_proj split by columns: rank r feeds errors along H's block of its own columns."""
+    w = _weight(48, 128, 6)
+    h = _hessian(128, 2)
+    name = "model.layers.0.mlp.down_proj.weight"
+    state = _calibrated_state(tmp_path, {name: h})
+    fmt = get_format("int8_per_channel")
+    for rank in range(2):
+        layer = RowParallelLinear(rank, 2, 128)
+        shard = w[:, rank * 64 : (rank + 1) * 64]
+        cols = slice(rank * 64, (rank + 1) * 64)
+        job = LayerJob(state, layer, "M", fmt, name)
+        geometry = layer_geometry(layer, 48)
+        ours = _codes(
+            "int8_per_channel",
+            harden_shard(shard, fmt, name, SEED, CONFIG, geometry, plan=calibration_plan(job, 64, geometry))[1],
+        )
+        expected, _ = harden_calibrated(shard, fmt, name, SEED, h[cols, cols], col_offset=rank * 64)
+        assert torch.equal(ours, _codes("int8_per_channel", expected)), rank
+
+
+def test_a_layer_without_a_hessian_is_hardened_without_feedback(tmp_path):
+    """No Hessian for the layer: the same bytes as without a calibration file; a Hessian too small for the shard's
+    columns (a file for another model) stops start-up."""
+    state = _calibrated_state(tmp_path, {"model.layers.9.mlp.down_proj.weight": _hessian(64, 3)})
+    w = _weight(16, 64, 7)
+    fmt = get_format("fp8_per_channel")
+    plain = fmt.quantize(w)
+    vllm = {"weight": plain.tensors["weight"], "scale": plain.tensors["scale"]}
+    name = "model.layers.0.mlp.up_proj.weight"
+    got = [
+        harden_against_vllm(LayerJob(s, torch.nn.Linear(64, 16), "Fp8PtpcOnlineLinearMethod", fmt, name), w, vllm)
+        for s in (state, _state())
+    ]
+    assert torch.equal(got[0].tensors["weight"].view(torch.uint8), got[1].tensors["weight"].view(torch.uint8))
+    big = LayerJob(state, torch.nn.Linear(64, 16), "M", fmt, "model.layers.9.mlp.down_proj.weight")
+    with pytest.raises(QcbguardError, match="covers 64 inputs"):
+        calibration_plan(big, 64, ShardGeometry((RowRun(0, 16, 0),), col_offset=32))

@@ -35,6 +35,7 @@ from qcbguard_kernels.dispatch import harden_fused, pick_backend
 from qcbguard_kernels.errors import QcbguardError
 from qcbguard_kernels.formats.base import Format, QuantizedTensor
 from qcbguard_kernels.formats.fp8 import FP8_PER_BLOCK_CPU
+from qcbguard_kernels.hardening import FeedbackPlan, feedback_plan
 
 from .compat import UnsupportedVllmError
 from .layout import layer_geometry
@@ -178,7 +179,8 @@ def harden_against_vllm(
         raise UnsupportedVllmError(f"qcbguard: {job.name} reached the hook with shape {tuple(x.shape)}, expected 2-D")
     geometry = geometry or layer_geometry(job.layer, x.shape[0])
     settings = job.state.settings
-    if _fused(x, job, geometry, settings.backend):
+    plan = calibration_plan(job, x.shape[1], geometry)
+    if plan is None and _fused(x, job, geometry, settings.backend):
         # one block of the full tensor with its own scales: the fused kernels, on the weight's device
         (run,) = geometry.runs
         nearest, packed, report = harden_fused(
@@ -187,13 +189,40 @@ def harden_against_vllm(
         )  # fmt: skip
     else:
         enc, packed, report = harden_shard(
-            x.detach().cpu(), job.fmt, job.name, job.state.seed, settings.hardening, geometry, amax=job.amax
+            x.detach().cpu(), job.fmt, job.name, job.state.seed, settings.hardening, geometry, amax=job.amax, plan=plan
         )
         nearest = job.fmt.pack(enc)
     _check_same(job, nearest, vllm)
     job.state.record(job.layer, report, job.label)
     job.done += 1
     return packed
+
+
+#: vLLM's fused layers and the checkpoint weight whose inputs they read (every part of one reads the same input, so
+#: the calibration file holds one Hessian for them all, aliased)
+_FUSED_PARTS = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}
+
+
+def calibration_plan(job: LayerJob, cols: int, geometry: ShardGeometry) -> FeedbackPlan | None:
+    """The feedback plan of a layer's shard from the hessians setting (the shard's own columns of its Hessian), or
+    None: no calibration file, or no Hessian in it for this layer (it is hardened without feedback)."""
+    hessians = job.state.hessians
+    if hessians is None:
+        return None
+    prefix, _, leaf = job.name.removesuffix(".weight").rpartition(".")
+    candidates = [job.name, f"{prefix}.{_FUSED_PARTS.get(leaf, leaf)}.weight"]
+    name = next((n for n in candidates if n in hessians.names), None)
+    if name is None:
+        logger.info("qcbguard: no calibration Hessian for %s; hardened without feedback", job.name)
+        return None
+    h = hessians.get(name)
+    start = geometry.col_offset
+    if h.shape[0] < start + cols:
+        raise QcbguardError(
+            f"qcbguard: the calibration Hessian of {name} covers {h.shape[0]} inputs, {job.name} has "
+            f"{start + cols}: is the hessians file for another model?"
+        )
+    return feedback_plan(h[start : start + cols, start : start + cols])
 
 
 def _fused(x: torch.Tensor, job: LayerJob, geometry: ShardGeometry, backend: str) -> bool:

@@ -1,9 +1,11 @@
 """The hook's settings: what `--quantization-hook-config` or `additional_config={"qcbguard": {...}}` may say.
 
 Keys are the HardeningConfig fields (mode, on_suspicious, seed_file, detector_threshold, detector_sample) plus
-`allow_passthrough` (default false: a layer or method the hook cannot harden stops start-up) and `backend` (auto:
+`allow_passthrough` (default false: a layer or method the hook cannot harden stops start-up), `backend` (auto:
 the fused Triton kernels for weights on a GPU, the plain-torch reference otherwise; triton or reference to force
-one). Unknown keys are refused, not ignored: a misspelt "seed_flie" must not silently fall back to a fresh seed.
+one) and `hessians` (a `qcbguard calibrate` file under the checkpoint's weight names: the layers it covers get
+calibrated hardening). Unknown keys are refused, not ignored: a misspelt "seed_flie" must not silently fall back to
+a fresh seed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ __all__ = ["ADDITIONAL_CONFIG_KEY", "HOOK_NAME", "HookSettings"]
 #: the value of --quantization-hook, and the key under vLLM's additional_config
 HOOK_NAME = "qcbguard"
 ADDITIONAL_CONFIG_KEY = "qcbguard"
-_OWN_KEYS = ("allow_passthrough", "backend")
+_OWN_KEYS = ("allow_passthrough", "backend", "hessians")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class HookSettings:
     hardening: HardeningConfig
     allow_passthrough: bool = False
     backend: str = "auto"
+    hessians: str | None = None
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> HookSettings:
@@ -50,5 +53,8 @@ class HookSettings:
         backend = raw.get("backend", "auto")
         if backend not in BACKENDS:
             raise QcbguardError(f"qcbguard setting backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        hessians = raw.get("hessians")
+        if hessians is not None and not isinstance(hessians, str):
+            raise QcbguardError(f"qcbguard setting hessians must be a file path, got {hessians!r}")
         hardening = HardeningConfig.from_dict({k: v for k, v in raw.items() if k in hardening_keys})
-        return cls(hardening=hardening, allow_passthrough=passthrough, backend=backend)
+        return cls(hardening=hardening, allow_passthrough=passthrough, backend=backend, hessians=hessians)

@@ -18,13 +18,16 @@ import torch
 from qcbguard_kernels.formats.base import Encoding, Format, QuantizedTensor, RoundingCells
 from qcbguard_kernels.hardening import (
     DeploymentSeed,
+    FeedbackPlan,
     HardeningConfig,
     TensorReport,
     harden_encoding,
     stochastic_codes,
+    uniform_grid,
 )
+from qcbguard_kernels.hardening.feedback import feedback_codes
 
-__all__ = ["RowRun", "ShardGeometry", "harden_shard", "shard_codes"]
+__all__ = ["RowRun", "ShardGeometry", "calibrated_shard_codes", "harden_shard", "shard_codes"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,21 @@ def shard_codes(enc: Encoding, key: int, geometry: ShardGeometry) -> torch.Tenso
     return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
 
 
+def calibrated_shard_codes(
+    x: torch.Tensor, enc: Encoding, fmt: Format, plan: FeedbackPlan, key: int, geometry: ShardGeometry
+) -> torch.Tensor:
+    """shard_codes with error feedback along `plan` (the shard's own columns of the Hessian): rows never feed each
+    other, so one pass covers every run, each run's uniforms drawn at its global rows. A format without a code-value
+    rule (fp8_per_block) draws without feedback."""
+    rule = fmt.code_value_rule(enc)
+    if rule is None:
+        return shard_codes(enc, key, geometry)
+    cols = x.shape[1]
+    runs = [run for run in geometry.runs if run.length]
+    u = torch.cat([uniform_grid(key, run.global_start, run.length, geometry.col_offset, cols) for run in runs])
+    return feedback_codes(x, enc, rule, plan, u)
+
+
 def harden_shard(
     x: torch.Tensor,
     fmt: Format,
@@ -107,14 +125,20 @@ def harden_shard(
     config: HardeningConfig,
     geometry: ShardGeometry,
     amax: torch.Tensor | None = None,
+    plan: FeedbackPlan | None = None,
 ) -> tuple[Encoding, QuantizedTensor, TensorReport]:
     """harden_tensor for a shard placed by `geometry`; also returns the encoding (the standard quantizer's scales and
     nearest codes, which the hook compares with what vLLM itself computed). `amax`: the full rows' absmax (or the
-    full tensor's) when the quantizer shares a scale across ranks (row-absmax and per-tensor formats only)."""
+    full tensor's) when the quantizer shares a scale across ranks (row-absmax and per-tensor formats only). `plan`:
+    calibrated hardening along the shard's columns of a calibration Hessian."""
     start = time.perf_counter()
     geometry.check(x.shape[0], name)
     enc = fmt.encode(x, name) if amax is None else _pinned_encoding(fmt, x, name, amax)
-    packed, report = harden_encoding(
-        x, enc, fmt, name, seed, config, started=start, draw=lambda e, key: shard_codes(e, key, geometry)
-    )
+
+    def draw(e: Encoding, key: int) -> torch.Tensor:
+        if plan is None:
+            return shard_codes(e, key, geometry)
+        return calibrated_shard_codes(x, e, fmt, plan, key, geometry)
+
+    packed, report = harden_encoding(x, enc, fmt, name, seed, config, started=start, draw=draw)
     return enc, packed, report

@@ -16,6 +16,7 @@ from weakref import WeakSet
 
 import torch
 
+from qcbguard.calibration import HessianFile
 from qcbguard.metrics import QcbguardMetrics, write_textfile
 from qcbguard_kernels.errors import QcbguardError
 from qcbguard_kernels.hardening import DeploymentSeed, TensorReport
@@ -41,6 +42,7 @@ class HookState:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     handled: WeakSet[torch.nn.Module] = field(default_factory=WeakSet)
     config_ref: Any = None
+    hessians: HessianFile | None = None
 
     def record(self, layer: torch.nn.Module, report: TensorReport, label: str | None = None) -> None:
         """`label`: the metrics' layer type when the layer's prefix does not name it (fused experts)."""
@@ -96,7 +98,10 @@ def active_state() -> HookState | None:
             "(a 64-hex-character file, mode 600) so that every rank reads the same secret"
         )
     seed = DeploymentSeed.from_file(seed_file) if seed_file else DeploymentSeed.fresh()
-    state = HookState(settings=settings, seed=seed, model=_model_label(vllm_config), config_ref=vllm_config)
+    hessians = HessianFile(settings.hessians) if settings.hessians else None  # unreadable: refused before loading
+    state = HookState(
+        settings=settings, seed=seed, model=_model_label(vllm_config), config_ref=vllm_config, hessians=hessians
+    )
     state.metrics.set_info(adapter="vllm", mode=settings.hardening.mode, seed_fingerprint=seed.fingerprint)
     logger.info(
         "qcbguard: hardening quantized layers (mode %s, seed fingerprint %s)", settings.hardening.mode, seed.fingerprint
