@@ -148,6 +148,8 @@ def test_bad_inputs_are_refused():
         harden_calibrated(x, fmt, "w", _seed(0), torch.eye(128, dtype=torch.float64))
     with pytest.raises(UnsupportedInputError, match="'w': the Hessian has non-finite"):
         harden_calibrated(x, fmt, "w", _seed(0), torch.full((256, 256), float("nan"), dtype=torch.float64))
+    with pytest.raises(UnsupportedInputError, match="not positive semi-definite"):
+        harden_calibrated(x, fmt, "w", _seed(0), -torch.eye(256, dtype=torch.float64))
     with pytest.raises(UnsupportedInputError, match="2-D weight"):
         harden_calibrated(x.reshape(2, 4, 256), fmt, "w", _seed(0), torch.eye(256, dtype=torch.float64))
     with pytest.raises(UnsupportedInputError, match="no code-value rule"):

@@ -66,14 +66,18 @@ class FeedbackPlan:
 
 def feedback_plan(hessian: torch.Tensor, damping: float = DAMPING) -> FeedbackPlan:
     """Columns in descending order of H's diagonal (GPTQ's act-order: the inputs with the most energy are rounded
-    first, while the most columns remain to absorb their errors; on SmolLM2-135M in Q4_0 it halves the perplexity
-    cost of feedback in natural order), and the update matrix of H in that order."""
+    first, while the most columns remain to absorb their errors; on SmolLM2-135M in Q4_0, feedback in natural order
+    left +19% perplexity over round-to-nearest, act-order -6%), and the update matrix of H in that order. A matrix
+    that is not a Hessian (not positive semi-definite: no Cholesky factor even after damping) is refused."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise UnsupportedInputError(f"a Hessian must be square, got {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise UnsupportedInputError("the Hessian has non-finite entries")
     order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
-    return FeedbackPlan(order, _inverse_factor(hessian[order][:, order], damping))
+    try:
+        return FeedbackPlan(order, _inverse_factor(hessian[order][:, order], damping))
+    except torch.linalg.LinAlgError:
+        raise UnsupportedInputError("the Hessian is not positive semi-definite (not a sum of x x^T)") from None
 
 
 def _inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
