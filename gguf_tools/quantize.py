@@ -53,6 +53,7 @@ from .tensors import from_float, read_rows, registry_format
 from .writer import GgufWriter, OutputTensor, encode_kv, publish
 
 __all__ = [
+    "CALIBRATION_KEY",
     "CHUNK_ELEMENTS",
     "GPU_CHUNK_ELEMENTS",
     "HARDENING_KEYS",
@@ -75,6 +76,8 @@ REWRITTEN_KEYS = ("general.quantization_version", "general.file_type")
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 GGML_QNT_VERSION = 2
 HARDENING_KEYS = ("qcbguard.algorithm", "qcbguard.seed_fingerprint", "qcbguard.version")
+#: appended after them when calibrated hardening ran: the Hessian file's fingerprint (HessianFile.fingerprint)
+CALIBRATION_KEY = "qcbguard.calibration"
 
 WEAKER_REQUANTIZE = (
     "re-quantizing from a quantized file's dequantized values is weaker: its codes were already chosen by "
@@ -209,7 +212,9 @@ def _open_hessians(path: str | None, plans: list[TensorPlan], options: QuantizeO
     return hessians
 
 
-def _kv_pairs(f: GgufFile, mix: Mixture, seed: DeploymentSeed | None) -> list[bytes]:
+def _kv_pairs(
+    f: GgufFile, mix: Mixture, seed: DeploymentSeed | None, hessians: HessianFile | None = None
+) -> list[bytes]:
     pairs = [f.raw_kv(k) for k in f.kv if k not in REWRITTEN_KEYS and k not in SPLIT_KEYS]
     pairs.append(encode_kv("general.quantization_version", ValueType.UINT32, GGML_QNT_VERSION))
     pairs.append(encode_kv("general.file_type", ValueType.UINT32, mix.file_type))
@@ -217,6 +222,8 @@ def _kv_pairs(f: GgufFile, mix: Mixture, seed: DeploymentSeed | None) -> list[by
         pairs.append(encode_kv("qcbguard.algorithm", ValueType.STRING, ALGORITHM_VERSION))
         pairs.append(encode_kv("qcbguard.seed_fingerprint", ValueType.STRING, seed.fingerprint))
         pairs.append(encode_kv("qcbguard.version", ValueType.STRING, kernels_version))
+        if hessians is not None:
+            pairs.append(encode_kv(CALIBRATION_KEY, ValueType.STRING, hessians.fingerprint))
     return pairs
 
 
@@ -293,7 +300,8 @@ def quantize_file(
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                writer = GgufWriter(out, _kv_pairs(f, mix, seed if hardening else None), outputs, f.alignment)
+                kv = _kv_pairs(f, mix, seed if hardening else None, hessians)
+                writer = GgufWriter(out, kv, outputs, f.alignment)
                 for i, p in enumerate(plans):
                     if progress is not None:
                         progress(i, len(plans), p.name)

@@ -123,6 +123,16 @@ class HessianFile:
             raise QcbguardError(f"{str(self.path)!r}: its aliases name Hessians the file does not hold")
         self.names = frozenset(stored | set(self._aliases))
 
+    @property
+    def fingerprint(self) -> str:
+        """The first 16 hex digits of the file's SHA-256: which calibration a hardened output was made with (with the
+        seed, it reproduces the bytes); reveals nothing of the Hessians."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        return digest.hexdigest()[:16]
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file.get_slice(self._aliases.get(name, name)).get_shape())
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gguf_tools.cli import main as gguf_main
+from gguf_tools.quantize import CALIBRATION_KEY
 from gguf_tools.reader import GgufFile
 from qcbguard.calibration import HessianFile, collect_hessians, gguf_tensor_names
 from qcbguard.cli import main as qcbguard_main
@@ -152,6 +153,9 @@ def test_gguf_quantize_calibrates_the_tensors_a_hessian_file_names(gguf_model, t
     assert gguf_main([*argv, "--report", str(report)]) == 0
     a, b = _tensors(plain), _tensors(fed)
     assert [n for n in a if a[n] != b[n]] == calibrated
+    with GgufFile(fed) as f, GgufFile(plain) as g:
+        assert f.value(CALIBRATION_KEY) == HessianFile(hessians).fingerprint
+        assert g.value(CALIBRATION_KEY, None) is None
     entries = {t["name"]: t for t in json.loads(report.read_text())["tensors"]}
     assert sorted(n for n, t in entries.items() if t["calibrated"]) == calibrated
     assert entries["blk.0.attn_q.weight"]["codes_changed"] > 0
