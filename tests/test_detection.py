@@ -88,7 +88,8 @@ def test_no_false_positive_on_the_embedded_model_in_any_format():
 # the 90% rule, lowest 87.7%, 2026-12-07; the test had failed on such a seed).
 _NOT_RECOGNISED = {
     torch.float32: {"q3_k"},
-    torch.float16: {"torchao_int8", "torchao_int4", "nf4_dq"},
+    # Q3_K in fp16 as in fp32: below the 90% rule on 5 of 100 seeds (lowest 88.7%; the other k-quants none of 60)
+    torch.float16: {"q3_k", "torchao_int8", "torchao_int4", "nf4_dq"},
     torch.bfloat16: {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "int8_per_channel", "torchao_int8", "torchao_int4"},
 }
 
@@ -97,8 +98,8 @@ _NOT_RECOGNISED = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_dequantized_models_are_not_flagged_in_any_format_or_storage_dtype(dtype):
     """A model dequantized from a format (or trained for it), stored in fp32, fp16 or bf16, is grid-aligned: its
-    weights are their codes' values to the storage precision (or, for fp32 k-quants but Q3_K, 90% of them are, where
-    the re-encoded scale search lands elsewhere)."""
+    weights are their codes' values to the storage precision (or, for fp32 and fp16 k-quants but Q3_K, 90% of them
+    are, where the re-encoded scale search lands elsewhere)."""
     from qcbguard_kernels import format_names
 
     x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(SEED)).to(dtype)
