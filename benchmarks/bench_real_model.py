@@ -145,8 +145,9 @@ def quantize_all(
                 rules[f"systematic/{s}"] = systematic_codes(enc, u, offsets, SEGMENT)
             rule = fmt.code_value_rule(enc) if hessians is not None else None
             if rule is not None:
-                plan = plans.get(name) or plans.setdefault(name, feedback_plan(hessians[name]))
-                rules[f"calibrated/{s}"] = feedback_codes(w, enc, rule, plan, u)  # the same draws as sr/
+                if name not in plans:
+                    plans[name] = feedback_plan(hessians[name])
+                rules[f"calibrated/{s}"] = feedback_codes(w, enc, rule, plans[name], u)  # the same draws as sr/
         if seeds and not checked:  # our codes are qcbguard's: packing byte-identical with harden_tensor's (1st tensor)
             expected = {"sr/0": harden_tensor(w, fmt, name, seeds[0])[0]}
             if "calibrated/0" in rules:

@@ -285,6 +285,8 @@ def quantize_file(
         plans = plan_file(f, mix, options.allow_requantize)
         hessians = _open_hessians(options.hessians, plans, options)
         hardening = options.harden and options.config.mode == "harden"
+        # detect-only packs round-to-nearest: nothing to calibrate
+        calibrated = hessians.names if hessians is not None and hardening else frozenset()
         seed = None
         if options.harden:
             seed = (
@@ -312,7 +314,7 @@ def quantize_file(
                     parts = []
                     screened = None
                     plan = None
-                    if hessians is not None and p.name in hessians.names:
+                    if hardening and p.name in calibrated:
                         plan = feedback_plan(hessians.get(p.name))  # once for every row chunk
                     for r0 in range(0, info.n_rows, chunk):
                         r1 = min(info.n_rows, r0 + chunk)
@@ -358,7 +360,7 @@ def quantize_file(
         seconds=seconds,
         seed_fingerprint=seed.fingerprint if hardening and seed is not None else None,
         elapsed=time.perf_counter() - start,
-        calibrated=frozenset(hessians.names) if hessians is not None else frozenset(),
+        calibrated=calibrated,
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from qcbguard_kernels.hardening import HessianAccumulator
 
 from .atomic import atomic_path
 
-__all__ = ["HessianFile", "calibrate_checkpoint", "collect_hessians", "gguf_tensor_names"]
+__all__ = ["HessianFile", "calibrate_checkpoint", "collect_hessians", "gguf_tensor_names", "token_windows"]
 
 
 @torch.no_grad()
@@ -53,6 +53,12 @@ def collect_hessians(
         for h in hooks:
             h.remove()
     return {name: acc.hessian for name, acc in accumulators.items()}
+
+
+def token_windows(ids: list[int], bos: int | None, context: int) -> Iterator[torch.Tensor]:
+    """The text's token ids as batches of one window of `context` tokens each, `bos` first where there is one."""
+    head = [] if bos is None else [bos]
+    return (torch.tensor([head + ids[a : a + context]]) for a in range(0, len(ids), context))
 
 
 def gguf_tensor_names(model_type: str, n_layers: int, names: Iterable[str]) -> dict[str, str]:
@@ -95,8 +101,7 @@ def calibrate_checkpoint(
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     if not ids:
         raise QcbguardError(f"{str(text_file)!r} holds no tokens")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    windows = (torch.tensor([bos + ids[a : a + context]]) for a in range(0, len(ids), context))
+    windows = token_windows(ids, tokenizer.bos_token_id, context)
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}."]
     hessians = collect_hessians(model, windows, [f"{n}.weight" for n in linear])
     if gguf_names:

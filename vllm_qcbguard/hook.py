@@ -205,9 +205,10 @@ _FUSED_PARTS = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}
 
 def calibration_plan(job: LayerJob, cols: int, geometry: ShardGeometry) -> FeedbackPlan | None:
     """The feedback plan of a layer's shard from the hessians setting (the shard's own columns of its Hessian), or
-    None: no calibration file, or no Hessian in it for this layer (it is hardened without feedback)."""
+    None: no calibration file, detect-only (nothing is drawn), or no Hessian in it for this layer (it is hardened
+    without feedback)."""
     hessians = job.state.hessians
-    if hessians is None:
+    if hessians is None or job.state.settings.hardening.mode != "harden":
         return None
     prefix, _, leaf = job.name.removesuffix(".weight").rpartition(".")
     candidates = [job.name, f"{prefix}.{_FUSED_PARTS.get(leaf, leaf)}.weight"]

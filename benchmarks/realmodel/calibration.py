@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from qcbguard.calibration import collect_hessians as collect
+from qcbguard.calibration import collect_hessians as collect_calibration
+from qcbguard.calibration import token_windows
 
 __all__ = ["CALIBRATION_TEXT", "collect_hessians"]
 
@@ -26,7 +27,5 @@ def collect_hessians(
     """{weight name: H (inputs x inputs, float64)} while the model reads the text in windows of `context` tokens
     (BOS first where the tokenizer has one): qcbguard calibrate's recipe, on the benchmark's float32 model."""
     ids = tokenizer(CALIBRATION_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    head = [bos] if bos is not None else []
-    windows = (torch.tensor([head + ids[a : a + context]]) for a in range(0, len(ids), context))
-    return collect(model, windows, weight_names)
+    windows = token_windows(ids, getattr(tokenizer, "bos_token_id", None), context)
+    return collect_calibration(model, windows, weight_names)

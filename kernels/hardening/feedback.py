@@ -41,14 +41,12 @@ class HessianAccumulator:
 
     def __init__(self, features: int) -> None:
         self.hessian = torch.zeros(features, features, dtype=torch.float64)
-        self.samples = 0
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).to(device="cpu", dtype=torch.float64)
         if x.shape[1] != self.hessian.shape[0]:
             raise ValueError(f"inputs have {x.shape[1]} features, the accumulator {self.hessian.shape[0]}")
         self.hessian.addmm_(x.T, x)
-        self.samples += x.shape[0]
 
 
 @dataclass(frozen=True)
@@ -182,11 +180,14 @@ def harden_calibrated(
     more than one step from round-to-nearest: max_change_steps says how far)."""
     if x.dim() != 2:
         raise UnsupportedInputError(f"tensor {name!r}: calibrated hardening takes a 2-D weight, got {tuple(x.shape)}")
-    inputs = hessian.inputs if isinstance(hessian, FeedbackPlan) else hessian.shape[-1]
-    if inputs != x.shape[1] or (isinstance(hessian, torch.Tensor) and hessian.dim() != 2):
+    try:
+        plan = hessian if isinstance(hessian, FeedbackPlan) else feedback_plan(hessian)
+    except UnsupportedInputError as e:
+        raise UnsupportedInputError(f"tensor {name!r}: {e}") from None
+    if plan.inputs != x.shape[1]:
         raise UnsupportedInputError(
             f"tensor {name!r}: the Hessian must be {x.shape[1]} x {x.shape[1]} (the weight's inputs), "
-            f"got {tuple(hessian.factor.shape if isinstance(hessian, FeedbackPlan) else hessian.shape)}"
+            f"got {plan.inputs} x {plan.inputs}"
         )
     enc = fmt.encode(x, name)
     rule = fmt.code_value_rule(enc)
@@ -194,10 +195,6 @@ def harden_calibrated(
         raise UnsupportedInputError(
             f"{fmt.name} has no code-value rule for calibrated hardening; use harden_tensor (no feedback)"
         )
-    try:
-        plan = hessian if isinstance(hessian, FeedbackPlan) else feedback_plan(hessian)
-    except UnsupportedInputError as e:
-        raise UnsupportedInputError(f"tensor {name!r}: {e}") from None
 
     def draw(enc: Encoding, key: int) -> torch.Tensor:
         u = uniform_grid(key, row_offset, x.shape[0], col_offset, x.shape[1])
