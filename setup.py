@@ -19,7 +19,7 @@ INSTALLED_AS = {p: "qcbguard_kernels" + p[len("kernels") :] for p in KERNEL_PACK
 ADAPTERS = find_packages(include=["vllm_qcbguard*", "gguf_tools*", "qcbguard", "qcbguard.*"])
 
 NATIVE_SOURCES = ["module", "kquant_search", "kquant_fused", "legacy", "grid_cells", "fp8_cells", "histogram"]
-NATIVE_SOURCES += ["philox", "widen"]
+NATIVE_SOURCES += ["philox", "widen", "feedback"]
 NATIVE = Extension(
     "qcbguard_kernels.native._native",
     sources=[f"kernels/native/{name}.c" for name in NATIVE_SOURCES],

@@ -500,3 +500,46 @@ def test_code_value_rules_are_code_values(name):
             nan_sign = not isinstance(fmt, KQuantFormat)
             assert _same_bits(value, expected, nan_sign), f"{name} {case} {field} (seed {SEED})"
     assert get_format("fp8_per_block").code_value_rule(get_format("fp8_per_block").encode(x)) is None
+
+
+@pytest.mark.parametrize("name", [n for n in format_names() if n != "fp8_per_block"])
+def test_feedback_block_matches_reference(name, monkeypatch):
+    """Calibrated hardening's column steps (feedback.c) give the torch loop's codes bit for bit, for every format
+    with a code-value rule, on the awkward cases (zero and -0.0 blocks, huge and tiny weights, ties), at a row offset,
+    on one thread and on several (rows split across threads: each row is one thread's)."""
+    from qcbguard_kernels.hardening.feedback import HessianAccumulator, feedback_codes, feedback_plan
+
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(SEED)
+    acc = HessianAccumulator(512)
+    acc.add(torch.randn(600, 16, generator=g) @ torch.randn(16, 512, generator=g) + torch.randn(600, 512, generator=g))
+    plan = feedback_plan(acc.hessian)
+    for case, x in standard_cases(70, 512, 256, SEED).items():
+        enc = fmt.encode(x)
+        rule = fmt.code_value_rule(enc)
+        u = uniform_grid_reference(SEED, 3, x.shape[0], 0, x.shape[1])
+        monkeypatch.setenv("QCBGUARD_NATIVE", "0")
+        expected = feedback_codes(x, enc, rule, plan, u)
+        monkeypatch.setenv("QCBGUARD_NATIVE", "1")
+        for threads in (1, 2):
+            with torch_threads(threads):
+                codes = feedback_codes(x, enc, rule, plan, u)
+            assert torch.equal(codes, expected), f"{name} {case} {threads} threads (seed {SEED})"
+
+
+def test_feedback_block_refuses_arrays_it_cannot_address():
+    from qcbguard_kernels.hardening.feedback import feedback_plan
+
+    fmt = get_format("q4_0")
+    x = torch.randn(4, 64)
+    rule = fmt.code_value_rule(fmt.encode(x))
+    plan = feedback_plan(torch.eye(64, dtype=torch.float64))
+    factor = plan.factor.contiguous()
+    work = torch.zeros(64, 4, dtype=torch.float64)
+    u, nearest, index = torch.zeros(64, 4), torch.zeros(64, 4, dtype=torch.int32), torch.zeros(64, 4, dtype=torch.int32)
+    errors = torch.zeros(64, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="transposed CPU arrays"):  # the uniforms in float64, not float32
+        native.feedback_block(rule, plan.order, 0, 64, factor, work, u.double(), nearest, index, errors)
+    with pytest.raises(ValueError, match="transposed CPU arrays"):  # errors for 32 columns, the block has 64
+        native.feedback_block(rule, plan.order, 0, 64, factor, work, u, nearest, index, errors[:32])
+    native.feedback_block(rule, plan.order, 0, 64, factor, work, u, nearest, index, errors)

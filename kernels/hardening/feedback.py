@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import native
 from ..errors import UnsupportedInputError
 from ..formats.base import CodeValueRule, Encoding, Format, QuantizedTensor
 from .config import HardeningConfig
@@ -139,27 +140,39 @@ def feedback_codes(
     `uniforms` (rows, cols) are stochastic_codes' draws for these elements (rng.uniform_grid at each element's global
     (row, col)), whatever the rounding order; with H diagonal nothing is fed forward and every element is drawn from
     its own cell, as harden_tensor does, but for positions taken on the stored scales (Q4_0's quantizer rounds x / d
-    with d in float32, then stores d as float16: the value-based cell is the one the served weights see)."""
+    with d in float32, then stores d as float16: the value-based cell is the one the served weights see). Inside a
+    block of columns the steps run natively on a CPU (kernels/native/feedback.c, the same bits), one row range per
+    thread; the update of the later blocks is one matrix product either way."""
     rows, cols = x.shape
-    order, factor = plan.order, plan.factor
-    grid = _Grid(rule, rows, cols, order)
+    order, factor = plan.order, plan.factor.contiguous()
     # everything per column is transposed to (cols, rows), in rounding order
-    nearest = (enc.cells.nearest.reshape(rows, cols) - rule.first_code).long()[:, order].T.contiguous()
-    u = uniforms.double()[:, order].T.contiguous()
+    nearest = (enc.cells.nearest.reshape(rows, cols) - rule.first_code).to(torch.int32)[:, order].T.contiguous()
+    u = uniforms.to(torch.float32)[:, order].T.contiguous()
     work = x.double()[:, order].T.contiguous()  # the targets, updated as errors are fed forward
-    index = torch.empty((cols, rows), dtype=torch.long)
+    index = torch.empty((cols, rows), dtype=torch.int32)
+    if native.enabled(x):
+
+        def block(start: int, end: int, errors: torch.Tensor) -> None:
+            native.feedback_block(rule, order, start, end, factor, work, u, nearest, index, errors)
+
+    else:
+        grid = _Grid(rule, rows, cols, order)
+
+        def block(start: int, end: int, errors: torch.Tensor) -> None:
+            for j in range(start, end):
+                index[j] = grid.draw(j, work[j], u[j].double(), nearest[j])
+                error = grid.error(j, work[j], index[j]).div_(factor[j, j])
+                work[j + 1 : end] -= factor[j, j + 1 : end, None] * error
+                errors[j - start] = error
+
     for start in range(0, cols, _BLOCK):
         end = min(start + _BLOCK, cols)
         errors = torch.empty((end - start, rows), dtype=torch.float64)
-        for j in range(start, end):
-            index[j] = grid.draw(j, work[j], u[j], nearest[j])
-            error = grid.error(j, work[j], index[j]).div_(factor[j, j])
-            work[j + 1 : end] -= factor[j, j + 1 : end, None] * error
-            errors[j - start] = error
+        block(start, end, errors)
         work[end:] -= factor[start:end, end:].T @ errors
-    codes = torch.empty((rows, cols), dtype=torch.long)
+    codes = torch.empty((rows, cols), dtype=torch.int32)
     codes[:, order] = index.T
-    return (codes + rule.first_code).to(torch.int32)
+    return codes + rule.first_code
 
 
 def harden_calibrated(

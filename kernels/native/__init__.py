@@ -34,6 +34,7 @@ __all__ = [
     "TALLY_FIELDS",
     "cell_tally",
     "enabled",
+    "feedback_block",
     "fp8_cells",
     "fp8_quantize",
     "grid_cells",
@@ -51,6 +52,7 @@ __all__ = [
 _ENV = "QCBGUARD_NATIVE"
 _MIN_PER_THREAD = 512  # sub-blocks: below this a thread costs more than it saves
 _MIN_DRAWS_PER_THREAD = 1 << 18  # Philox draws or elements, likewise
+_MIN_FEEDBACK_ROWS_PER_THREAD = 64  # rows of a feedback block (128 columns): ~8 k multiply-adds per row
 _MIN_TALLY_PER_THREAD = 1 << 14  # weights the detector counts: ~15 ns each, so a thread pays off from ~0.2 ms
 
 
@@ -471,3 +473,53 @@ def stochastic_codes(
 
     _parallel(_ext.stochastic_codes, rows, job, _MIN_DRAWS_PER_THREAD // max(1, cols))
     return codes
+
+
+def feedback_block(
+    rule: CodeValueRule,
+    order: torch.Tensor,
+    start: int,
+    end: int,
+    factor: torch.Tensor,
+    work: torch.Tensor,
+    uniforms: torch.Tensor,
+    nearest: torch.Tensor,
+    index: torch.Tensor,
+    errors: torch.Tensor,
+) -> None:
+    """hardening.feedback.feedback_codes' column steps for columns [start, end) in place, bit for bit: the draws of
+    those columns into `index`, their scaled errors into `errors` (end - start, rows), and the updates of the block's
+    later columns in `work`. Arrays as the reference holds them, transposed to (cols, rows) in rounding order: work
+    float64, uniforms float32, nearest and index int32 (table indices); order int64 (cols,), factor float64
+    (cols, cols)."""
+    cols, rows = work.shape
+    table, scale = _flat(rule.table, torch.float32), _flat(rule.scale, torch.float32)
+    shift = None if rule.shift is None else _flat(rule.shift, torch.float32)
+    negative = None if rule.negative is None else _flat(rule.negative, torch.bool)
+    groups = -(-rows * cols // max(rule.group, 1))
+
+    def laid_out(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        return t.shape == shape and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+
+    columns = (cols, rows)
+    if not (
+        laid_out(work, columns, torch.float64) and laid_out(uniforms, columns, torch.float32)
+        and laid_out(nearest, columns, torch.int32) and laid_out(index, columns, torch.int32)
+        and laid_out(errors, (end - start, rows), torch.float64) and laid_out(factor, (cols, cols), torch.float64)
+        and laid_out(order, (cols,), torch.int64)
+        and scale.numel() >= groups and (shift is None or shift.numel() >= groups)
+        and (negative is None or negative.numel() == rows * cols)
+    ):  # fmt: skip
+        raise ValueError("feedback_block needs the reference's transposed CPU arrays and a rule covering the weight")
+
+    def job(a: int, b: int) -> tuple[object, ...]:
+        def row(t: torch.Tensor) -> int:  # the job's first row in a (columns, rows) array
+            return t.data_ptr() + a * t.element_size()
+
+        return (
+            table.data_ptr(), table.numel(), 0 if negative is None else negative.data_ptr(), scale.data_ptr(),
+            0 if shift is None else shift.data_ptr(), rule.group, order.data_ptr(), cols, a, b - a, rows, start, end,
+            factor.data_ptr(), row(work), row(uniforms), row(nearest), row(index), row(errors),
+        )  # fmt: skip
+
+    _parallel(_ext.feedback, rows, job, _MIN_FEEDBACK_ROWS_PER_THREAD)

@@ -435,6 +435,43 @@ static int run_stochastic_codes(const void *job) {
 }
 JOB_BINDING(stochastic_codes)
 
+struct feedback_job {
+    struct value_rule rule;
+    unsigned long long order, factor, work, u, nearest, index, errors;
+    Py_ssize_t cols, row0, count, ld, start, end;
+};
+
+static int parse_feedback(PyObject *args, void *job) {
+    struct feedback_job *j = job;
+    unsigned long long table, negative, scale, shift;
+    if (!PyArg_ParseTuple(args, "KiKKKnKnnnnnnKKKKKK", &table, &j->rule.size, &negative, &scale, &shift,
+                          &j->rule.group, &j->order, &j->cols, &j->row0, &j->count, &j->ld, &j->start, &j->end,
+                          &j->factor, &j->work, &j->u, &j->nearest, &j->index, &j->errors))
+        return 0;
+    if (!table || !scale || j->rule.size < 1 || j->rule.size > 256 || j->rule.group < 1) {
+        PyErr_SetString(PyExc_ValueError, "feedback needs a table of 1 to 256 codes, a scale and a group of at least 1");
+        return 0;
+    }
+    if (j->start < 0 || j->start > j->end || j->end > j->cols || j->row0 < 0 || j->count < 0 || j->ld < j->count) {
+        PyErr_SetString(PyExc_ValueError, "feedback block outside the weight");
+        return 0;
+    }
+    j->rule.table = ADDR(const float, table);
+    j->rule.negative = ADDR(const uint8_t, negative);
+    j->rule.scale = ADDR(const float, scale);
+    j->rule.shift = ADDR(const float, shift);
+    return 1;
+}
+
+static int run_feedback(const void *job) {
+    const struct feedback_job *j = job;
+    feedback_block(&j->rule, ADDR(const int64_t, j->order), j->cols, j->row0, j->count, j->ld, j->start, j->end,
+                   ADDR(const double, j->factor), ADDR(double, j->work), ADDR(const float, j->u),
+                   ADDR(const int32_t, j->nearest), ADDR(int32_t, j->index), ADDR(double, j->errors));
+    return 0;
+}
+JOB_BINDING(feedback)
+
 static PyObject *py_philox_isa(PyObject *self, PyObject *args) {
     static const char *names[] = {"portable", "avx2", "avx512"};
     const char *widest;
@@ -484,6 +521,9 @@ static PyMethodDef methods[] = {
      "grid_cells(u, nearest, count, qmin, qmax, offset, lower, upper, position): integer_grid_cells"},
     {"stochastic_codes", py_stochastic_codes, METH_VARARGS,
      "stochastic_codes(key, row_start, rows, col_start, cols, position, lower, upper, codes): harden.stochastic_codes"},
+    {"feedback", py_feedback, METH_VARARGS,
+     "feedback(table, size, negative, scale, shift, group, order, cols, row0, count, ld, start, end, factor, work, u, "
+     "nearest, index, errors): feedback_codes' columns [start, end)"},
     {"philox_isa", py_philox_isa, METH_VARARGS,
      "philox_isa(widest): use the widest Philox batch the CPU runs up to 'avx512', 'avx2' or 'portable' (C); returns "
      "the one it picked"},

@@ -116,6 +116,12 @@ int cell_tally(const float *values, const float *position, const int32_t *lower,
                const struct value_rule *rule, ptrdiff_t count, const struct tally_params *tp, int64_t *live_counts,
                int64_t *decoy_counts, int64_t *tally);
 
+/* feedback.c: calibrated hardening's draws and in-block feedback for columns [start, end) of rows [row0, row0 +
+ * count), arrays transposed to (cols, ld) in rounding order and starting at row0 (hardening.feedback.feedback_codes) */
+void feedback_block(const struct value_rule *rule, const int64_t *order, ptrdiff_t cols, ptrdiff_t row0,
+                    ptrdiff_t count, ptrdiff_t ld, ptrdiff_t start, ptrdiff_t end, const double *factor, double *work,
+                    const float *u, const int32_t *nearest, int32_t *index, double *errors);
+
 /* philox.c: philox_init picks the widest Philox batch the CPU runs up to `widest` (at import: all of them; tests pick
  * each); returns the one picked */
 enum { PHILOX_PORTABLE, PHILOX_AVX2, PHILOX_AVX512 };
