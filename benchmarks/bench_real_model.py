@@ -116,11 +116,15 @@ def quantize_all(
     detect_every: int = 1,
     hessians: dict[str, torch.Tensor] | None = None,
     plans: dict[str, FeedbackPlan] | None = None,
+    measured: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, object]]:
     """Dequantized weights per rule ('rtn', 'sr/0', 'calibrated/0', 'systematic/1', ...) and per-format facts
     (tensors covered, weight SQNR per rule, detector scores). Calibrated rules need `hessians`; their feedback plans
-    are kept in `plans` (one per tensor, for every seed and format)."""
+    are kept in `plans` (one per tensor, for every seed and format). A seed whose rules are all in `measured` is
+    skipped (--skip-measured: only new seeds are hardened)."""
     plans = {} if plans is None else plans
+    wanted = ["sr", *variants] + (["calibrated"] if hessians is not None else [])
+    fresh = [s for s in range(len(seeds)) if any(f"{rule}/{s}" not in measured for rule in wanted)]
     fmt = get_format(fmt_name)
     out: dict[str, dict[str, torch.Tensor]] = {}
     covered, skipped = [], []
@@ -137,7 +141,8 @@ def quantize_all(
         covered.append(name)
         enc = fmt.encode(w, name)
         rules = {"rtn": rtn_codes(enc)}
-        for s, seed in enumerate(seeds):
+        for s in fresh:
+            seed = seeds[s]
             u = draws.get(seed, name, w.shape, 0)
             rules[f"sr/{s}"] = sr_codes(enc, u)
             if "systematic" in variants:
@@ -148,10 +153,11 @@ def quantize_all(
                 if name not in plans:
                     plans[name] = feedback_plan(hessians[name])
                 rules[f"calibrated/{s}"] = feedback_codes(w, enc, rule, plans[name], u)  # the same draws as sr/
-        if seeds and not checked:  # our codes are qcbguard's: packing byte-identical with harden_tensor's (1st tensor)
-            expected = {"sr/0": harden_tensor(w, fmt, name, seeds[0])[0]}
-            if "calibrated/0" in rules:
-                expected["calibrated/0"] = harden_calibrated(w, fmt, name, seeds[0], hessians[name])[0]
+        if fresh and not checked:  # our codes are qcbguard's: packing byte-identical with harden_tensor's (1st tensor)
+            s, seed = fresh[0], seeds[fresh[0]]
+            expected = {f"sr/{s}": harden_tensor(w, fmt, name, seed)[0]}
+            if f"calibrated/{s}" in rules:
+                expected[f"calibrated/{s}"] = harden_calibrated(w, fmt, name, seed, hessians[name])[0]
             for rule_name, packed in expected.items():
                 ours = fmt.pack(enc, rules[rule_name])
                 if not all(torch.equal(packed.tensors[k], ours.tensors[k]) for k in packed.tensors):
@@ -343,9 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             deq, facts = quantize_all(original, fmt_name, [], draws, (), True, args.detect_every)
             facts = {k: facts[k] for k in ("format", "family", "bits", "covered", "skipped", "detector")}
         else:
+            measured = frozenset(results.get(fmt_name, {}).get("ppl", {}) if args.skip_measured else ())
             deq, facts = quantize_all(
-                original, fmt_name, seeds, draws, tuple(args.variants), args.detect, args.detect_every, hessians, plans
-            )
+                original, fmt_name, seeds, draws, tuple(args.variants), args.detect, args.detect_every, hessians, plans,
+                measured,
+            )  # fmt: skip
+            prior_sqnr = results.get(fmt_name, {}).get("sqnr_db", {})
+            facts["sqnr_db"] = {**prior_sqnr, **facts["sqnr_db"]}  # seeds skipped above keep theirs
             draws.save()
         facts["quantize_seconds"] = time.perf_counter() - start
         entry = results.setdefault(fmt_name, {})
