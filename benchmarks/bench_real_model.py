@@ -41,7 +41,7 @@ from benchmarks.realmodel.variants import rtn_codes, sr_codes, systematic_codes
 from qcbguard_kernels import UnsupportedInputError, get_format
 from qcbguard_kernels.detection import cell_score, cell_statistic, verdict
 from qcbguard_kernels.hardening import DeploymentSeed, harden_calibrated, harden_tensor
-from qcbguard_kernels.hardening.feedback import FeedbackPlan, feedback_codes, feedback_plan
+from qcbguard_kernels.hardening.feedback import DAMPING, FeedbackPlan, feedback_codes, feedback_plan
 
 # the issue's formats, then q4_1: the checkpoint's own grid (RTN reproduces it, hardening has nothing to randomize)
 DEFAULT_FORMATS = [*ISSUE_FORMATS, "q4_1"]
@@ -117,6 +117,7 @@ def quantize_all(
     hessians: dict[str, torch.Tensor] | None = None,
     plans: dict[str, FeedbackPlan] | None = None,
     measured: frozenset[str] = frozenset(),
+    damping: float = DAMPING,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, object]]:
     """Dequantized weights per rule ('rtn', 'sr/0', 'calibrated/0', 'systematic/1', ...) and per-format facts
     (tensors covered, weight SQNR per rule, detector scores). Calibrated rules need `hessians`; their feedback plans
@@ -151,13 +152,13 @@ def quantize_all(
             rule = fmt.code_value_rule(enc) if hessians is not None else None
             if rule is not None:
                 if name not in plans:
-                    plans[name] = feedback_plan(hessians[name])
+                    plans[name] = feedback_plan(hessians[name], damping)
                 rules[f"calibrated/{s}"] = feedback_codes(w, enc, rule, plans[name], u)  # the same draws as sr/
         if fresh and not checked:  # our codes are qcbguard's: packing byte-identical with harden_tensor's (1st tensor)
             s, seed = fresh[0], seeds[fresh[0]]
             expected = {f"sr/{s}": harden_tensor(w, fmt, name, seed)[0]}
             if f"calibrated/{s}" in rules:
-                expected[f"calibrated/{s}"] = harden_calibrated(w, fmt, name, seed, hessians[name])[0]
+                expected[f"calibrated/{s}"] = harden_calibrated(w, fmt, name, seed, plans[name])[0]
             for rule_name, packed in expected.items():
                 ours = fmt.pack(enc, rules[rule_name])
                 if not all(torch.equal(packed.tensors[k], ours.tensors[k]) for k in packed.tensors):
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=[], choices=VARIANTS)
     parser.add_argument("--no-calibrated", action="store_true", help="skip calibrated hardening (error feedback)")
+    parser.add_argument("--calibration-text", type=Path, default=CALIBRATION_TEXT, help="text the Hessians come from")
+    parser.add_argument("--damping", type=float, default=DAMPING, help="feedback_plan's damping")
     parser.add_argument("--detect", action="store_true", help="score every linear weight with the detector")
     parser.add_argument("--no-ppl", action="store_true", help="detector only: no hardening, no perplexity")
     parser.add_argument("--detect-every", type=int, default=1, help="score the layers whose index is a multiple")
@@ -310,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     hessians = None
     plans: dict[str, FeedbackPlan] = {}
     if not (args.no_calibrated or args.no_ppl):
-        hessian_file = args.cache / "hessians.pt"
+        text_id = hashlib.sha256(args.calibration_text.read_bytes()).hexdigest()[:12]
+        hessian_file = args.cache / f"hessians-{text_id}-{args.context}.pt"
         if not hessian_file.exists():
             start = time.perf_counter()
-            torch.save(collect_hessians(model, tokenizer, names, args.context), hessian_file)
+            torch.save(collect_hessians(model, tokenizer, names, args.context, args.calibration_text), hessian_file)
             log.info("calibration Hessians (%.0f s)", time.perf_counter() - start)
         hessians = torch.load(hessian_file)
     results: dict[str, dict] = json.loads(args.results.read_text()) if args.results.exists() else {}
@@ -334,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             "context": args.context,
             "stride": args.stride,
             "text": EVAL_TEXT.name,
-            "calibration_text": CALIBRATION_TEXT.name,
+            "calibration_text": args.calibration_text.name,
+            "damping": args.damping,
             "seed_fingerprints": [s.fingerprint for s in seeds],
             "source_types": sorted(set(source_types[n] for n in names)),
             "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads",
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = frozenset(results.get(fmt_name, {}).get("ppl", {}) if args.skip_measured else ())
             deq, facts = quantize_all(
                 original, fmt_name, seeds, draws, tuple(args.variants), args.detect, args.detect_every, hessians, plans,
-                measured,
+                measured, args.damping,
             )  # fmt: skip
             prior_sqnr = results.get(fmt_name, {}).get("sqnr_db", {})
             facts["sqnr_db"] = {**prior_sqnr, **facts["sqnr_db"]}  # seeds skipped above keep theirs

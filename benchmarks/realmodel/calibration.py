@@ -22,10 +22,14 @@ CALIBRATION_TEXT = Path(__file__).with_name("calibration_text.txt")
 
 
 def collect_hessians(
-    model: torch.nn.Module, tokenizer: object, weight_names: list[str], context: int = 512
+    model: torch.nn.Module,
+    tokenizer: object,
+    weight_names: list[str],
+    context: int = 512,
+    text: Path = CALIBRATION_TEXT,
 ) -> dict[str, torch.Tensor]:
     """{weight name: H (inputs x inputs, float64)} while the model reads the text in windows of `context` tokens
     (BOS first where the tokenizer has one): qcbguard calibrate's recipe, on the benchmark's float32 model."""
-    ids = tokenizer(CALIBRATION_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    ids = tokenizer(text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
     windows = token_windows(ids, getattr(tokenizer, "bos_token_id", None), context)
     return collect_calibration(model, windows, weight_names)
