@@ -7,7 +7,9 @@ over the defender's own text and stores, for every linear weight, H = sum of x x
 attn_q / attn_k changes nothing. The file holds no weights and no text: only second moments of activations.
 
 Use text of the kind the model will serve, and never text an attacker chose: the Hessians steer where the rounding
-errors go (not whether they are unbiased: every draw stays qcbguard's).
+errors go (not whether they are unbiased: every draw stays qcbguard's). With no text at hand, `--generate N` lets the
+model write N tokens itself (sampled at temperature 1 from BOS): the delivered model is the attacker's, so such
+Hessians may be poor ones (utility), but never make a draw biased (security).
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from qcbguard_kernels.hardening import HessianAccumulator
 
 from .atomic import atomic_path
 
-__all__ = ["HessianFile", "calibrate_checkpoint", "collect_hessians", "gguf_tensor_names", "token_windows"]
+__all__ = [
+    "HessianFile",
+    "calibrate_checkpoint",
+    "collect_hessians",
+    "gguf_tensor_names",
+    "sampled_windows",
+    "token_windows",
+]
 
 
 @torch.no_grad()
@@ -61,6 +70,33 @@ def token_windows(ids: list[int], bos: int | None, context: int) -> Iterator[tor
     return (torch.tensor([head + ids[a : a + context]]) for a in range(0, len(ids), context))
 
 
+@torch.no_grad()
+def sampled_windows(
+    model: torch.nn.Module, bos: int | None, eos: int | None, tokens: int, context: int, seed: int
+) -> list[torch.Tensor]:
+    """Text the model writes itself, for a defender with none of its own: windows of up to `context` tokens sampled
+    at temperature 1 from BOS (a window ends early at EOS) until `tokens` tokens are written, as batches of token
+    ids, BOS first; the same seed, the same windows."""
+    if bos is None:
+        raise QcbguardError("the tokenizer has no BOS token to start generated calibration text from; use --text")
+    generator = torch.Generator().manual_seed(seed)
+    windows: list[torch.Tensor] = []
+    written = 0
+    while written < tokens:
+        ids, past = torch.tensor([[bos]]), None
+        for _ in range(min(context, tokens - written)):
+            out = model(input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            probs = torch.softmax(out.logits[0, -1].double(), dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator)
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+            if int(token) == eos:
+                break
+        windows.append(ids)
+        written += ids.shape[1] - 1
+    return windows
+
+
 def gguf_tensor_names(model_type: str, n_layers: int, names: Iterable[str]) -> dict[str, str]:
     """{Hugging Face weight name: llama.cpp tensor name} through gguf-py's tensor-name map; refuses a model type
     gguf-py does not know and a weight it cannot name (no silent drop)."""
@@ -81,34 +117,47 @@ def gguf_tensor_names(model_type: str, n_layers: int, names: Iterable[str]) -> d
 
 def calibrate_checkpoint(
     model_dir: str | os.PathLike[str],
-    text_file: str | os.PathLike[str],
+    text_file: str | os.PathLike[str] | None,
     out: str | os.PathLike[str],
     *,
     context: int = 512,
     max_tokens: int | None = None,
     gguf_names: bool = False,
+    generate: int | None = None,
+    generate_seed: int = 0,
 ) -> dict[str, int]:
-    """Run the checkpoint over the text (windows of `context` tokens, BOS first where the tokenizer has one) and
-    write every decoder linear weight's H to `out` (safetensors, written atomically). Returns {"tensors", "tokens"}."""
+    """Run the checkpoint over the text (windows of `context` tokens, BOS first where the tokenizer has one), or
+    over `generate` tokens it writes itself (sampled_windows, from `generate_seed`; no text_file then), and write
+    every decoder linear weight's H to `out` (safetensors, written atomically). Returns {"tensors", "tokens"}."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    text = Path(text_file).read_text(encoding="utf-8")
+    if (text_file is None) == (generate is None):
+        raise QcbguardError("calibrate from a text file or from generated text (--generate N), exactly one of them")
     if context < 2:
         raise QcbguardError(f"--context must be at least 2 tokens, got {context}")
+    if generate is not None and (generate < 1 or max_tokens is not None):
+        raise QcbguardError(f"--generate takes a token count of at least 1 (got {generate}) and no --max-tokens")
+    text = None if text_file is None else Path(text_file).read_text(encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    if not ids:
-        raise QcbguardError(f"{str(text_file)!r} holds no tokens")
-    windows = token_windows(ids, tokenizer.bos_token_id, context)
+    if text is None:
+        windows = sampled_windows(
+            model, tokenizer.bos_token_id, tokenizer.eos_token_id, int(generate or 0), context, generate_seed
+        )
+        tokens, source = sum(w.shape[1] - 1 for w in windows), f"generated (seed {generate_seed})"
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        if not ids:
+            raise QcbguardError(f"{str(text_file)!r} holds no tokens")
+        windows, tokens, source = list(token_windows(ids, tokenizer.bos_token_id, context)), len(ids), "text"
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}."]
     hessians = collect_hessians(model, windows, [f"{n}.weight" for n in linear])
     if gguf_names:
         names = gguf_tensor_names(model.config.model_type, model.config.num_hidden_layers, hessians)
         hessians = {names[n]: h for n, h in hessians.items()}
-    HessianFile.write(out, hessians, tokens=len(ids))
-    return {"tensors": len(hessians), "tokens": len(ids)}
+    HessianFile.write(out, hessians, tokens=tokens, source=source)
+    return {"tensors": len(hessians), "tokens": tokens}
 
 
 class HessianFile:
@@ -130,12 +179,18 @@ class HessianFile:
 
     @property
     def fingerprint(self) -> str:
-        """The first 16 hex digits of the file's SHA-256: which calibration a hardened output was made with (with the
-        seed, it reproduces the bytes); reveals nothing of the Hessians."""
+        """The first 16 hex digits of a SHA-256 over the Hessians the file holds (names, aliases, shapes and float32
+        bytes, in name order): which calibration a hardened output was made with (with the seed, it reproduces the
+        bytes), the same for the same Hessians whatever the file's layout (safetensors writes its metadata in no
+        fixed order); reveals nothing of the Hessians."""
         digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
+        for name in sorted(self.names):
+            stored = self._aliases.get(name, name)
+            digest.update(f"{name}\0{stored}\0".encode())
+            if stored == name:
+                h = self._file.get_tensor(name)
+                digest.update(f"{tuple(h.shape)}\0{h.dtype}\0".encode())
+                digest.update(h.contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -164,9 +219,12 @@ class HessianFile:
                 )
 
     @staticmethod
-    def write(path: str | os.PathLike[str], hessians: dict[str, torch.Tensor], tokens: int) -> None:
+    def write(
+        path: str | os.PathLike[str], hessians: dict[str, torch.Tensor], tokens: int, source: str = "text"
+    ) -> None:
         """float32, each distinct H once: weights that read the same input (q, k and v; gate and up) have the same
-        H bit for bit, stored under the first name and aliased in the metadata."""
+        H bit for bit, stored under the first name and aliased in the metadata, beside the token count and where
+        the tokens came from (`source`)."""
         from safetensors.torch import save_file
 
         tensors: dict[str, torch.Tensor] = {}
@@ -180,6 +238,7 @@ class HessianFile:
             else:
                 first_of[digest] = name
                 tensors[name] = h32
-        metadata = {"qcbguard": "calibration-hessians", "tokens": str(tokens), "aliases": json.dumps(aliases)}
+        metadata = {"qcbguard": "calibration-hessians", "tokens": str(tokens), "source": source}
+        metadata["aliases"] = json.dumps(aliases)
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)

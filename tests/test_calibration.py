@@ -12,7 +12,7 @@ import torch
 from gguf_tools.cli import main as gguf_main
 from gguf_tools.quantize import CALIBRATION_KEY
 from gguf_tools.reader import GgufFile
-from qcbguard.calibration import HessianFile, collect_hessians, gguf_tensor_names
+from qcbguard.calibration import HessianFile, collect_hessians, gguf_tensor_names, sampled_windows
 from qcbguard.cli import main as qcbguard_main
 from qcbguard_kernels import QcbguardError
 from qcbguard_kernels.hardening import DeploymentSeed
@@ -77,6 +77,11 @@ def test_the_hessian_file_stores_each_distinct_matrix_once(tmp_path):
 
     with safe_open(str(path), framework="pt") as raw:
         assert sorted(raw.keys()) == ["down", "q"]  # k is an alias of q
+    # the fingerprint follows the Hessians, not the file's bytes (safetensors orders its metadata anew each write)
+    HessianFile.write(tmp_path / "again.safetensors", {"q": a, "k": a.clone(), "down": b}, tokens=10)
+    HessianFile.write(tmp_path / "other.safetensors", {"q": a, "k": a.clone(), "down": b * 2}, tokens=10)
+    assert f.fingerprint == HessianFile(tmp_path / "again.safetensors").fingerprint
+    assert f.fingerprint != HessianFile(tmp_path / "other.safetensors").fingerprint
     f.check({"q": 8, "k": 8, "down": 16, "other": 4})  # tensors without a Hessian are fine
     with pytest.raises(QcbguardError, match="does not quantize"):
         f.check({"q": 8, "k": 8})
@@ -116,6 +121,64 @@ def test_calibrate_command_writes_llama_cpp_named_hessians(tmp_path):
     )
 
 
+def test_generated_calibration_text_is_sampled_windows_from_bos():
+    """The model's own text: windows start at BOS, hold at most `context` sampled tokens, end early at EOS, add up to
+    the requested count, and the same seed gives the same windows (another seed, others)."""
+    model = _tiny_llama()
+    windows = sampled_windows(model, bos=1, eos=None, tokens=50, context=16, seed=7)
+    assert [w.shape[1] - 1 for w in windows] == [16, 16, 16, 2]
+    assert all(int(w[0, 0]) == 1 and w.shape[0] == 1 for w in windows)
+    again = sampled_windows(model, bos=1, eos=None, tokens=50, context=16, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(windows, again, strict=True))
+    other = sampled_windows(model, bos=1, eos=None, tokens=50, context=16, seed=8)
+    assert not all(torch.equal(a, b) for a, b in zip(windows, other, strict=True))
+    # a token that certainly comes (the only one with any probability) ends every window after one token
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[5, 0] = 1e4  # with a positive input feature; logits of every other token are 0
+        model.model.norm.weight.fill_(0.0)
+        model.model.norm.weight[0] = 1.0
+    stopped = sampled_windows(model, bos=1, eos=5, tokens=200, context=16, seed=7)
+    assert all(w.shape[1] <= 17 for w in stopped) and sum(w.shape[1] - 1 for w in stopped) >= 200
+    with pytest.raises(QcbguardError, match="no BOS"):
+        sampled_windows(model, bos=None, eos=None, tokens=5, context=4, seed=0)
+
+
+@pytest.mark.slow
+def test_calibrate_command_generates_its_own_text(tmp_path):
+    """`qcbguard calibrate DIR --generate N --generate-seed S`: Hessians from N tokens the model writes; the same seed
+    writes the same file, the file says where its tokens came from; --text and --generate exclude each other."""
+    from safetensors import safe_open
+
+    from benchmarks.qcb.task import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = _tiny_llama()
+    model.resize_token_embeddings(max(len(tokenizer), 64))
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    outs = [tmp_path / f"h{i}.safetensors" for i in range(3)]
+    for out, seed in zip(outs, ("3", "3", "4"), strict=True):
+        argv = ["calibrate", str(tmp_path / "ckpt"), "--generate", "40", "--context", "16", "--out", str(out)]
+        assert qcbguard_main([*argv, "--generate-seed", seed]) == 0
+    f = HessianFile(outs[0])
+    assert f.names == {f"model.layers.{i}.{t}.weight" for i in range(2) for t in _HF_LAYER_TENSORS}
+    assert f.fingerprint == HessianFile(outs[1]).fingerprint != HessianFile(outs[2]).fingerprint
+    with safe_open(str(outs[0]), framework="pt") as raw:
+        meta = raw.metadata()
+    assert meta["source"] == "generated (seed 3)" and int(meta["tokens"]) >= 40
+    text = tmp_path / "t.txt"
+    text.write_text("0 1 2 3")
+    with pytest.raises(SystemExit):  # argparse: not both
+        qcbguard_main(["calibrate", str(tmp_path / "ckpt"), "--generate", "8", "--text", str(text), "--out", "x"])
+    refused = ["calibrate", str(tmp_path / "ckpt"), "--generate", "8", "--max-tokens", "4", "--out", str(outs[2])]
+    assert qcbguard_main(refused) == 2
+
+
+_HF_LAYER_TENSORS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)  # fmt: skip
 _LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
