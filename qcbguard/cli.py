@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import sys
 import time
 
@@ -96,10 +97,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate_checkpoint
 
+    generate_seed = args.generate_seed if args.generate_seed is not None else secrets.randbits(63)
     counts = calibrate_checkpoint(
-        args.model, args.text, args.out, context=args.context, max_tokens=args.max_tokens, gguf_names=args.gguf_names
-    )
-    print(f"wrote {args.out}: {counts['tensors']} Hessians from {counts['tokens']} tokens")
+        args.model, args.text, args.out, context=args.context, max_tokens=args.max_tokens,
+        gguf_names=args.gguf_names, generate=args.generate, generate_seed=generate_seed,
+    )  # fmt: skip
+    source = "tokens" if args.generate is None else f"tokens the model wrote (--generate-seed {generate_seed})"
+    print(f"wrote {args.out}: {counts['tensors']} Hessians from {counts['tokens']} {source}")
     return 0
 
 
@@ -122,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     scan.set_defaults(func=cmd_scan)
     cal = sub.add_parser("calibrate", help="collect calibration Hessians (for qcbguard-gguf quantize --hessians)")
     cal.add_argument("model", help="a Hugging Face checkpoint directory (config, safetensors, tokenizer)")
-    cal.add_argument("--text", required=True, help="calibration text (UTF-8): the kind the model will serve")
+    source = cal.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="calibration text (UTF-8): the kind the model will serve")
+    source.add_argument("--generate", type=int, metavar="N", help="no text: the model writes N tokens itself")
+    cal.add_argument("--generate-seed", type=int, help="seed of the generated text (default: fresh; in the file)")
     cal.add_argument("--out", required=True, help="output .safetensors file")
     cal.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     cal.add_argument("--max-tokens", type=int, help="read at most this many tokens of the text")
