@@ -36,6 +36,7 @@ from qcbguard_kernels.formats.base import Format, QuantizedTensor
 from qcbguard_kernels.hardening import (
     ALGORITHM_VERSION,
     DeploymentSeed,
+    FeedbackPlan,
     HardeningConfig,
     Screened,
     TensorReport,
@@ -304,6 +305,7 @@ def quantize_file(
             with os.fdopen(fd, "wb") as out:
                 kv = _kv_pairs(f, mix, seed if hardening else None, hessians)
                 writer = GgufWriter(out, kv, outputs, f.alignment)
+                shared_plan: tuple[str | None, FeedbackPlan | None] = (None, None)  # the latest shared Hessian's
                 for i, p in enumerate(plans):
                     if progress is not None:
                         progress(i, len(plans), p.name)
@@ -314,8 +316,14 @@ def quantize_file(
                     parts = []
                     screened = None
                     plan = None
-                    if hardening and p.name in calibrated:
-                        plan = feedback_plan(hessians.get(p.name))  # once for every row chunk
+                    if hardening and p.name in calibrated:  # once for every row chunk; a Hessian that several
+                        source = hessians.source(p.name)  # tensors read (q, k, v; gate, up) once for all of them
+                        if shared_plan[0] == source:
+                            plan = shared_plan[1]
+                        else:
+                            plan = feedback_plan(hessians.get(p.name))
+                            if hessians.shared(p.name):
+                                shared_plan = (source, plan)
                     for r0 in range(0, info.n_rows, chunk):
                         r1 = min(info.n_rows, r0 + chunk)
                         if not p.rewrite:

@@ -176,6 +176,7 @@ class HessianFile:
         if not isinstance(self._aliases, dict) or not set(self._aliases.values()) <= stored:
             raise QcbguardError(f"{str(self.path)!r}: its aliases name Hessians the file does not hold")
         self.names = frozenset(stored | set(self._aliases))
+        self._shared = frozenset(self._aliases.values())
 
     @property
     def fingerprint(self) -> str:
@@ -185,7 +186,7 @@ class HessianFile:
         fixed order); reveals nothing of the Hessians."""
         digest = hashlib.sha256()
         for name in sorted(self.names):
-            stored = self._aliases.get(name, name)
+            stored = self.source(name)
             digest.update(f"{name}\0{stored}\0".encode())
             if stored == name:
                 h = self._file.get_tensor(name)
@@ -193,11 +194,20 @@ class HessianFile:
                 digest.update(h.contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    def source(self, name: str) -> str:
+        """The name `name`'s Hessian is stored under: weights that read the same input (q, k and v; gate and up)
+        share one, so whatever is derived from it (a feedback plan) can be shared too."""
+        return self._aliases.get(name, name)
+
+    def shared(self, name: str) -> bool:
+        """Whether other tensors read `name`'s Hessian too."""
+        return self.source(name) in self._shared
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(self._aliases.get(name, name)).get_shape())
+        return tuple(self._file.get_slice(self.source(name)).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        h = self._file.get_tensor(self._aliases.get(name, name))
+        h = self._file.get_tensor(self.source(name))
         if not torch.isfinite(h).all():
             raise QcbguardError(f"{str(self.path)!r}: the Hessian of {name!r} has non-finite entries")
         return h.double()

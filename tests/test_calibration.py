@@ -77,6 +77,8 @@ def test_the_hessian_file_stores_each_distinct_matrix_once(tmp_path):
 
     with safe_open(str(path), framework="pt") as raw:
         assert sorted(raw.keys()) == ["down", "q"]  # k is an alias of q
+    assert (f.source("k"), f.source("q"), f.source("down")) == ("q", "q", "down")
+    assert f.shared("k") and f.shared("q") and not f.shared("down")  # one feedback plan serves q and k
     # the fingerprint follows the Hessians, not the file's bytes (safetensors orders its metadata anew each write)
     HessianFile.write(tmp_path / "again.safetensors", {"q": a, "k": a.clone(), "down": b}, tokens=10)
     HessianFile.write(tmp_path / "other.safetensors", {"q": a, "k": a.clone(), "down": b * 2}, tokens=10)
