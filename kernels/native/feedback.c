@@ -33,9 +33,10 @@ static inline int32_t lower_entry(const double *table, int32_t n, double z) {
     return lo > 0 ? lo - 1 : 0;
 }
 
-void feedback_block(const struct value_rule *rule, const int64_t *order, ptrdiff_t cols, ptrdiff_t row0,
-                    ptrdiff_t count, ptrdiff_t ld, ptrdiff_t start, ptrdiff_t end, const double *factor, double *work,
-                    const float *u, const int32_t *nearest, int32_t *index, double *errors) {
+VECTORIZED void feedback_block(const struct value_rule *rule, const int64_t *order, ptrdiff_t cols, ptrdiff_t row0,
+                               ptrdiff_t count, ptrdiff_t ld, ptrdiff_t start, ptrdiff_t end, const double *factor,
+                               double *work, const float *u, const int32_t *nearest, int32_t *index,
+                               double *errors) {
     const int32_t n = rule->size, last = n - 1;
     double table[256];
     for (int32_t i = 0; i < n; ++i) table[i] = (double)rule->table[i];
