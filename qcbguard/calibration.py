@@ -141,16 +141,16 @@ def calibrate_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    if text is None:
-        windows = sampled_windows(
-            model, tokenizer.bos_token_id, tokenizer.eos_token_id, int(generate or 0), context, generate_seed
-        )
-        tokens, source = sum(w.shape[1] - 1 for w in windows), f"generated (seed {generate_seed})"
+    windows: Iterable[torch.Tensor]
+    if generate is not None:
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        sampled = sampled_windows(model, bos, eos, generate, context, generate_seed)
+        windows, tokens, source = sampled, sum(w.shape[1] - 1 for w in sampled), f"generated (seed {generate_seed})"
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
         if not ids:
             raise QcbguardError(f"{str(text_file)!r} holds no tokens")
-        windows, tokens, source = list(token_windows(ids, tokenizer.bos_token_id, context)), len(ids), "text"
+        windows, tokens, source = token_windows(ids, tokenizer.bos_token_id, context), len(ids), "text"
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}."]
     hessians = collect_hessians(model, windows, [f"{n}.weight" for n in linear])
     if gguf_names:

@@ -429,6 +429,24 @@ def cell_tally(
     return counts[0], counts[1], dict(zip(TALLY_FIELDS, tally.tolist(), strict=True))
 
 
+def _rule_arrays(
+    rule: CodeValueRule, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A CodeValueRule's arrays as the C passes read them (table, scale, shift float32; negative bool; contiguous),
+    checked to cover `count` weights: a scale (and shift) per group, a sign per weight."""
+    table, scale = _flat(rule.table, torch.float32), _flat(rule.scale, torch.float32)
+    shift = None if rule.shift is None else _flat(rule.shift, torch.float32)
+    negative = None if rule.negative is None else _flat(rule.negative, torch.bool)
+    groups = -(-count // max(rule.group, 1))
+    if rule.group < 1 or table.numel() < 1 or scale.numel() < groups or (shift is not None and shift.numel() < groups):
+        raise ValueError(
+            f"a code-value rule needs a table, a group of at least 1 and a scale (and shift) per group of {count}"
+        )
+    if negative is not None and negative.numel() != count:
+        raise ValueError(f"a code-value rule's signs cover {negative.numel()} weights, not {count}")
+    return table, scale, shift, negative
+
+
 def _code_values(
     code_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | CodeValueRule,
     count: int,
@@ -439,16 +457,7 @@ def _code_values(
         arrays = tuple(None if t is None else _flat(t, torch.float32) for t in code_values)
         return arrays, lambda a: (0, 0, 0, 0, 0, 0, 0, 0, False)
     r = code_values
-    table, scale = _flat(r.table, torch.float32), _flat(r.scale, torch.float32)
-    shift = None if r.shift is None else _flat(r.shift, torch.float32)
-    negative = None if r.negative is None else _flat(r.negative, torch.bool)
-    groups = -(-count // max(r.group, 1))
-    if r.group < 1 or table.numel() < 1 or scale.numel() < groups or (shift is not None and shift.numel() < groups):
-        raise ValueError(
-            f"a code-value rule needs a table, a group of at least 1 and a scale (and shift) per group of {count}"
-        )
-    if negative is not None and negative.numel() != count:
-        raise ValueError(f"a code-value rule's signs cover {negative.numel()} weights, not {count}")
+    table, scale, shift, negative = _rule_arrays(r, count)
 
     def fields(a: int) -> tuple[int, ...]:
         sign = 0 if negative is None else _at(negative, a)
@@ -493,10 +502,7 @@ def feedback_block(
     float64, uniforms float32, nearest and index int32 (table indices); order int64 (cols,), factor float64
     (cols, cols)."""
     cols, rows = work.shape
-    table, scale = _flat(rule.table, torch.float32), _flat(rule.scale, torch.float32)
-    shift = None if rule.shift is None else _flat(rule.shift, torch.float32)
-    negative = None if rule.negative is None else _flat(rule.negative, torch.bool)
-    groups = -(-rows * cols // max(rule.group, 1))
+    table, scale, shift, negative = _rule_arrays(rule, rows * cols)
 
     def laid_out(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
         return t.shape == shape and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
@@ -507,10 +513,8 @@ def feedback_block(
         and laid_out(nearest, columns, torch.int32) and laid_out(index, columns, torch.int32)
         and laid_out(errors, (end - start, rows), torch.float64) and laid_out(factor, (cols, cols), torch.float64)
         and laid_out(order, (cols,), torch.int64)
-        and scale.numel() >= groups and (shift is None or shift.numel() >= groups)
-        and (negative is None or negative.numel() == rows * cols)
     ):  # fmt: skip
-        raise ValueError("feedback_block needs the reference's transposed CPU arrays and a rule covering the weight")
+        raise ValueError("feedback_block needs the reference's transposed CPU arrays")
 
     def job(a: int, b: int) -> tuple[object, ...]:
         def row(t: torch.Tensor) -> int:  # the job's first row in a (columns, rows) array
