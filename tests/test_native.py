@@ -146,6 +146,32 @@ def test_philox_matches_reference(row_start, rows, col_start, cols, isa):
         native._ext.philox_isa("avx512")
 
 
+@pytest.mark.parametrize("isa", ["f16c", "portable"])
+@pytest.mark.parametrize("flush_denormal", [False, True], ids=["ieee", "daz"])
+def test_widening_matches_torch(isa, flush_denormal):
+    """The fused passes' 16-bit rows widened (F16C's vcvtph2ps and the portable C; bfloat16 by shifting) equal
+    torch's .float() on every one of the 2^16 bit patterns of float16 and bfloat16, subnormals and signed zeros
+    included, also with MXCSR's denormals-are-zero on (torch.set_flush_denormal); a NaN stays a NaN (its payload is
+    never read: non-finite weights are refused before any pass). Rows of 4096 and 4095 columns (F16C's tail)."""
+    patterns = torch.arange(2**16, dtype=torch.int32).to(torch.int16)
+    try:
+        if native._ext.widen_isa(isa) != isa:
+            pytest.skip(f"this CPU has no {isa}")
+        if flush_denormal and not torch.set_flush_denormal(True):
+            pytest.skip("no denormals-are-zero on this CPU")
+        for dtype in (torch.float16, torch.bfloat16):
+            x = patterns.view(dtype)
+            for shape in ((16, 4096), (3, 4095)):
+                rows = x[: shape[0] * shape[1]].reshape(shape)
+                got, want = native.widen(rows), rows.float()
+                nan = want.isnan()
+                assert torch.equal(got.isnan(), nan), (dtype, shape)
+                assert torch.equal(got.view(torch.int32)[~nan], want.view(torch.int32)[~nan]), (dtype, shape)
+    finally:
+        torch.set_flush_denormal(False)
+        native._ext.widen_isa("f16c")
+
+
 @pytest.mark.parametrize(("qmin", "qmax", "offset"), [(-127, 127, 0), (0, 15, 0), (-32, 31, 32), (-4, 3, 4)])
 def test_grid_cells_match_reference(qmin, qmax, offset):
     """Grid coordinates of every kind: inside and beyond the grid, on grid points, +-0.0, subnormal, huge, inf, NaN

@@ -239,6 +239,18 @@ def _weights(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, _WEIGHT_DTYPES[x.dtype]
 
 
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """The float32 rows the fused passes read from a 2-D CPU tensor x (float32 as is; bfloat16 and float16 widened
+    row by row, exactly as torch's .float())."""
+    x, dtype = _weights(x)
+    if x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"widen needs a 2-D CPU tensor, got {tuple(x.shape)} on {x.device}")
+    rows, cols = x.shape
+    out = torch.empty((rows, cols), dtype=torch.float32)
+    _parallel(_ext.widen, rows, lambda a, b: (_at(x, a), dtype, b - a, cols, _at(out, a)))
+    return out
+
+
 def _fp8_rows(x: torch.Tensor, rule: str, factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (contiguous) as rows (a 2-D view) and the factors of its scale rule, checked against each other."""
     if x.device.type != "cpu":

@@ -1,4 +1,5 @@
-/* Rounding cells on an integer grid in one pass: the native twin of formats.cells.integer_grid_cells' torch body.
+/* Rounding cells on an integer grid in one pass: the native twin of formats.cells.integer_grid_cells' torch body,
+ * and the fused passes' hardened codes drawn on those cells without keeping them.
  *
  * Per element: a grid coordinate u that is not finite collapses onto the written code (u = nearest - offset); else
  * lower = clamp(floor(u)), upper = clamp(ceil(u)) in [qmin, qmax] (clamped in float, then converted, as torch does),
@@ -8,18 +9,46 @@
 
 #include <math.h>
 
+/* One element's cell: lower and upper codes, and the position returned. */
+static inline float grid_cell(float v, int32_t nearest, float fmin, float fmax, int offset, int32_t *lower,
+                              int32_t *upper) {
+    v = isfinite(v) ? v : (float)(nearest - offset);
+    float lo = floorf(v), hi = ceilf(v);
+    float lo_c = lo < fmin ? fmin : (lo > fmax ? fmax : lo); /* v is finite here: no NaN to order */
+    float hi_c = hi < fmin ? fmin : (hi > fmax ? fmax : hi);
+    int32_t l = (int32_t)lo_c, h = (int32_t)hi_c;
+    *lower = l + offset;
+    *upper = h + offset;
+    return l == h ? 0.0f : v - lo;
+}
+
 VECTORIZED void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,
                            int32_t *lower, int32_t *upper, float *position) {
     const float fmin = (float)qmin, fmax = (float)qmax;
-    for (ptrdiff_t i = 0; i < count; ++i) {
-        float v = u[i];
-        v = isfinite(v) ? v : (float)(nearest[i] - offset);
-        float lo = floorf(v), hi = ceilf(v);
-        float lo_c = lo < fmin ? fmin : (lo > fmax ? fmax : lo); /* v is finite here: no NaN to order */
-        float hi_c = hi < fmin ? fmin : (hi > fmax ? fmax : hi);
-        int32_t l = (int32_t)lo_c, h = (int32_t)hi_c;
-        lower[i] = l + offset;
-        upper[i] = h + offset;
-        position[i] = l == h ? 0.0f : v - lo;
+    for (ptrdiff_t i = 0; i < count; ++i)
+        position[i] = grid_cell(u[i], nearest[i], fmin, fmax, offset, &lower[i], &upper[i]);
+}
+
+/* Uniforms drawn per window: a window's draws stay in L1 until its codes are picked. */
+#define WINDOW 512
+
+VECTORIZED int64_t grid_draw(uint64_t key, uint32_t row, uint64_t col_start, const float *u, const int32_t *nearest,
+                             ptrdiff_t count, int qmin, int qmax, int offset, int32_t *codes) {
+    const float fmin = (float)qmin, fmax = (float)qmax;
+    float draw[WINDOW];
+    int64_t differ = 0;
+    for (ptrdiff_t c0 = 0; c0 < count; c0 += WINDOW) {
+        const ptrdiff_t width = count - c0 < WINDOW ? count - c0 : WINDOW;
+        philox_uniform_grid(key, row, 1, col_start + (uint64_t)c0, width, 0, draw);
+        int32_t window_differ = 0; /* 32-bit lanes: a 64-bit sum per element cost as much as the cells */
+        for (ptrdiff_t c = 0; c < width; ++c) {
+            int32_t lower, upper;
+            const float position = grid_cell(u[c0 + c], nearest[c0 + c], fmin, fmax, offset, &lower, &upper);
+            const int32_t code = draw[c] < position ? upper : lower; /* stochastic_codes' pick */
+            codes[c0 + c] = code;
+            window_differ += code != nearest[c0 + c];
+        }
+        differ += window_differ;
     }
+    return differ;
 }

@@ -117,18 +117,17 @@ int kquant_sym_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols
                         int64_t *changed) {
     const int h = bits == 6 ? 32 : 4;
     const ptrdiff_t nb = cols / QK_K, block_bytes = kquant_sym_block_bytes(bits), row_bytes = nb * block_bytes;
-    /* per row: the widened row, u, position, sub-block scales (float); search codes, nearest, lower, upper, codes
-     * (int32); the blocks' scales */
-    float *scratch = malloc((size_t)(3 * cols + nb * NSUB) * sizeof(float) + (size_t)(5 * cols) * sizeof(int32_t));
+    /* per row: the widened row, u, sub-block scales (float); search codes, nearest, codes (int32); the blocks'
+     * scales */
+    float *scratch = malloc((size_t)(2 * cols + nb * NSUB) * sizeof(float) + (size_t)(3 * cols) * sizeof(int32_t));
     struct block_scales *scales = malloc((size_t)nb * sizeof *scales);
     if (!scratch || !scales) {
         free(scratch);
         free(scales);
         return -1;
     }
-    float *wide = scratch, *u = wide + cols, *position = u + cols, *sub_scale = position + cols;
-    int32_t *search = (int32_t *)(sub_scale + nb * NSUB), *nearest = search + cols, *lower = nearest + cols,
-            *upper = lower + cols, *codes = upper + cols;
+    float *wide = scratch, *u = wide + cols, *sub_scale = u + cols;
+    int32_t *search = (int32_t *)(sub_scale + nb * NSUB), *nearest = search + cols, *codes = nearest + cols;
     int64_t differ = 0;
     for (ptrdiff_t row = 0; row < rows; ++row) {
         const float *xr = float_row(x, dtype, row, cols, wide);
@@ -143,10 +142,8 @@ int kquant_sym_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols
             pack_block(nearest + b * QK_K, &scales[b], bits, near_out + b * block_bytes);
         }
         if (!harden) continue;
-        grid_cells(u, nearest, cols, -h, h - 1, h, lower, upper, position);
-        stochastic_codes(key, row_start + (uint32_t)row, 1, col_start, cols, position, lower, upper, codes);
+        differ += grid_draw(key, row_start + (uint32_t)row, col_start, u, nearest, cols, -h, h - 1, h, codes);
         for (ptrdiff_t b = 0; b < nb; ++b) pack_block(codes + b * QK_K, &scales[b], bits, hard_out + b * block_bytes);
-        for (ptrdiff_t c = 0; c < cols; ++c) differ += codes[c] != nearest[c];
     }
     *changed += differ;
     free(scratch);

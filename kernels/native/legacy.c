@@ -23,35 +23,53 @@ static inline float c_roundf(float v) {
     return fabsf(v - t) >= 0.5f ? t + (v > 0 ? 1.0f : -1.0f) : t;
 }
 
-/* The block maxima below, over LANES independent partial results combined at the end: the max or min of finite
- * floats does not depend on the order (the one C loop, a chain of dependent compares, ran at a quarter of the
- * speed); which element the C code picks among equal values is found by first_equal. */
-#define LANES 8
+/* The block's extremes in one pass over its 32 weights, eight lanes at a time in GCC's generic vectors (one ymm
+ * operation per step in the AVX2 clone, two xmm ones otherwise; the scalar loops compiled to a chain of dependent
+ * compares). Each lane applies C's `a > b ? a : b` (a NaN never displaces a number), and the lanes combine in a
+ * fixed order: the max or min of floats does not depend on the order, and which element C picks among equal values
+ * is settled by the callers. */
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-static inline float abs_max(const float *xb) {
-    float part[LANES] = {0};
-    for (int i = 0; i < QK; i += LANES)
-        for (int k = 0; k < LANES; ++k) {
-            float a = fabsf(xb[i + k]);
-            part[k] = a > part[k] ? a : part[k];
-        }
-    float m = part[0];
-    for (int k = 1; k < LANES; ++k) m = part[k] > m ? part[k] : m;
+static inline f32x8 load8(const float *p) {
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* a where take_a, else b (take_a: a comparison's all-ones / zero lanes) */
+static inline f32x8 pick8(i32x8 take_a, f32x8 a, f32x8 b) {
+    return (f32x8)(((i32x8)a & take_a) | ((i32x8)b & ~take_a));
+}
+
+static inline float lanes_max(f32x8 v) {
+    float m = v[0];
+    for (int k = 1; k < 8; ++k) m = v[k] > m ? v[k] : m;
     return m;
 }
 
-/* The block's largest (upper) or smallest value. */
-static inline float block_extreme(const float *xb, int upper) {
-    float part[LANES];
-    for (int k = 0; k < LANES; ++k) part[k] = xb[k];
-    for (int i = LANES; i < QK; i += LANES)
-        for (int k = 0; k < LANES; ++k) {
-            float v = xb[i + k];
-            part[k] = (upper ? v > part[k] : v < part[k]) ? v : part[k];
-        }
-    float m = part[0];
-    for (int k = 1; k < LANES; ++k) m = (upper ? part[k] > m : part[k] < m) ? part[k] : m;
+static inline float lanes_min(f32x8 v) {
+    float m = v[0];
+    for (int k = 1; k < 8; ++k) m = v[k] < m ? v[k] : m;
     return m;
+}
+
+struct extremes {
+    float amax; /* largest |x| (+0.0 when none is above zero) */
+    float hi, lo; /* largest and smallest x */
+};
+
+static inline struct extremes block_extremes(const float *xb) {
+    const i32x8 magnitude = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
+                             0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+    f32x8 amax = {0}, hi = load8(xb), lo = hi;
+    for (int i = 0; i < QK; i += 8) {
+        f32x8 v = load8(xb + i), a = (f32x8)((i32x8)v & magnitude);
+        amax = pick8(a > amax, a, amax);
+        hi = pick8(v > hi, v, hi);
+        lo = pick8(v < lo, v, lo);
+    }
+    return (struct extremes){lanes_max(amax), lanes_max(hi), lanes_min(lo)};
 }
 
 /* The index of the first element equal to v (which is one of them). */
@@ -61,33 +79,42 @@ static inline int first_equal(const float *xb, float v) {
     return i;
 }
 
-VECTORIZED void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int affine, float *d_out, float *m_out,
-                              float *u, int32_t *nearest) {
+/* The element C reaches as the block's extreme v: a non-zero float equals only itself, so the scan for the first
+ * equal element (a branch mispredicted once per block) is needed only to tell +0.0 from -0.0 (and for a NaN). */
+static inline float first_of(const float *xb, float v) {
+    return isfinite(v) && v != 0.0f ? v : xb[first_equal(xb, v)];
+}
+
+/* C's signed maximum of the symmetric 4- and 5-bit types: the first element of largest |x| (strict `<` from 0),
+ * with its sign; all zeros: +0.0. It is hi or lo, whichever is farther from zero (a select: the side is a coin flip
+ * per block, which a branch would mispredict every other block); only a block holding both +amax and -amax needs
+ * the scan for the first of them. */
+static inline float signed_max(const float *xb, struct extremes e) {
+    if (!(e.amax > 0.0f)) return 0.0f;
+    if (e.hi > -e.lo || e.hi < -e.lo) return e.hi > -e.lo ? e.hi : e.lo;
+    for (int i = 0; i < QK; ++i)
+        if (fabsf(xb[i]) == e.amax) return xb[i];
+    return 0.0f;
+}
+
+VECTORIZED void legacy_encode(const float *restrict x, ptrdiff_t nblocks, int bits, int affine, float *restrict d_out,
+                              float *restrict m_out, float *restrict u, int32_t *restrict nearest) {
     const int qmax = (affine || bits < 8) ? (1 << bits) - 1 : 127;
     const int offset = (affine || bits == 8) ? 0 : 1 << (bits - 1);
     const int capped = !(affine && bits == 5); /* MIN(15, ...) / MIN(31, ...); Q5_1 has no cap */
     for (ptrdiff_t b = 0; b < nblocks; ++b) {
         const float *xb = x + b * QK;
+        const struct extremes e = block_extremes(xb);
         float d, lo = 0.0f;
         if (affine) {
             /* C: `if (v < min) min = v; if (v > max) max = v;` from +-FLT_MAX: the first element of the extreme value
              * (which of +0.0 / -0.0 reaches d and m) */
-            lo = xb[first_equal(xb, block_extreme(xb, 0))];
-            float hi = xb[first_equal(xb, block_extreme(xb, 1))];
-            d = (hi - lo) / (float)qmax;
+            lo = first_of(xb, e.lo);
+            d = (first_of(xb, e.hi) - lo) / (float)qmax;
         } else if (bits == 8) {
-            d = abs_max(xb) / 127.0f;
+            d = e.amax / 127.0f;
         } else {
-            /* C: the first element of largest |x| (strict `<` from 0), with its sign; all zeros: +0.0 */
-            const float amax = abs_max(xb);
-            float max = 0.0f;
-            if (amax > 0.0f)
-                for (int i = 0; i < QK; ++i)
-                    if (fabsf(xb[i]) == amax) {
-                        max = xb[i];
-                        break;
-                    }
-            d = max / (float)(-offset);
+            d = signed_max(xb, e) / (float)(-offset);
         }
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         float *ub = u + b * QK;
@@ -151,28 +178,36 @@ static void pack_legacy_row(const int32_t *codes, const float *d, const float *m
     }
 }
 
+/* Blocks per window of a row: the window's coordinates and codes stay in L1 between the passes. */
+#define WINDOW_BLOCKS 8
+
 int legacy_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, int bits, int affine, int harden,
                     uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes,
                     uint8_t *hardened_bytes, int64_t *changed) {
+    enum { N = WINDOW_BLOCKS * QK };
     const ptrdiff_t nblocks = cols / QK;
     const int qmax = (affine || bits < 8) ? (1 << bits) - 1 : 127, qmin = (affine || bits < 8) ? 0 : -127;
-    const ptrdiff_t row_bytes = nblocks * legacy_block_bytes(bits, affine);
-    /* per row: d, m, u, position, the widened row (float) and nearest, lower, upper, codes (int32) */
-    float *scratch = malloc((size_t)(2 * nblocks + 3 * cols) * sizeof(float) + (size_t)(4 * cols) * sizeof(int32_t));
-    if (!scratch) return -1;
-    float *d = scratch, *m = d + nblocks, *u = m + nblocks, *position = u + cols, *wide = position + cols;
-    int32_t *nearest = (int32_t *)(wide + cols), *lower = nearest + cols, *upper = lower + cols, *codes = upper + cols;
+    const int block_bytes = legacy_block_bytes(bits, affine);
+    float *wide = malloc((size_t)cols * sizeof(float)); /* a 16-bit row widened */
+    if (!wide) return -1;
+    float d[WINDOW_BLOCKS], m[WINDOW_BLOCKS], u[N];
+    int32_t nearest[N], codes[N];
     int64_t differ = 0;
     for (ptrdiff_t row = 0; row < rows; ++row) {
-        legacy_encode(float_row(x, dtype, row, cols, wide), nblocks, bits, affine, d, m, u, nearest);
-        pack_legacy_row(nearest, d, m, nblocks, bits, affine, nearest_bytes + row * row_bytes);
-        if (!harden) continue;
-        grid_cells(u, nearest, cols, qmin, qmax, 0, lower, upper, position);
-        stochastic_codes(key, row_start + (uint32_t)row, 1, col_start, cols, position, lower, upper, codes);
-        pack_legacy_row(codes, d, m, nblocks, bits, affine, hardened_bytes + row * row_bytes);
-        for (ptrdiff_t c = 0; c < cols; ++c) differ += codes[c] != nearest[c];
+        const float *xr = float_row(x, dtype, row, cols, wide);
+        uint8_t *near_out = nearest_bytes + row * nblocks * block_bytes;
+        uint8_t *hard_out = hardened_bytes + row * nblocks * block_bytes;
+        for (ptrdiff_t b0 = 0; b0 < nblocks; b0 += WINDOW_BLOCKS) {
+            const ptrdiff_t count = nblocks - b0 < WINDOW_BLOCKS ? nblocks - b0 : WINDOW_BLOCKS, n = count * QK;
+            legacy_encode(xr + b0 * QK, count, bits, affine, d, m, u, nearest);
+            pack_legacy_row(nearest, d, m, count, bits, affine, near_out + b0 * block_bytes);
+            if (!harden) continue;
+            differ += grid_draw(key, row_start + (uint32_t)row, col_start + (uint64_t)(b0 * QK), u, nearest, n, qmin,
+                                qmax, 0, codes);
+            pack_legacy_row(codes, d, m, count, bits, affine, hard_out + b0 * block_bytes);
+        }
     }
     *changed += differ;
-    free(scratch);
+    free(wide);
     return 0;
 }

@@ -483,6 +483,40 @@ static PyObject *py_philox_isa(PyObject *self, PyObject *args) {
     return NULL;
 }
 
+static PyObject *py_widen_isa(PyObject *self, PyObject *args) {
+    static const char *names[] = {"portable", "f16c"};
+    const char *widest;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "s", &widest)) return NULL;
+    for (int isa = WIDEN_PORTABLE; isa <= WIDEN_F16C; ++isa)
+        if (strcmp(widest, names[isa]) == 0) return PyUnicode_FromString(names[widen_init(isa)]);
+    PyErr_Format(PyExc_ValueError, "unknown float16 widening %s (portable or f16c)", widest);
+    return NULL;
+}
+
+struct widen_job {
+    unsigned long long x, out;
+    Py_ssize_t rows, cols;
+    int dtype;
+};
+
+static int parse_widen(PyObject *args, void *job) {
+    struct widen_job *j = job;
+    return PyArg_ParseTuple(args, "KinnK", &j->x, &j->dtype, &j->rows, &j->cols, &j->out) && check_dtype(j->dtype);
+}
+
+static int run_widen(const void *job) {
+    const struct widen_job *j = job;
+    float *out = ADDR(float, j->out);
+    for (Py_ssize_t r = 0; r < j->rows; ++r) {
+        float *row = out + r * j->cols;
+        const float *wide = float_row(ADDR(const void, j->x), j->dtype, r, j->cols, row);
+        if (wide != row) memcpy(row, wide, (size_t)j->cols * sizeof(float));
+    }
+    return 0;
+}
+JOB_BINDING(widen)
+
 static PyObject *py_threads(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -527,6 +561,10 @@ static PyMethodDef methods[] = {
     {"philox_isa", py_philox_isa, METH_VARARGS,
      "philox_isa(widest): use the widest Philox batch the CPU runs up to 'avx512', 'avx2' or 'portable' (C); returns "
      "the one it picked"},
+    {"widen_isa", py_widen_isa, METH_VARARGS,
+     "widen_isa(widest): widen float16 rows with F16C up to 'f16c' where the CPU has it, or 'portable' (C); returns "
+     "the one it picked"},
+    {"widen", py_widen, METH_VARARGS, "widen(x, dtype, rows, cols, out): the fused passes' float32 rows of x"},
     {"philox", py_philox, METH_VARARGS, "philox(key, row_start, rows, col_start, cols, stream, out): uniform_grid"},
     {"threads", py_threads, METH_NOARGS,
      "threads(): how jobs run: 'openmp' (torch's threads), 'threads' (a forked child), 'serial' (no OpenMP)"},
@@ -537,6 +575,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 PyMODINIT_FUNC PyInit__native(void) {
     philox_init(PHILOX_AVX512);
+    widen_init(WIDEN_F16C);
     pthread_atfork(NULL, NULL, mark_forked_child);
     return PyModule_Create(&module);
 }

@@ -41,8 +41,8 @@ void qx_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, i
 void q3_search(const float *x, ptrdiff_t count, int n, int nmax, float *scale, int *L);
 
 /* legacy.c: GgufLegacy's encoding of `nblocks` blocks of 32: d (and m when affine), u and the written codes */
-void legacy_encode(const float *x, ptrdiff_t nblocks, int bits, int affine, float *d, float *m, float *u,
-                   int32_t *nearest);
+void legacy_encode(const float *restrict x, ptrdiff_t nblocks, int bits, int affine, float *restrict d,
+                   float *restrict m, float *restrict u, int32_t *restrict nearest);
 /* legacy.c: bytes per block of that type (fp16 d and m, qh, codes) */
 int legacy_block_bytes(int bits, int affine);
 /* legacy.c: the packed blocks of rows x cols weights (cols a multiple of 32), round-to-nearest and (harden)
@@ -55,6 +55,10 @@ int legacy_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, in
  * `row` of x (rows of `cols`) as float32: x's own row, or (16-bit dtypes) `scratch` holding it widened, exactly */
 enum { WEIGHTS_F32, WEIGHTS_BF16, WEIGHTS_F16 };
 const float *float_row(const void *x, int dtype, ptrdiff_t row, ptrdiff_t cols, float *restrict scratch);
+/* widen.c: widen_init picks float16 rows' widening up to `widest` (F16C where the CPU has it, at import; tests pick
+ * each); returns the one picked */
+enum { WIDEN_PORTABLE, WIDEN_F16C };
+int widen_init(int widest);
 /* widen.c: IEEE half bits of f rounded to nearest even (torch's and ggml's float -> half), and a half widened */
 uint16_t half_bits(float f);
 float half_to_float(uint16_t h);
@@ -70,6 +74,10 @@ int kquant_sym_block_bytes(int bits);
 /* grid_cells.c: formats.cells.integer_grid_cells for `count` elements (codes stored as grid index + offset) */
 void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t count, int qmin, int qmax, int offset,
                 int32_t *lower, int32_t *upper, float *position);
+/* grid_cells.c: the hardened codes of those cells placed at (row, col_start) (stochastic_codes' pick, Philox stream
+ * 0) without keeping the cells; returns how many differ from nearest */
+int64_t grid_draw(uint64_t key, uint32_t row, uint64_t col_start, const float *u, const int32_t *nearest,
+                  ptrdiff_t count, int qmin, int qmax, int offset, int32_t *codes);
 
 /* fp8_cells.c: formats.fp8.fp8_cells for rows x cols values r (the buffers must not overlap): r = x (FP8_AS_IS),
  * x / factor[row] (FP8_DIVIDE_ROW) or x * factor[0] (FP8_MULTIPLY), never NaN; clamped to +-448 or not, the same */
