@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from qcbguard.allocator import keep_freed_memory
 from qcbguard.atomic import write_json_atomic
 from qcbguard_kernels import QcbguardError
 from qcbguard_kernels.detection import DETECTOR_SAMPLE
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    keep_freed_memory()
     try:
         return args.func(args)
     except QcbguardError as e:

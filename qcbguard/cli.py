@@ -20,6 +20,7 @@ import torch
 from qcbguard_kernels import QcbguardError, format_names, get_format, native
 from qcbguard_kernels.hardening import DeploymentSeed, harden_encoding
 
+from .allocator import keep_freed_memory
 from .tiny_model import build_tiny_llama, linear_weight_names
 
 __all__ = ["main"]
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    keep_freed_memory()
     try:
         return args.func(args)
     except (QcbguardError, OSError) as exc:
