@@ -97,7 +97,7 @@ static void round_block(const float *x, const int32_t *search, const struct bloc
 
 /* One super-block in the file's layout (GgufKQuantSymmetric._fields): Q6_K ql, qh, 16 int8 scales, d; Q3_K hmask,
  * qs, the 12-byte scales, d. */
-static void pack_block(const int32_t *codes, const struct block_scales *bs, int bits, uint8_t *out) {
+VECTORIZED static void pack_block(const int32_t *codes, const struct block_scales *bs, int bits, uint8_t *out) {
     if (bits == 6) {
         out = pack_bits(codes, QK_K, 4, 64, 0, out);
         out = pack_bits(codes, QK_K, 2, 32, 4, out);
@@ -112,9 +112,9 @@ static void pack_block(const int32_t *codes, const struct block_scales *bs, int 
     out[1] = (uint8_t)(bs->d >> 8);
 }
 
-int kquant_sym_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, int bits, int harden, uint64_t key,
-                        uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes, uint8_t *hardened_bytes,
-                        int64_t *changed) {
+VECTORIZED int kquant_sym_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, int bits, int harden,
+                                   uint64_t key, uint32_t row_start, uint64_t col_start, uint8_t *nearest_bytes,
+                                   uint8_t *hardened_bytes, int64_t *changed) {
     const int h = bits == 6 ? 32 : 4;
     const ptrdiff_t nb = cols / QK_K, block_bytes = kquant_sym_block_bytes(bits), row_bytes = nb * block_bytes;
     /* per row: the widened row, u, sub-block scales (float); search codes, nearest, codes (int32); the blocks'

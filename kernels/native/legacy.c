@@ -152,8 +152,8 @@ static void put_half(uint8_t *out, float f) {
 /* One row's blocks as ggml lays them out (GgufLegacy._pack): fp16 d, fp16 m (affine), then Q8_0's 32 int8 codes, or
  * the 5-bit types' qh (bit j of a little-endian uint32 = bit 4 of code j) and 16 bytes of nibbles (code j | code
  * j + 16 << 4). */
-static void pack_legacy_row(const int32_t *codes, const float *d, const float *m, ptrdiff_t nblocks, int bits,
-                            int affine, uint8_t *out) {
+VECTORIZED static void pack_legacy_row(const int32_t *codes, const float *d, const float *m, ptrdiff_t nblocks,
+                                       int bits, int affine, uint8_t *out) {
     for (ptrdiff_t b = 0; b < nblocks; ++b) {
         const int32_t *q = codes + b * QK;
         put_half(out, d[b]);
