@@ -57,7 +57,6 @@ def pick_backend(x: torch.Tensor, fmt: Format, backend: str = "auto") -> str:
     backend = resolve_backend(backend)
     if backend == "reference":
         return "reference"
-    usable = triton_available() and supports(fmt)
     if backend == "triton":
         if not triton_available():
             raise UnsupportedInputError("backend 'triton' asked for, but the triton package is not installed")
@@ -70,7 +69,7 @@ def pick_backend(x: torch.Tensor, fmt: Format, backend: str = "auto") -> str:
                 "backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 (the interpreter); move the tensor to a GPU"
             )
         return "triton"
-    if x.is_cuda and usable:
+    if x.is_cuda and triton_available() and supports(fmt):
         return "triton"
     return "native" if (backend == "auto" and fmt.fuses_on_cpu(x)) else "reference"
 

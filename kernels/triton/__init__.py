@@ -8,6 +8,7 @@ installed (the dispatch then uses the references).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import TYPE_CHECKING
@@ -29,8 +30,10 @@ TRITON_FAMILIES: dict[str, tuple[str, str]] = {
 }
 
 
+@functools.cache
 def triton_available() -> bool:
-    """True when the `triton` package can be imported (checked without importing it)."""
+    """True when the `triton` package can be imported (checked without importing it, once per process: the search
+    walks sys.path, 0.1 ms, and the dispatch asks for every chunk of every tensor)."""
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # a broken or blocked installation counts as absent
