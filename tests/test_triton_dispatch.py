@@ -164,6 +164,24 @@ def test_fused_native_pass_is_harden_tensor(monkeypatch, fmt_name):
     assert pick_backend(x, fmt) == "reference"
 
 
+@pytest.mark.parametrize(
+    ("fmt_name", "cols"), [("q4_0", 32 * 37), ("q5_1", 32 * 19), ("q8_0", 32 * 41), ("q6_k", 1280)]
+)
+def test_fused_native_pass_draws_at_any_column_offset(monkeypatch, fmt_name, cols):
+    """The fused passes draw a row in windows (legacy: 8 blocks; grid_draw: 512 uniforms) at the row's global
+    columns: offsets off Philox's 4-column groups and across window edges, up to the last 32-bit column, give
+    harden_tensor's bytes and change counts."""
+    monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
+    fmt, seed = get_format(fmt_name), DeploymentSeed(bytes(range(32)))
+    x = (torch.randn(9, cols, generator=torch.Generator().manual_seed(fresh_seed())) * 0.02).half()
+    for offset in (1, 2, 3, 5, 33, 511, 513, 2**32 - cols - 7):
+        reference, ref_report = harden_tensor(x, fmt, "w", seed, row_offset=3, col_offset=offset)
+        _, fused, report = harden_fused(x, fmt, "w", seed, row_offset=3, col_offset=offset)
+        for key, t in reference.tensors.items():
+            assert torch.equal(fused.tensors[key].view(torch.uint8), t.view(torch.uint8)), (offset, key)
+        assert report.codes_changed == ref_report.codes_changed, offset
+
+
 def test_formats_without_a_fused_native_pass_keep_the_reference(monkeypatch):
     monkeypatch.delenv("QCBGUARD_BACKEND", raising=False)
     for name in ("fp8_per_block", "q4_k", "q5_k", "q2_k", "nf4", "int8_per_channel"):
