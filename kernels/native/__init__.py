@@ -47,6 +47,7 @@ __all__ = [
     "qx_search",
     "status",
     "stochastic_codes",
+    "widen",
 ]
 
 _ENV = "QCBGUARD_NATIVE"
