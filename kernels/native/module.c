@@ -472,26 +472,27 @@ static int run_feedback(const void *job) {
 }
 JOB_BINDING(feedback)
 
-static PyObject *py_philox_isa(PyObject *self, PyObject *args) {
-    static const char *names[] = {"portable", "avx2", "avx512"};
+/* The tests' switch between a pass's variants: the widest of `names` (ordered narrowest first) up to the one named
+ * that the CPU runs, picked by `init`; returns its name. */
+static PyObject *pick_variant(PyObject *args, const char *const *names, int count, int (*init)(int), const char *what) {
     const char *widest;
-    (void)self;
     if (!PyArg_ParseTuple(args, "s", &widest)) return NULL;
-    for (int isa = PHILOX_PORTABLE; isa <= PHILOX_AVX512; ++isa)
-        if (strcmp(widest, names[isa]) == 0) return PyUnicode_FromString(names[philox_init(isa)]);
-    PyErr_Format(PyExc_ValueError, "unknown Philox batch %s (portable, avx2 or avx512)", widest);
+    for (int isa = 0; isa < count; ++isa)
+        if (strcmp(widest, names[isa]) == 0) return PyUnicode_FromString(names[init(isa)]);
+    PyErr_Format(PyExc_ValueError, "unknown %s %s", what, widest);
     return NULL;
 }
 
-static PyObject *py_widen_isa(PyObject *self, PyObject *args) {
-    static const char *names[] = {"portable", "f16c"};
-    const char *widest;
+static PyObject *py_philox_isa(PyObject *self, PyObject *args) {
+    static const char *const names[] = {"portable", "avx2", "avx512"}; /* PHILOX_PORTABLE .. PHILOX_AVX512 */
     (void)self;
-    if (!PyArg_ParseTuple(args, "s", &widest)) return NULL;
-    for (int isa = WIDEN_PORTABLE; isa <= WIDEN_F16C; ++isa)
-        if (strcmp(widest, names[isa]) == 0) return PyUnicode_FromString(names[widen_init(isa)]);
-    PyErr_Format(PyExc_ValueError, "unknown float16 widening %s (portable or f16c)", widest);
-    return NULL;
+    return pick_variant(args, names, 3, philox_init, "Philox batch (portable, avx2 or avx512):");
+}
+
+static PyObject *py_widen_isa(PyObject *self, PyObject *args) {
+    static const char *const names[] = {"portable", "f16c"}; /* WIDEN_PORTABLE, WIDEN_F16C */
+    (void)self;
+    return pick_variant(args, names, 2, widen_init, "float16 widening (portable or f16c):");
 }
 
 struct widen_job {
