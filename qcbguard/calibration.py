@@ -191,7 +191,7 @@ class HessianFile:
             if stored == name:
                 h = self._file.get_tensor(name)
                 digest.update(f"{tuple(h.shape)}\0{h.dtype}\0".encode())
-                digest.update(h.contiguous().numpy().tobytes())
+                digest.update(h.contiguous().numpy())  # the buffer itself: no copy of up to inputs^2 floats
         return digest.hexdigest()[:16]
 
     def source(self, name: str) -> str:
@@ -242,7 +242,7 @@ class HessianFile:
         first_of: dict[bytes, str] = {}
         for name, h in hessians.items():
             h32 = h.float().contiguous()
-            digest = hashlib.sha256(h32.numpy().tobytes()).digest() + str(tuple(h32.shape)).encode()
+            digest = hashlib.sha256(h32.numpy()).digest() + str(tuple(h32.shape)).encode()
             if digest in first_of:
                 aliases[name] = first_of[digest]
             else:
