@@ -267,7 +267,7 @@ def detector_table(results: dict[str, dict]) -> str:
         lines.append(
             f"| {name} | {r['family']} | {len(scores)} | {flagged} | {float(d.max()):.4f} "
             f"| {float(torch.quantile(d, 0.99)):.4f} | {float(d.median()):.4f} "
-            f"| {max(s['on_grid'] for s in scores):.3f} | {threshold_for(r['family'])} |"
+            f"| {max(s['on_grid'] for s in scores):.3f} | {threshold_for(r['family'], name)} |"
         )
     return "\n".join(lines)
 

@@ -62,6 +62,35 @@ def test_partial_pinning_on_codes_is_flagged():
     assert verdict(score).suspicious
 
 
+@pytest.mark.parametrize("source", ["q4_0", "nf4", "q8_0", "bnb_int8", "fp8_per_channel"])
+def test_repeated_values_tell_a_dequantized_checkpoint_from_a_continuous_one(source):
+    """The lattice share: continuous weights in any storage dtype repeat a value within their run of 32 rarely (bf16:
+    about 3%), a checkpoint dequantized from any of these formats far more often (Q8_0, the finest: about 15%)."""
+    from qcbguard_kernels.detection.cell_statistic import _LATTICE_REPEATED, repeated_fraction
+
+    fmt = get_format(source)
+    for w in (clean_weights(SEED), clean_weights(SEED + 7, heavy=True)):
+        for stored in (w, w.bfloat16(), w.half()):
+            assert repeated_fraction(stored.float()) < _LATTICE_REPEATED / 2, stored.dtype
+        deq = fmt.dequantize(fmt.quantize(w)).reshape(w.shape)
+        assert repeated_fraction(deq.bfloat16().float()) > _LATTICE_REPEATED
+
+
+def test_a_flag_on_a_foreign_lattice_carries_a_caution():
+    """A clean checkpoint dequantized from Q4_0 scored under Q8_0 is flagged (a known false positive: the decoys do
+    not model the Q4_0 lattice); the verdict says why it may be one. A box attack on continuous weights gets no
+    such caution."""
+    q4_0, q8_0 = get_format("q4_0"), get_format("q8_0")
+    lattice = q4_0.dequantize(q4_0.quantize(clean_weights(SEED))).bfloat16()
+    score = cell_score(lattice, q8_0)
+    assert score.on_lattice and not score.grid_aligned
+    judged = verdict(score)
+    assert judged.suspicious and judged.reasons[-1].startswith("caution:"), judged
+    attacked, _ = box_attack(clean_weights(SEED), "q8_0", 0.1, 32, SEED)
+    judged = verdict(cell_score(attacked, q8_0))
+    assert judged.suspicious and not any(r.startswith("caution:") for r in judged.reasons), judged
+
+
 @pytest.mark.slow
 def test_no_false_positive_on_the_embedded_model_in_any_format():
     """bf16 weights with outlier columns, every registered format: lattice coincidences (bf16 under power-of-two

@@ -28,7 +28,7 @@ import torch
 from .. import native
 from ..formats.base import CodeValueRule, Encoding, Format, RoundingCells
 
-__all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "verdict"]
+__all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "repeated_fraction", "verdict"]
 
 DECOY_SHIFTS = (-3, -2, -1, 1, 2, 3)
 # Re-fitted decoys cost one encode each (a k-quant scale search): two shifts give the same null within 0.001 on clean
@@ -48,6 +48,14 @@ _GRID_ALIGNED = 0.9  # share of weights at a code (to storage precision) above w
 # 0.036. Box attacks score far above (fp8_per_tensor in the efficacy harness: 0.44 to 0.61).
 _FORMAT_THRESHOLDS: dict[str, float] = {"fp8_per_tensor": 0.05}
 _FAMILY_THRESHOLDS: dict[str, float] = {}
+# A checkpoint dequantized from another format holds a handful of values per block: measured share of weights that
+# repeat a value within their run of 32, stored in bf16 / fp16 / fp32, on Gaussian, Laplace and Student-t(3) weights:
+# continuous 0.00 to 0.03; dequantized from Q8_0 0.15 to 0.23, LLM.int8 0.21 to 0.54, fp8 0.28 to 0.34, Q6_K 0.25 to
+# 0.34, 4-bit formats 0.85 to 0.89. On such lattices the local decoy null flags clean tensors under other formats
+# (benchmarks/bench_detector_lattices.py); the verdict says so when it flags one.
+_LATTICE_RUN = 32
+_LATTICE_SAMPLE = 1 << 14  # weights read for the share: a verdict's note, not a statistic
+_LATTICE_REPEATED = 0.10
 
 
 def threshold_for(family: str, format_name: str | None = None) -> float:
@@ -78,6 +86,7 @@ class CellScore:
     decoy_on_grid_fraction: float
     near_code_fraction: float = 0.0
     steerable: int = 0  # weights whose cell has two distinct codes (RoundingCells.steerable)
+    repeated_fraction: float = 0.0  # share of weights repeating a value within their run of 32 (repeated_fraction)
 
     @property
     def grid_aligned(self) -> bool:
@@ -87,6 +96,13 @@ class CellScore:
         nothing about tampering there. An attacker cannot use this: weights within half a storage ulp of their
         codes make the full-precision model the quantized one, the backdoor included."""
         return self.near_code_fraction >= _GRID_ALIGNED
+
+    @property
+    def on_lattice(self) -> bool:
+        """The checkpoint holds few distinct values per block, as one dequantized from another format does (under
+        its own format it would be grid_aligned). Its cell positions follow the two grids' geometry, which the local
+        decoys do not model: the detector is known to flag clean tensors of such checkpoints (README, detection)."""
+        return not self.grid_aligned and self.repeated_fraction >= _LATTICE_REPEATED
 
     @property
     def noise_floor(self) -> float:
@@ -109,6 +125,20 @@ def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mag = x.abs().clamp(min=finfo.tiny).float()
     _, exponent = torch.frexp(mag)  # mag = m * 2**exponent, m in [0.5, 1): exact, unlike floor(log2(mag))
     return torch.ldexp(torch.ones_like(mag), exponent - 1 - _MANTISSA_BITS[dtype])
+
+
+def repeated_fraction(x: torch.Tensor) -> float:
+    """Share of weights equal to another weight of their run of 32 consecutive weights (the first _LATTICE_SAMPLE
+    weights of x, in whole runs): near 0 for continuous weights in any dtype, most of them on a 4-bit lattice."""
+    n = min(x.numel(), _LATTICE_SAMPLE) // _LATTICE_RUN * _LATTICE_RUN
+    if n == 0:
+        return 0.0
+    runs = x.reshape(-1)[:n].reshape(-1, _LATTICE_RUN).sort(dim=1).values
+    equal = runs[:, 1:] == runs[:, :-1]
+    repeated = torch.zeros_like(runs, dtype=torch.bool)
+    repeated[:, 1:] |= equal
+    repeated[:, :-1] |= equal
+    return float(repeated.float().mean())
 
 
 def _decoy_spacing(ulp: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -286,8 +316,9 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
     t = _tally(_Weights(values, x.dtype, cells, code_values, (bottom, top)))
     n = x.numel()
     fractions = (t.on_grid / n, t.interior_on_grid / n)
+    repeated = repeated_fraction(values)
     if t.live == 0:
-        return CellScore(fmt.name, fmt.family, n, 0, 0.0, 0.0, *fractions, 0.0, t.near_code / n, t.steerable)
+        return CellScore(fmt.name, fmt.family, n, 0, 0.0, 0.0, *fractions, 0.0, t.near_code / n, t.steerable, repeated)
     if fmt.fits_scales:
         decoy_counts, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi)
     else:
@@ -307,6 +338,7 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
         decoy_on_grid_fraction=decoy_on_grid,
         near_code_fraction=t.near_code / n,
         steerable=t.steerable,
+        repeated_fraction=repeated,
     )
 
 
@@ -332,5 +364,11 @@ def verdict(
         reasons.append(
             f"{score.interior_on_grid_fraction:.1%} of weights sit exactly on interior {score.format} codes "
             f"(decoys: {score.decoy_on_grid_fraction:.1%})"
+        )
+    if reasons and score.on_lattice:
+        reasons.append(
+            f"caution: {score.repeated_fraction:.0%} of weights repeat a value within their run of 32, as in a "
+            "checkpoint dequantized from another format, where this test also flags clean tensors: check where "
+            "the checkpoint came from"
         )
     return Verdict(bool(reasons), tuple(reasons))

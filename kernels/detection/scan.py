@@ -69,6 +69,7 @@ class FormatFinding:
             "on_grid_fraction": s.on_grid_fraction,
             "interior_on_grid_fraction": s.interior_on_grid_fraction,
             "decoy_on_grid_fraction": s.decoy_on_grid_fraction,
+            "repeated_fraction": s.repeated_fraction,
             "suspicious": self.verdict.suspicious,
             "reasons": list(self.verdict.reasons),
         }
