@@ -97,9 +97,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if args.metrics_file:
         _write_metrics(result, args)
     n_flagged = len(result.verdict.flagged) if result.verdict is not None else 0
+    cautioned = len(result.verdict.cautioned) if result.verdict is not None else 0
+    caution = f" ({cautioned} repeat values within blocks, as dequantized checkpoints do: see the report)"
     print(
         f"{args.input}: {len(result.scanned)} tensors scanned, {len(result.skipped)} skipped, "
-        f"{n_flagged} flagged: {'SUSPICIOUS' if result.suspicious else 'clean'}"
+        f"{n_flagged} flagged: {'SUSPICIOUS' if result.suspicious else 'clean'}{caution if cautioned else ''}"
     )
     for name in list(result.verdict.flagged)[:20] if result.verdict is not None else []:
         print(f"  flagged: {name}")

@@ -101,10 +101,7 @@ def run_scan(
     if not scans:
         raise UnreadableInputError(f"{str(path)!r} holds no floating-point weight tensor to scan")
     model = scan_verdict(scans)
-    print(
-        f"{'suspicious' if model.suspicious else 'clean'}: {len(model.flagged)} of {model.tensors} tensors flagged "
-        f"under {len(fmts)} formats"
-    )
+    print(model.summary(len(fmts)))
     if report:
         payload = {"path": str(path), "verdict": model.as_dict(), "tensors": [s.as_dict() for s in scans]}
         write_json_atomic(report, payload)

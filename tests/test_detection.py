@@ -78,17 +78,21 @@ def test_repeated_values_tell_a_dequantized_checkpoint_from_a_continuous_one(sou
 
 def test_a_flag_on_a_foreign_lattice_carries_a_caution():
     """A clean checkpoint dequantized from Q4_0 scored under Q8_0 is flagged (a known false positive: the decoys do
-    not model the Q4_0 lattice); the verdict says why it may be one. A box attack on continuous weights gets no
-    such caution."""
+    not model the Q4_0 lattice); the verdict adds a caution naming the repeated values, without clearing the flag. A
+    box attack on continuous 8-bit cells repeats few values and gets none; a 4-bit one clamps enough weights to the
+    same box edges to get it too, which is why the caution is context, not an exoneration."""
     q4_0, q8_0 = get_format("q4_0"), get_format("q8_0")
     lattice = q4_0.dequantize(q4_0.quantize(clean_weights(SEED))).bfloat16()
     score = cell_score(lattice, q8_0)
-    assert score.on_lattice and not score.grid_aligned
+    assert score.repeats_values and not score.grid_aligned
     judged = verdict(score)
     assert judged.suspicious and judged.reasons[-1].startswith("caution:"), judged
     attacked, _ = box_attack(clean_weights(SEED), "q8_0", 0.1, 32, SEED)
     judged = verdict(cell_score(attacked, q8_0))
     assert judged.suspicious and not any(r.startswith("caution:") for r in judged.reasons), judged
+    attacked, _ = box_attack(clean_weights(SEED), "q4_0", 0.05, 32, SEED)
+    judged = verdict(cell_score(attacked, q4_0))
+    assert judged.suspicious and judged.reasons[-1].startswith("caution:"), judged
 
 
 @pytest.mark.slow

@@ -55,6 +55,22 @@ def test_attacked_checkpoint_exits_1_and_names_the_tensor(checkpoints, capsys, t
     assert len(data["tensors"]) == 16  # 2-D tensors only: norms are never quantized
 
 
+def test_a_checkpoint_dequantized_from_another_format_is_flagged_with_a_caution(tmp_path, capsys):
+    """A known false positive, stated: the embedded model dequantized from Q4_0 and scanned under Q8_0 is flagged
+    (the decoys do not model the Q4_0 lattice); the summary and the report name the tensors that repeat values."""
+    from qcbguard_kernels import get_format
+
+    q4_0 = get_format("q4_0")
+    weights = {n: w.float() for n, w in build_tiny_llama().items() if w.dim() == 2}
+    sd = {n: q4_0.dequantize(q4_0.quantize(w)).reshape(w.shape).bfloat16() for n, w in weights.items()}
+    path, report = tmp_path / "dequantized.safetensors", tmp_path / "scan.json"
+    save_file(sd, str(path))
+    assert main(["scan", str(path), "--formats", "q8_0", "--report", str(report)]) == 1
+    assert "repeat values within blocks, as checkpoints dequantized from another format do" in capsys.readouterr().out
+    verdict = json.loads(report.read_text())["verdict"]
+    assert verdict["flagged"] and verdict["cautioned"] == verdict["flagged"]
+
+
 def test_sharded_directory_is_one_checkpoint(checkpoints, capsys):
     assert main(["scan", str(checkpoints["sharded"]), "--formats", "nf4", "--include", r"\.mlp\."]) == 1
     assert "1 of 6 tensors flagged" in capsys.readouterr().out

@@ -52,7 +52,7 @@ _FAMILY_THRESHOLDS: dict[str, float] = {}
 # repeat a value within their run of 32, stored in bf16 / fp16 / fp32, on Gaussian, Laplace and Student-t(3) weights:
 # continuous 0.00 to 0.03; dequantized from Q8_0 0.15 to 0.23, LLM.int8 0.21 to 0.54, fp8 0.28 to 0.34, Q6_K 0.25 to
 # 0.34, 4-bit formats 0.85 to 0.89. On such lattices the local decoy null flags clean tensors under other formats
-# (benchmarks/bench_detector_lattices.py); the verdict says so when it flags one.
+# (benchmarks/bench_detector_lattices.py); the verdict says so when it flags one (box attacks repeat values too).
 _LATTICE_RUN = 32
 _LATTICE_SAMPLE = 1 << 14  # weights read for the share: a verdict's note, not a statistic
 _LATTICE_REPEATED = 0.10
@@ -98,10 +98,12 @@ class CellScore:
         return self.near_code_fraction >= _GRID_ALIGNED
 
     @property
-    def on_lattice(self) -> bool:
-        """The checkpoint holds few distinct values per block, as one dequantized from another format does (under
-        its own format it would be grid_aligned). Its cell positions follow the two grids' geometry, which the local
-        decoys do not model: the detector is known to flag clean tensors of such checkpoints (README, detection)."""
+    def repeats_values(self) -> bool:
+        """Many weights repeat a value within their block (repeated_fraction), as in a checkpoint dequantized from
+        another format (under its own format it would be grid_aligned), whose cell positions follow the two grids'
+        geometry, which the local decoys do not model: the detector flags clean tensors of such checkpoints (README,
+        detection). Weights an attack clamped to its box edges repeat values too (simulated 4-bit box attacks: 23 to
+        28%), so this is context for a flag, never a reason to clear one."""
         return not self.grid_aligned and self.repeated_fraction >= _LATTICE_REPEATED
 
     @property
@@ -365,10 +367,10 @@ def verdict(
             f"{score.interior_on_grid_fraction:.1%} of weights sit exactly on interior {score.format} codes "
             f"(decoys: {score.decoy_on_grid_fraction:.1%})"
         )
-    if reasons and score.on_lattice:
+    if reasons and score.repeats_values:
         reasons.append(
             f"caution: {score.repeated_fraction:.0%} of weights repeat a value within their run of 32, as in a "
-            "checkpoint dequantized from another format, where this test also flags clean tensors: check where "
-            "the checkpoint came from"
+            "checkpoint dequantized from another format (which this test flags even when clean) or weights clamped "
+            "to an attack's box edges: check where the checkpoint came from"
         )
     return Verdict(bool(reasons), tuple(reasons))

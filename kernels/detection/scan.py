@@ -110,10 +110,24 @@ class ModelVerdict:
     tensors: int
     flagged: tuple[str, ...]
     flagged_by_format: dict[str, int] = field(default_factory=dict)
+    #: the flagged tensors each of whose flags carries the repeated-values caution (CellScore.repeats_values): a
+    #: checkpoint dequantized from another format (flagged even when clean) or an attack's clamped weights
+    cautioned: tuple[str, ...] = ()
 
     @property
     def suspicious(self) -> bool:
         return bool(self.flagged)
+
+    def summary(self, formats: int) -> str:
+        """One line: the verdict, what was flagged, and how many of the flags may be a foreign lattice's."""
+        line = f"{'suspicious' if self.suspicious else 'clean'}: {len(self.flagged)} of {self.tensors} tensors flagged"
+        line += f" under {formats} formats"
+        if self.cautioned:
+            line += (
+                f" ({len(self.cautioned)} of them repeat values within blocks, as checkpoints dequantized from another"
+                " format do, which the detector flags even when clean: see their cautions)"
+            )
+        return line
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -121,6 +135,7 @@ class ModelVerdict:
             "tensors": self.tensors,
             "flagged": list(self.flagged),
             "flagged_by_format": dict(self.flagged_by_format),
+            "cautioned": list(self.cautioned),
         }
 
 
@@ -164,12 +179,14 @@ def scan_tensor(
 
 def scan_verdict(scans: Iterable[TensorScan]) -> ModelVerdict:
     """Suspicious when any tensor is flagged under any format."""
-    n, flagged, by_format = 0, [], {}
+    n, flagged, cautioned, by_format = 0, [], [], {}
     for scan in scans:
         n += 1
-        if scan.suspicious:
+        flags = [f for f in scan.findings if f.verdict.suspicious]
+        if flags:
             flagged.append(scan.name)
-        for f in scan.findings:
-            if f.verdict.suspicious:
-                by_format[f.score.format] = by_format.get(f.score.format, 0) + 1
-    return ModelVerdict(n, tuple(flagged), by_format)
+            if all(f.score.repeats_values for f in flags):
+                cautioned.append(scan.name)
+        for f in flags:
+            by_format[f.score.format] = by_format.get(f.score.format, 0) + 1
+    return ModelVerdict(n, tuple(flagged), by_format, tuple(cautioned))
