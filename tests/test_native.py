@@ -271,8 +271,9 @@ def test_fp8_scaling_fused_into_cells_matches_reference(name, monkeypatch):
 def _tally_inputs(dtype: torch.dtype, g: torch.Generator) -> tuple:
     """Cells whose positions sit on bin edges (k / 2048 from the boundary), on codes (0, 1), within 1e-5 of them and
     at random; ascending and descending cells, zero-width ones, clamped ones (lower == upper); values on the
-    checkpoint's lattice, some equal to a code's value, zeros of both signs, values below the dtype's smallest normal;
-    `above` codes at zero distance from the nearest (no decoy) and far from it (decoys that wrap around the cell)."""
+    checkpoint's lattice, some equal to a code's value, zeros of both signs (some on a zero code), values below the
+    dtype's smallest normal; `above` codes at zero distance from the nearest (no decoy) and far from it (decoys that
+    wrap around the cell)."""
     edges = 0.5 + torch.arange(-1024, 1025, dtype=torch.float32) / 2048
     near_code = torch.tensor([0.0, 1.0, 1e-5, 1 - 1e-5, 9.99e-6, 0.99999, 1e-9, 0.5, 0.49999997, 0.50000006])
     p = torch.cat([edges, near_code, torch.rand(600_003, generator=g)])  # two threads' worth (2 * 2**18)
@@ -286,6 +287,8 @@ def _tally_inputs(dtype: torch.dtype, g: torch.Generator) -> tuple:
     values = (lo + p * step).to(dtype).float()
     pick = torch.rand(n, generator=g)
     values = torch.where(pick < 0.05, lo, torch.where(pick < 0.1, hi, values))
+    zeroed = torch.rand(n, generator=g) < 0.02  # pruned weights: zeros on a zero code (left out of the counts)
+    lo, values = torch.where(zeroed, 0.0, lo), torch.where(zeroed, 0.0, values)
     values[:12] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 6e-8, 1e-6, -1e-6, 2.0**-126, 2.0**-14, 3.0, -448.0, 1e-40])
     # live weights whose first decoy lands exactly on the upper on-code bound: a float32 checkpoint's decoy shift is
     # (step / 64) / step = 1/64 exactly, and on_high - 1/64 + 1/64 == on_high in float32

@@ -16,6 +16,11 @@ between the real and the decoy distributions of b (a pile near the boundary show
 codes as a deficit below b = 0.5), plus the fraction of weights exactly on a code other than the grid's end codes
 (where every block's absmax sits by construction): suspicious when partial, since a dequantized model has all its
 weights on codes and a clean one almost none.
+
+Weights that are exactly zero and on a code (zero is a code of every symmetric format) are left out of every count:
+they round to zero under every rule, so they cannot carry a quantization-conditioned difference, and pruned or sparse
+checkpoints hold many (a 2:4 sparse tensor half of its weights), which would otherwise read as weights pinned on an
+interior code, with decoys piled next to it. Where zero is not a code (affine formats) zeros stay in the statistic.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class CellScore:
     near_code_fraction: float = 0.0
     steerable: int = 0  # weights whose cell has two distinct codes (RoundingCells.steerable)
     repeated_fraction: float = 0.0  # share of weights repeating a value within their run of 32 (repeated_fraction)
+    zeros: int = 0  # weights exactly zero on a code: out of every count; the fractions are of the others
 
     @property
     def grid_aligned(self) -> bool:
@@ -160,6 +166,7 @@ class _Tally:
     live: int
     source: int
     decoy_on_code: int
+    zeros: int  # weights exactly zero and on a code, left out of every other count
     live_counts: torch.Tensor  # boundary histogram of the live weights
     decoy_counts: torch.Tensor  # boundary histogram of the in-cell decoys (zeros when none were asked for)
 
@@ -212,11 +219,13 @@ def _tally_reference(w: _Weights) -> _Tally:
     bottom, top = w.end_codes
     at_code = (cells.position < _ON_CODE) | (cells.position > 1.0 - _ON_CODE)
     on_grid = (values == near) | (values == lo) | (values == hi) | at_code
+    zero = on_grid & (values == 0)  # a zero on a code: left out of every count but `zeros`
+    on_grid &= ~zero
     end_code = (cells.nearest == bottom) | (cells.nearest == top)
     steerable = cells.steerable
     live = steerable & ~on_grid & ((hi - lo).abs() > 0)
     ulp = _storage_ulp(values, dtype)  # the checkpoint's lattice spacing per weight, computed once
-    near_code = on_grid | ~steerable | ((values - near).abs() <= 0.5 * ulp)
+    near_code = ~zero & (on_grid | ~steerable | ((values - near).abs() <= 0.5 * ulp))
     decoy_counts, source, decoy_on_code = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64), 0, 0
     if above is not None:
         # Decoy sources: every live weight, and every weight on an interior code (position 0 in the cell toward the
@@ -236,6 +245,7 @@ def _tally_reference(w: _Weights) -> _Tally:
         live=int(live.count_nonzero()),
         source=source,
         decoy_on_code=decoy_on_code,
+        zeros=int(zero.count_nonzero()),
         live_counts=_boundary_counts_reference(cells.position, live),
         decoy_counts=decoy_counts,
     )
@@ -275,15 +285,19 @@ def _refit_decoys(
     """Decoys for formats that fit their scales to the block (k-quants): the whole tensor shifted by k * h and
     quantized again, scale search included. A clean tensor's fit pulls weights toward codes (Q6_K weighs its fit
     by x^2: Kolmogorov distances to 0.07 against fixed-scale decoys on clean bf16 weights); the re-fitted decoys carry
-    the same pull, an attacker's alignment does not survive the shift. Costs one encode per shift."""
+    the same pull, an attacker's alignment does not survive the shift. Exact zeros are not shifted: a pruned tensor's
+    zeros sit at one position per block where zero is not a code (the affine k-quants), which shifted copies would
+    smear into a false excess (Q2_K, 2:4 sparse: 0.018 median); zeros cannot carry more than one shared offset per
+    block. Costs one encode per shift."""
     step = (hi - lo).abs()
     fallback = step[step > 0].median() if bool((step > 0).any()) else torch.ones((), dtype=step.dtype)
     h = _decoy_spacing(_storage_ulp(values, dtype), torch.where(step > 0, step, fallback))
     big = torch.finfo(torch.float32).max
     counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
     on_grid = []
+    zero = values == 0
     for k in REFIT_SHIFTS:
-        shifted = (values + k * h).clamp(-big, big)
+        shifted = torch.where(zero, values, values + k * h).clamp(-big, big)
         denc = fmt.encode(shifted)
         c = denc.cells
         dlo, dhi = fmt.code_values(denc, c.lower), fmt.code_values(denc, c.upper)
@@ -292,7 +306,7 @@ def _refit_decoys(
             _Weights(shifted, torch.float32, c, (dlo, dhi, None, None), (int(c.nearest.min()), int(c.nearest.max())))
         )
         counts += t.live_counts
-        on_grid.append(t.interior_on_grid / shifted.numel())
+        on_grid.append(t.interior_on_grid / max(shifted.numel() - t.zeros, 1))
     return counts, sum(on_grid) / len(on_grid)
 
 
@@ -317,10 +331,16 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
         code_values = (lo, hi, nearest, above)
     t = _tally(_Weights(values, x.dtype, cells, code_values, (bottom, top)))
     n = x.numel()
-    fractions = (t.on_grid / n, t.interior_on_grid / n)
+    judged = n - t.zeros  # the fractions are of the weights not exactly zero on a code
+    if judged == 0:  # nothing but zeros: every weight is its code's value
+        return CellScore(fmt.name, fmt.family, n, 0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, t.steerable, 0.0, t.zeros)
+    fractions = (t.on_grid / judged, t.interior_on_grid / judged)
+    near_code = t.near_code / judged
     repeated = repeated_fraction(values)
     if t.live == 0:
-        return CellScore(fmt.name, fmt.family, n, 0, 0.0, 0.0, *fractions, 0.0, t.near_code / n, t.steerable, repeated)
+        return CellScore(
+            fmt.name, fmt.family, n, 0, 0.0, 0.0, *fractions, 0.0, near_code, t.steerable, repeated, t.zeros
+        )
     if fmt.fits_scales:
         decoy_counts, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi)
     else:
@@ -338,9 +358,10 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
         on_grid_fraction=fractions[0],
         interior_on_grid_fraction=fractions[1],
         decoy_on_grid_fraction=decoy_on_grid,
-        near_code_fraction=t.near_code / n,
+        near_code_fraction=near_code,
         steerable=t.steerable,
         repeated_fraction=repeated,
+        zeros=t.zeros,
     )
 
 

@@ -390,7 +390,7 @@ def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 #: cell_tally's counts, in the order of the C enum (native.h)
-TALLY_FIELDS = ("on_grid", "interior_on_grid", "near_code", "steerable", "live", "source", "decoy_on_code")
+TALLY_FIELDS = ("on_grid", "interior_on_grid", "near_code", "steerable", "live", "source", "decoy_on_code", "zeros")
 _CELL_DTYPES = (torch.float32, torch.int32, torch.int32, torch.int32)  # position, lower, upper, nearest
 
 

@@ -150,12 +150,14 @@ VECTORIZED int cell_tally(const float *values, const float *position, const int3
             near_b = (near ? near : lo) + start;
             above_b = above ? above + start : near_b;
         }
-        int32_t on_grid_n = 0, interior_n = 0, near_n = 0, steerable_n = 0, live_n = 0, source_n = 0;
+        int32_t on_grid_n = 0, interior_n = 0, near_n = 0, steerable_n = 0, live_n = 0, source_n = 0, zeros_n = 0;
         for (int i = 0; i < n; ++i) {
             ptrdiff_t e = start + i;
             float v = values[e], p = position[e], l = lo_b[i], h = hi_b[i], nv = near_b[i];
             int32_t steerable = lower[e] != upper[e];
             int32_t on_grid = (v == nv) | (v == l) | (v == h) | (p < tp->on_low) | (p > tp->on_high);
+            int32_t zero = on_grid & (v == 0.0f); /* a zero on a code: left out of every count but TALLY_ZEROS */
+            on_grid &= !zero;
             int32_t interior = on_grid & (nearest[e] != tp->bottom) & (nearest[e] != tp->top);
             int32_t live = steerable & !on_grid & (fabsf(h - l) > 0.0f);
             float ulp = storage_ulp(v, tp);
@@ -168,7 +170,8 @@ VECTORIZED int cell_tally(const float *values, const float *position, const int3
             float spacing = spread > ulp ? spread : ulp; /* fmaxf (torch.maximum) without NaNs; fmaxf stays scalar */
             on_grid_n += on_grid;
             interior_n += interior;
-            near_n += on_grid | !steerable | (fabsf(v - nv) <= 0.5f * ulp);
+            near_n += !zero & (on_grid | !steerable | (fabsf(v - nv) <= 0.5f * ulp));
+            zeros_n += zero;
             steerable_n += steerable;
             live_n += live;
             source_n += source;
@@ -182,6 +185,7 @@ VECTORIZED int cell_tally(const float *values, const float *position, const int3
         t[TALLY_NEAR_CODE] += near_n;
         t[TALLY_STEERABLE] += steerable_n;
         t[TALLY_LIVE] += live_n;
+        t[TALLY_ZEROS] += zeros_n;
         for (int i = 0; i < n; ++i) live_hist[live_bin[i]] += 1;
         if (!in_cell) continue;
         t[TALLY_SOURCE] += source_n;

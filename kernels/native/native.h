@@ -106,7 +106,7 @@ struct tally_params {
     int cdf_points;
 };
 enum { TALLY_ON_GRID, TALLY_INTERIOR_ON_GRID, TALLY_NEAR_CODE, TALLY_STEERABLE, TALLY_LIVE, TALLY_SOURCE,
-       TALLY_DECOY_ON_CODE, TALLY_FIELDS };
+       TALLY_DECOY_ON_CODE, TALLY_ZEROS, TALLY_FIELDS };
 /* formats.base.CodeValueRule: code c of element e (flat index, counted from `first`) is worth
  * (table[c - first_code] * (negative[e] ? -1 : 1)) * scale[e / group] (+ shift[e / group]); `above`: the in-cell
  * decoys are asked for (the value of nearest's next interior code is computed) */
