@@ -70,6 +70,7 @@ class FormatFinding:
             "interior_on_grid_fraction": s.interior_on_grid_fraction,
             "decoy_on_grid_fraction": s.decoy_on_grid_fraction,
             "repeated_fraction": s.repeated_fraction,
+            "zeros_on_a_code": s.zeros,
             "suspicious": self.verdict.suspicious,
             "reasons": list(self.verdict.reasons),
         }
