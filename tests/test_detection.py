@@ -35,6 +35,7 @@ def test_dequantized_weights_are_on_grid_not_suspicious(fmt_name, margin, block)
     deq = fmt.dequantize(fmt.quantize(clean_weights(SEED)))
     score = cell_score(deq, fmt)
     assert score.on_grid_fraction > 0.99
+    assert score.off_grid == 0  # every weight on its code, zeros included (they are out of the counts, not live)
     assert not verdict(score).suspicious, score
 
 

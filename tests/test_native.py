@@ -323,6 +323,24 @@ def test_detector_tally_matches_reference(dtype):
         assert ref.source > 0 if code_values[3] is not None else ref.source == 0
 
 
+def test_detector_tally_leaves_zeros_on_a_code_out():
+    """Weights on a code are never live, zeros included: a zero on its cell's code is counted only as a zero (not on
+    the grid, not near a code, no decoy source), in the native pass and the reference alike."""
+    from qcbguard_kernels.detection import cell_statistic as cs
+
+    g = torch.Generator().manual_seed(SEED)
+    n = 4096
+    lower = torch.randint(1, 15, (n,), generator=g, dtype=torch.int32)
+    cells = RoundingCells(lower=lower, upper=lower + 1, position=torch.rand(n, generator=g), nearest=lower)
+    zero = torch.arange(n) % 2 == 0
+    lo = torch.where(zero, 0.0, torch.rand(n, generator=g) + 0.5)  # every weight sits on its lower code
+    values, hi = lo.clone(), lo + 0.1
+    weights = cs._Weights(values, torch.float32, cells, (lo, hi, lo, hi), (0, 16))
+    for tally in (cs._tally_reference(weights), cs._tally(weights)):
+        assert (tally.live, tally.zeros, tally.on_grid, tally.near_code) == (0, n // 2, n // 2, n // 2), tally
+        assert tally.source == n // 2  # the nonzero ones, pinned on an interior code
+
+
 @pytest.mark.parametrize("table_kind", ["gathered", "ramp", "e4m3"])
 def test_detector_tally_evaluates_code_value_rules(table_kind):
     """The counting pass with a CodeValueRule equals the pass reading the rule's values as arrays, for each way it

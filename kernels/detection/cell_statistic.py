@@ -219,11 +219,11 @@ def _tally_reference(w: _Weights) -> _Tally:
     bottom, top = w.end_codes
     at_code = (cells.position < _ON_CODE) | (cells.position > 1.0 - _ON_CODE)
     on_grid = (values == near) | (values == lo) | (values == hi) | at_code
-    zero = on_grid & (values == 0)  # a zero on a code: left out of every count but `zeros`
-    on_grid &= ~zero
     end_code = (cells.nearest == bottom) | (cells.nearest == top)
     steerable = cells.steerable
     live = steerable & ~on_grid & ((hi - lo).abs() > 0)
+    zero = on_grid & (values == 0)  # a zero on a code: left out of every count but `zeros`
+    on_grid &= ~zero
     ulp = _storage_ulp(values, dtype)  # the checkpoint's lattice spacing per weight, computed once
     near_code = ~zero & (on_grid | ~steerable | ((values - near).abs() <= 0.5 * ulp))
     decoy_counts, source, decoy_on_code = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64), 0, 0

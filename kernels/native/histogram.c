@@ -156,10 +156,10 @@ VECTORIZED int cell_tally(const float *values, const float *position, const int3
             float v = values[e], p = position[e], l = lo_b[i], h = hi_b[i], nv = near_b[i];
             int32_t steerable = lower[e] != upper[e];
             int32_t on_grid = (v == nv) | (v == l) | (v == h) | (p < tp->on_low) | (p > tp->on_high);
+            int32_t live = steerable & !on_grid & (fabsf(h - l) > 0.0f);
             int32_t zero = on_grid & (v == 0.0f); /* a zero on a code: left out of every count but TALLY_ZEROS */
             on_grid &= !zero;
             int32_t interior = on_grid & (nearest[e] != tp->bottom) & (nearest[e] != tp->top);
-            int32_t live = steerable & !on_grid & (fabsf(h - l) > 0.0f);
             float ulp = storage_ulp(v, tp);
             /* in-cell decoys: from every live weight, and from every weight on an interior code (position 0 in
              * the cell toward `above`, the code next to it) */
