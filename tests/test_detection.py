@@ -20,8 +20,10 @@ SEED = fresh_seed()
 BOX_ATTACKS = [("bnb_int8", 0.1, 1024), ("nf4", 0.01, 64), ("q4_0", 0.05, 32), ("q8_0", 0.1, 32)]
 
 
-@pytest.mark.parametrize(("fmt_name", "margin", "block"), BOX_ATTACKS)
-def test_clean_weights_are_not_flagged(fmt_name, margin, block):
+@pytest.mark.parametrize("fmt_name", format_names())
+def test_clean_weights_are_not_flagged(fmt_name):
+    """Continuous weights (Gaussian and heavy-tailed) stored in float32, bf16 and fp16 read as clean in every format
+    (measured over 8 seeds each: largest distance 0.006, fp8_per_tensor's 0.017 against its 0.05)."""
     fmt = get_format(fmt_name)
     for i, w in enumerate([clean_weights(SEED), clean_weights(SEED + 7, heavy=True)]):
         for stored in (w, w.bfloat16(), w.half()):
@@ -75,7 +77,7 @@ def _prune_magnitude(w: torch.Tensor, share: float) -> torch.Tensor:
     return torch.where(w.abs() <= threshold, torch.zeros_like(w), w)
 
 
-@pytest.mark.parametrize("fmt_name", [n for n in format_names() if n != "fp8_per_block"])
+@pytest.mark.parametrize("fmt_name", format_names())
 def test_pruned_weights_are_not_flagged(fmt_name):
     """Exact zeros on a code are left out of the statistic: a 2:4 sparse tensor (half of it zeros) and a 10%
     magnitude-pruned one read as clean in every format (before, zeros on the interior zero code of the symmetric
