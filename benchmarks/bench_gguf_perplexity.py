@@ -27,7 +27,10 @@ TEXT = ROOT / "benchmarks" / "realmodel" / "eval_text.txt"
 def perplexity(path: Path, text: str, ctx: int, threads: int) -> float:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_threads=threads, logits_all=True, verbose=False)
+    from benchmarks.llama_cpp_oracle import plain_cpu_buffers
+
+    with plain_cpu_buffers():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_threads=threads, logits_all=True, verbose=False)
     tokens = llm.tokenize(text.encode(), add_bos=False)
     nll, count = 0.0, 0
     for start in range(0, len(tokens) - 1, ctx - 1):

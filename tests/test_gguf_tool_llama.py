@@ -20,7 +20,7 @@ import llama_cpp  # make test builds llama-cpp-python 0.3.36 from source
 import numpy as np
 import pytest
 
-from benchmarks.llama_cpp_oracle import llama_quantize
+from benchmarks.llama_cpp_oracle import llama_quantize, plain_cpu_buffers
 from gguf_tools.cli import main as gguf_main
 from gguf_tools.mixtures import MIXTURES
 from gguf_tools.quantize import HARDENING_KEYS, QuantizeOptions, quantize_file
@@ -181,7 +181,8 @@ def test_hardened_output_differs_only_in_codes(models, tmp_path, seed_file, type
 
 
 def _logits(path: Path, tokens: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False, seed=0)
+    with plain_cpu_buffers():  # llama.cpp's repack / AMX buffers crash on AMX CPUs (benchmarks/llama_cpp_oracle.py)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False, seed=0)
     llm.eval(tokens)
     out = np.array(llm.scores[: len(tokens)], dtype=np.float64)
     text = llm.create_completion("hello world", max_tokens=8, temperature=0.0)["choices"][0]["text"]

@@ -37,7 +37,7 @@ from gguf_tools.tensors import read_rows
 from qcbguard_kernels import get_format
 from qcbguard_kernels.hardening import DeploymentSeed, HardeningConfig
 
-from ..llama_cpp_oracle import llama_quantize, quiet_stderr
+from ..llama_cpp_oracle import llama_quantize, model_params, quiet_stderr
 from .attack import AttackResult
 from .evaluate import Draws, score_deployment
 from .gguf_export import gguf_name, gguf_tensors, write_gguf
@@ -84,9 +84,7 @@ class LlamaCppModel:
         self._verbose = verbose
         self.n_seq = min(n_seq, llama_cpp.llama_max_parallel_sequences())
         with quiet_stderr(not verbose):
-            self._model = llama_cpp.llama_model_load_from_file(
-                str(path).encode(), llama_cpp.llama_model_default_params()
-            )
+            self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params())
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         params = llama_cpp.llama_context_default_params()
