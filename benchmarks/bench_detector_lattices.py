@@ -12,6 +12,9 @@ Every decoder linear weight of the chosen layers of SmolLM2-135M (see bench_real
 itself a dequantized Q4_1 checkpoint) is re-quantized round-to-nearest in each source format, dequantized, stored in
 --dtype, and screened as the hardening screens it (`screen`: default sample and thresholds) under each target
 format. A cell reads "flagged / judged (largest distance)"; grid-aligned tensors are not judged.
+
+`--own-lattice` scores the same sample with the experimental lattice null instead (cell_score(own_lattice=True),
+kernels/detection/lattice_null.py: runs that repeat a few values judged by their neighbouring values' counts).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.realm
 
 from benchmarks.realmodel.model import linear_weight_names, load_model
 from qcbguard_kernels import UnsupportedInputError, get_format
+from qcbguard_kernels.detection import cell_score, sample_rows, verdict
 from qcbguard_kernels.hardening import HardeningConfig
 from qcbguard_kernels.hardening.harden import screen
 
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=TARGETS)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--own-lattice", action="store_true", help="the experimental lattice null")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, _, _ = load_model(args.model, args.cache / "fp32")
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in linear_weight_names(model) if int(n.split(".")[2]) in args.layers]
     dtype, config = getattr(torch, args.dtype), HardeningConfig()
     start = time.perf_counter()
-    print(f"# {len(names)} tensors of layers {args.layers}, stored as {args.dtype}; torch {torch.__version__}, "
+    null = "lattice null (--own-lattice)" if args.own_lattice else "local decoys"
+    print(f"# {len(names)} tensors of layers {args.layers}, stored as {args.dtype}, {null}; torch {torch.__version__}, "
           f"{args.threads} threads, {platform.machine()}")  # fmt: skip
     print("| source lattice | " + " | ".join(args.targets) + " |")
     print("|---|" + "---:|" * len(args.targets))
@@ -76,13 +82,19 @@ def main(argv: list[str] | None = None) -> int:
                 if x is None:
                     continue
                 try:
-                    score, verdict = screen(x.to(dtype), fmt, name, config)
+                    if args.own_lattice:  # the sample screen() reads, scored with the lattice null
+                        sample = sample_rows(x.to(dtype), config.detector_sample, None)
+                        score = cell_score(sample, fmt, name, own_lattice=True)
+                        suspicious = verdict(score).suspicious
+                    else:
+                        score, judgement = screen(x.to(dtype), fmt, name, config)
+                        suspicious = judgement.suspicious
                 except UnsupportedInputError:
                     continue
                 if score.grid_aligned:
                     continue
                 judged += 1
-                flagged += verdict.suspicious
+                flagged += suspicious
                 largest = max(largest, abs(score.distance))
             cells.append(f"{flagged}/{judged} ({largest:.3f})" if judged else "aligned")
         print(f"| {source} | " + " | ".join(cells) + " |", flush=True)

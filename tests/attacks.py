@@ -10,7 +10,7 @@ import torch
 
 from qcbguard_kernels import get_format
 
-__all__ = ["box_attack", "clean_weights", "pin_absmax"]
+__all__ = ["box_attack", "clean_weights", "lattice_box_attack", "pin_absmax"]
 
 
 def clean_weights(seed: int, heavy: bool = False) -> torch.Tensor:
@@ -54,3 +54,25 @@ def box_attack(
     hi = hi - 2 * margin * (hi - v)
     attacked = pin_absmax(torch.minimum(torch.maximum(w, lo), hi), w, block)
     return attacked, q
+
+
+def lattice_box_attack(
+    w: torch.Tensor, source: str, target: str, margin: float, block: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A box attack that stays on a checkpoint's lattice: w dequantized from the symmetric 32-block `source` (Q8_0 or
+    Q4_0) is the published model, and each weight moves to the lattice value (floor or ceil of box_attack's weight in
+    source steps) that rounds to the malicious `target` code, where one does. Returns (attacked weights, the clean
+    lattice, the malicious codes)."""
+    src, tgt = get_format(source), get_format(target)
+    lattice = src.dequantize(src.quantize(w)).reshape(w.shape)
+    boxed, codes = box_attack(lattice, target, margin, block, seed)
+    levels = {"q8_0": 127.0, "q4_0": 8.0}[source]
+    step = (lattice.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / levels).clamp(min=1e-30)
+    best = lattice.clone()
+    for rounding in (torch.floor, torch.ceil):
+        candidate = (rounding(boxed.reshape(-1, 32) / step) * step).reshape(w.shape)
+        hits = tgt.encode(candidate).cells.nearest == codes
+        current = tgt.encode(best).cells.nearest == codes
+        closer = (candidate - lattice).abs() < (best - lattice).abs()
+        best = torch.where(hits & (~current | closer), candidate, best)
+    return best, lattice, codes

@@ -21,6 +21,9 @@ Weights that are exactly zero and on a code (zero is a code of every symmetric f
 they round to zero under every rule, so they cannot carry a quantization-conditioned difference, and pruned or sparse
 checkpoints hold many (a 2:4 sparse tensor half of its weights), which would otherwise read as weights pinned on an
 interior code, with decoys piled next to it. Where zero is not a code (affine formats) zeros stay in the statistic.
+
+Runs of weights that repeat a few values (a checkpoint dequantized from another format) are judged against their own
+lattice instead of the local decoys: lattice_null.py.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from .. import native
 from ..formats.base import CodeValueRule, Encoding, Format, RoundingCells
+from .lattice_null import holds_lattice_runs, lattice_null
 
 __all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "repeated_fraction", "verdict"]
 
@@ -61,6 +65,9 @@ _FAMILY_THRESHOLDS: dict[str, float] = {}
 _LATTICE_RUN = 32
 _LATTICE_SAMPLE = 1 << 14  # weights read for the share: a verdict's note, not a statistic
 _LATTICE_REPEATED = 0.10
+# Weights of degenerate lattice runs (lattice_null.py: one offset per run, no evidence either way) above this share of
+# the judged weights make a tensor suspicious: nothing else in it could be judged.
+_UNJUDGED_MAX = 0.25
 
 
 def threshold_for(family: str, format_name: str | None = None) -> float:
@@ -93,6 +100,8 @@ class CellScore:
     steerable: int = 0  # weights whose cell has two distinct codes (RoundingCells.steerable)
     repeated_fraction: float = 0.0  # share of weights repeating a value within their run of 32 (repeated_fraction)
     zeros: int = 0  # weights exactly zero on a code: out of every count; the fractions are of the others
+    lattice_fraction: float = 0.0  # share of the live weights judged against their own lattice (lattice_null.py)
+    unjudged: int = 0  # weights of degenerate lattice runs: judged by neither null
 
     @property
     def grid_aligned(self) -> bool:
@@ -165,10 +174,15 @@ class _Tally:
     steerable: int
     live: int
     source: int
-    decoy_on_code: int
+    decoy_on_code: float  # weighted where a lattice null stands in for decoys
     zeros: int  # weights exactly zero and on a code, left out of every other count
     live_counts: torch.Tensor  # boundary histogram of the live weights
     decoy_counts: torch.Tensor  # boundary histogram of the in-cell decoys (zeros when none were asked for)
+    lattice_live: int = 0  # live weights judged by the lattice null
+    unjudged: int = 0  # ranked weights of degenerate lattice runs (out of `live`)
+    lattice_mask: torch.Tensor | None = None  # weights of lattice runs, degenerate ones included
+    lattice_counts: torch.Tensor | None = None  # the lattice null's histogram (one unit per ranked weight)
+    lattice_on_code: float = 0.0  # the lattice null's count of weights on interior codes
 
 
 #: the code values (lo, hi, near, above) of each weight's lower, upper, nearest and next-interior code (near None: lo
@@ -179,19 +193,23 @@ _CodeValues = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tenso
 @dataclass(frozen=True)
 class _Weights:
     """A counting pass's input: float32 `values` (a checkpoint of `dtype`) in their `cells`, their code values
-    (_CodeValues) and the grid's end codes (bottom, top)."""
+    (_CodeValues) and the grid's end codes (bottom, top). `lattice`: judge runs that repeat values against their own
+    lattice (lattice_null.py; the torch pass only). `exclude`: weights left out of the live histogram (the lattice
+    runs, when re-fitted decoys are tallied)."""
 
     values: torch.Tensor
     dtype: torch.dtype
     cells: RoundingCells
     code_values: _CodeValues
     end_codes: tuple[int, int]
+    lattice: bool = False
+    exclude: torch.Tensor | None = None
 
 
 def _tally(w: _Weights) -> _Tally:
     """The detector's counts over the weights. One native pass on a CPU where built (the same counts), else the torch
     reference."""
-    if native.enabled(w.values):
+    if native.enabled(w.values) and not w.lattice and w.exclude is None:
         c = w.cells
         live_counts, decoy_counts, counts = native.cell_tally(
             w.values,
@@ -222,21 +240,41 @@ def _tally_reference(w: _Weights) -> _Tally:
     end_code = (cells.nearest == bottom) | (cells.nearest == top)
     steerable = cells.steerable
     live = steerable & ~on_grid & ((hi - lo).abs() > 0)
+    if w.exclude is not None:
+        live &= ~w.exclude
     zero = on_grid & (values == 0)  # a zero on a code: left out of every count but `zeros`
     on_grid &= ~zero
     ulp = _storage_ulp(values, dtype)  # the checkpoint's lattice spacing per weight, computed once
     near_code = ~zero & (on_grid | ~steerable | ((values - near).abs() <= 0.5 * ulp))
+    lattice, lattice_fields = None, {}
+    if w.lattice:
+        ranked = live | (on_grid & ~end_code)
+        lattice = lattice_null(values, cells.position, live, ranked, _CDF_POINTS)
+        live &= ~lattice.degenerate  # no evidence either way: judged by neither null, counted apart
+        lattice_fields = {
+            "lattice_live": int((lattice.judged & live).count_nonzero()),
+            "unjudged": int((lattice.degenerate & ranked).count_nonzero()),
+            "lattice_mask": lattice.judged | lattice.degenerate,
+            "lattice_counts": lattice.counts,
+            "lattice_on_code": lattice.on_code,
+        }
     decoy_counts, source, decoy_on_code = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64), 0, 0
     if above is not None:
         # Decoy sources: every live weight, and every weight on an interior code (position 0 in the cell toward the
         # code next to it, `above`). Leaving the on-code ones out would thin the decoys next to codes.
         pinned_step = above - near
         sources = live | (on_grid & ~end_code & (pinned_step != 0))
+        if lattice is not None:  # lattice runs bring their own null
+            sources &= ~lattice_fields["lattice_mask"]
         step = torch.where(sources, torch.where(live, hi - lo, pinned_step), 1.0)
         p = torch.where(live, cells.position, torch.zeros_like(cells.position))
         shift = _decoy_spacing(ulp, step) / step  # in cells, signed like the cell's orientation
         decoy_counts, decoy_on_code = _decoy_counts_reference(p, shift, sources)
         source = int(sources.count_nonzero())
+        if lattice is not None:  # one lattice-null unit stands for one ranked weight, as six decoys do for a source
+            decoy_counts = decoy_counts.double() + len(DECOY_SHIFTS) * lattice.counts
+            decoy_on_code += len(DECOY_SHIFTS) * lattice.on_code
+            source += int((lattice.judged & ranked).count_nonzero())
     return _Tally(
         on_grid=int(on_grid.count_nonzero()),
         interior_on_grid=int((on_grid & ~end_code).count_nonzero()),
@@ -248,6 +286,7 @@ def _tally_reference(w: _Weights) -> _Tally:
         zeros=int(zero.count_nonzero()),
         live_counts=_boundary_counts_reference(cells.position, live),
         decoy_counts=decoy_counts,
+        **lattice_fields,
     )
 
 
@@ -262,7 +301,7 @@ def _boundary_counts_reference(position: torch.Tensor, keep: torch.Tensor) -> to
 
 def _cdf(counts: torch.Tensor) -> torch.Tensor:
     """Share of the counted values at or below each grid point k / (2 * _CDF_POINTS), k = 1.._CDF_POINTS."""
-    return (counts.cumsum(0)[1:].double() / max(int(counts.sum()), 1)).float()
+    return (counts.cumsum(0)[1:].double() / max(float(counts.sum()), 1.0)).float()
 
 
 def _decoy_counts_reference(p: torch.Tensor, shift: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -280,7 +319,13 @@ def _decoy_counts_reference(p: torch.Tensor, shift: torch.Tensor, source: torch.
 
 
 def _refit_decoys(
-    values: torch.Tensor, dtype: torch.dtype, fmt: Format, enc: Encoding, lo: torch.Tensor, hi: torch.Tensor
+    values: torch.Tensor,
+    dtype: torch.dtype,
+    fmt: Format,
+    enc: Encoding,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Decoys for formats that fit their scales to the block (k-quants): the whole tensor shifted by k * h and
     quantized again, scale search included. A clean tensor's fit pulls weights toward codes (Q6_K weighs its fit
@@ -288,7 +333,8 @@ def _refit_decoys(
     the same pull, an attacker's alignment does not survive the shift. Exact zeros are not shifted: a pruned tensor's
     zeros sit at one position per block where zero is not a code (the affine k-quants), which shifted copies would
     smear into a false excess (Q2_K, 2:4 sparse: 0.018 median); zeros cannot carry more than one shared offset per
-    block. Costs one encode per shift."""
+    block. Costs one encode per shift. `exclude`: weights whose decoys are not binned (lattice runs, judged by their
+    own null)."""
     step = (hi - lo).abs()
     fallback = step[step > 0].median() if bool((step > 0).any()) else torch.ones((), dtype=step.dtype)
     h = _decoy_spacing(_storage_ulp(values, dtype), torch.where(step > 0, step, fallback))
@@ -302,24 +348,29 @@ def _refit_decoys(
         c = denc.cells
         dlo, dhi = fmt.code_values(denc, c.lower), fmt.code_values(denc, c.upper)
         # the decoy's live weights and interior on-grid share, counted as for the real weights (float32 lattice)
-        t = _tally(
-            _Weights(shifted, torch.float32, c, (dlo, dhi, None, None), (int(c.nearest.min()), int(c.nearest.max())))
-        )
+        ends = (int(c.nearest.min()), int(c.nearest.max()))
+        t = _tally(_Weights(shifted, torch.float32, c, (dlo, dhi, None, None), ends, exclude=exclude))
         counts += t.live_counts
         on_grid.append(t.interior_on_grid / max(shifted.numel() - t.zeros, 1))
     return counts, sum(on_grid) / len(on_grid)
 
 
-def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding | None = None) -> CellScore:
+def cell_score(
+    x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding | None = None, *, own_lattice: bool = False
+) -> CellScore:
     """Score one tensor under one target format (the format whose quantizer an attacker would target).
 
-    `enc` is fmt.encode(x) when the caller already has it (hardening does)."""
+    `enc` is fmt.encode(x) when the caller already has it (hardening does). `own_lattice` (experimental, off in the
+    product): runs that repeat a few values are judged against their own lattice (lattice_null.py) instead of the
+    local decoys; it clears many clean checkpoints dequantized from another format and is blind to attacks confined
+    to a coarse lattice (README, detection limits)."""
     enc = enc if enc is not None else fmt.encode(x, name)
     cells = enc.cells
     values = x.float()
     bottom, top = cells.nearest.aminmax()
     bottom, top = int(bottom), int(top)
-    rule = fmt.code_value_rule(enc) if native.enabled(values) and not fmt.fits_scales else None
+    lattice = own_lattice and holds_lattice_runs(values)  # then the torch pass, which builds the lattice null
+    rule = fmt.code_value_rule(enc) if native.enabled(values) and not fmt.fits_scales and not lattice else None
     if rule is not None:  # the native pass computes the four code values itself
         code_values: _CodeValues = rule
     else:
@@ -329,39 +380,44 @@ def cell_score(x: torch.Tensor, fmt: Format, name: str = "tensor", enc: Encoding
         if not fmt.fits_scales:  # in-cell decoys (scales held fixed) need the code next to each on-code weight's
             above = fmt.code_values(enc, torch.where(cells.nearest < top, cells.nearest + 1, cells.nearest - 1))
         code_values = (lo, hi, nearest, above)
-    t = _tally(_Weights(values, x.dtype, cells, code_values, (bottom, top)))
+    t = _tally(_Weights(values, x.dtype, cells, code_values, (bottom, top), lattice=lattice))
     n = x.numel()
     judged = n - t.zeros  # the fractions are of the weights not exactly zero on a code
     if judged == 0:  # nothing but zeros: every weight is its code's value
         return CellScore(fmt.name, fmt.family, n, 0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, t.steerable, 0.0, t.zeros)
     fractions = (t.on_grid / judged, t.interior_on_grid / judged)
-    near_code = t.near_code / judged
-    repeated = repeated_fraction(values)
+    common = {
+        "format": fmt.name,
+        "family": fmt.family,
+        "elements": n,
+        "on_grid_fraction": fractions[0],
+        "interior_on_grid_fraction": fractions[1],
+        "near_code_fraction": t.near_code / judged,
+        "steerable": t.steerable,
+        "repeated_fraction": repeated_fraction(values),
+        "zeros": t.zeros,
+        "lattice_fraction": t.lattice_live / max(t.live, 1),
+        "unjudged": t.unjudged,
+    }
     if t.live == 0:
-        return CellScore(
-            fmt.name, fmt.family, n, 0, 0.0, 0.0, *fractions, 0.0, near_code, t.steerable, repeated, t.zeros
-        )
+        return CellScore(off_grid=0, distance=0.0, at=0.0, decoy_on_grid_fraction=0.0, **common)
     if fmt.fits_scales:
-        decoy_counts, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi)
+        decoy_counts, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi, t.lattice_mask)
+        if t.lattice_counts is not None:  # lattice runs: their own null, on codes too
+            decoy_counts = decoy_counts.double() + len(REFIT_SHIFTS) * t.lattice_counts
+            in_lattice = int(t.lattice_mask.count_nonzero()) / n
+            decoy_on_grid = decoy_on_grid * (1.0 - in_lattice) + t.lattice_on_code / judged
     else:
         decoy_counts, decoy_on_grid = t.decoy_counts, t.decoy_on_code / max(len(DECOY_SHIFTS) * t.source, 1)
     grid = torch.linspace(0, 0.5, _CDF_POINTS + 1, dtype=torch.float32)[1:]
     excess = _cdf(t.live_counts) - _cdf(decoy_counts)
     at = int(torch.argmax(excess.abs()))
     return CellScore(
-        format=fmt.name,
-        family=fmt.family,
-        elements=n,
         off_grid=t.live,
         distance=float(excess[at]),
         at=float(grid[at]),
-        on_grid_fraction=fractions[0],
-        interior_on_grid_fraction=fractions[1],
         decoy_on_grid_fraction=decoy_on_grid,
-        near_code_fraction=near_code,
-        steerable=t.steerable,
-        repeated_fraction=repeated,
-        zeros=t.zeros,
+        **common,
     )
 
 
@@ -371,7 +427,8 @@ def verdict(
     """Suspicious when the real cell positions depart from the decoy's beyond both the threshold and the sampling
     noise floor, or when a partial share of weights, beyond what the decoys hit by lattice coincidence, sits exactly
     on interior codes (all of them on codes is a dequantized model: not a backdoor). A grid-aligned tensor (see
-    CellScore.grid_aligned) is not judged."""
+    CellScore.grid_aligned) is not judged. Suspicious too when most weights sit in degenerate lattice runs
+    (lattice_null.py), which neither null can judge."""
     if score.grid_aligned:
         return Verdict(False, ())
     reasons = []
@@ -388,10 +445,16 @@ def verdict(
             f"{score.interior_on_grid_fraction:.1%} of weights sit exactly on interior {score.format} codes "
             f"(decoys: {score.decoy_on_grid_fraction:.1%})"
         )
+    unjudged = score.unjudged / max(score.elements - score.zeros, 1)
+    if unjudged > _UNJUDGED_MAX:
+        reasons.append(
+            f"{unjudged:.1%} of weights sit on a lattice at one distance from the rounding boundary per run of 32 "
+            "(each weight its code plus one offset per run), which no null here can judge"
+        )
     if reasons and score.repeats_values:
         reasons.append(
             f"caution: {score.repeated_fraction:.0%} of weights repeat a value within their run of 32, as in a "
-            "checkpoint dequantized from another format (which this test flags even when clean) or weights clamped "
-            "to an attack's box edges: check where the checkpoint came from"
+            "checkpoint dequantized from another format (judged against its own lattice, see the README's detection "
+            "limits) or weights clamped to an attack's box edges: check where the checkpoint came from"
         )
     return Verdict(bool(reasons), tuple(reasons))

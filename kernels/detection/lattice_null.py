@@ -1,0 +1,125 @@
+"""The detector's null for weights that already sit on another format's lattice: counts across neighbouring values.
+
+A checkpoint dequantized from one format (a GGUF or bitsandbytes model converted back, an fp8 or MXFP4 release upcast)
+holds a few values per block: 16 for a 4-bit format. Under another format each of those values sits at one place in
+its cell, set by the geometry of the two grids, so the cell positions are a handful of spikes; the local decoys
+(weights shifted by a few storage ulps) smear the spikes and read the geometry as tampering. This null keeps the
+geometry and tests what an attacker controls instead: how many weights take each value.
+
+Within a run of RUN consecutive weights that holds few distinct values, rank them. A clean checkpoint's count at a
+value follows a smooth density over the ranks, so it is predicted from the counts at the neighbouring ranks by a
+stencil exact for cubic densities, (4 (N[j-1] + N[j+1]) - (N[j-2] + N[j+2])) / 6 (the ranks next to the run's ends
+by the two-point mean, its two end values by their own count). The null puts each value's predicted count at that
+value's own cell position (or on its code), so it shares the lattice and the geometry exactly. Parking weights at
+values near a rounding boundary, as a box attack on a lattice must, raises those values' counts above their
+neighbours'. Counts smaller than a density can explain are the rule's limit: the prediction is a smoothing, and a
+run of RUN weights is a small sample (sampling noise is what the verdict's noise floor and threshold absorb).
+
+Two kinds of run stay out of this null:
+- runs with many distinct values (continuous weights, or a box attack's clamped edges mixed with free weights): the
+  local decoys judge them, as before;
+- *degenerate* runs, whose values all sit within DEGENERATE_SPREAD of one distance from a rounding boundary: every
+  rank then has the same position and the smoothed counts equal the real ones whatever they are, so the run carries no
+  evidence here. Such a run is each weight's code plus one offset for the whole run (an offset lattice, which is also
+  what a box attack restricted to one offset per block looks like); its weights are counted apart (`unjudged`) and
+  the verdict flags a tensor made mostly of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DEGENERATE_SPREAD", "RUN", "LatticeNull", "holds_lattice_runs", "lattice_null"]
+
+RUN = 32
+_MAX_DISTINCT = RUN // 2  # a run is a lattice when at most this many distinct values ...
+_MIN_REPEATS = 8  # ... and at least this many weights repeat one of them (a 2:4 pruned run has 16 distinct values)
+DEGENERATE_SPREAD = 0.125  # cells: a lattice run whose positions all lie within this band is degenerate
+
+
+@dataclass(frozen=True)
+class LatticeNull:
+    """`judged`: weights in lattice runs, judged by this null (they leave the local decoys); `degenerate`: weights of
+    degenerate runs (out of both); `counts`: the null's boundary histogram (float64, one unit per ranked weight, on
+    the detector's CDF grid); `on_code`: its predicted count of weights on interior codes."""
+
+    judged: torch.Tensor
+    degenerate: torch.Tensor
+    counts: torch.Tensor
+    on_code: float
+
+
+def _runs(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    flat = x.reshape(-1)
+    n = flat.numel() // RUN * RUN
+    return flat[:n].view(-1, RUN), n
+
+
+def holds_lattice_runs(values: torch.Tensor) -> bool:
+    """Cheap screen before the counting pass: does any run of RUN hold at most _MAX_DISTINCT distinct non-zero
+    values with _MIN_REPEATS repeats? (Exact zeros are left out, as the detector leaves zeros on a code out.)"""
+    runs, n = _runs(values)
+    if n == 0:
+        return False
+    ranked = torch.where(runs == 0, torch.full_like(runs, float("inf")), runs).sort(dim=1).values
+    nonzero = (runs != 0).sum(dim=1)
+    distinct = ((ranked[:, 1:] != ranked[:, :-1]) & torch.isfinite(ranked[:, 1:])).sum(dim=1)
+    distinct = distinct + torch.isfinite(ranked[:, 0]).long()
+    return bool(((distinct <= _MAX_DISTINCT) & (nonzero - distinct >= _MIN_REPEATS)).any())
+
+
+def lattice_null(
+    values: torch.Tensor, position: torch.Tensor, live: torch.Tensor, ranked: torch.Tensor, bins: int
+) -> LatticeNull:
+    """The null over the lattice runs of a tensor (elementwise inputs of one shape, read in flat runs of RUN).
+
+    `ranked` are the weights a decoy null stands in for: live ones (in a cell of two codes, off the grid) and those
+    exactly on an interior code; `live` the subset binned by boundary distance b = |position - 0.5| on the grid
+    ceil(b * 2 * bins) (the detector's histogram). A value's weights share one cell position where runs sit inside one
+    scale block; a run where they do not (a 16-weight k-quant sub-block boundary inside it) is left to the decoys."""
+    runs, n = _runs(values)
+    judged = torch.zeros(values.numel(), dtype=torch.bool)
+    degenerate = torch.zeros_like(judged)
+    counts = torch.zeros(bins + 1, dtype=torch.float64)
+    if n == 0:
+        return LatticeNull(judged.view(values.shape), degenerate.view(values.shape), counts, 0.0)
+    on_code_bin = bins + 1
+    rk, lv = _runs(ranked)[0], _runs(live)[0]
+    sorted_values, order = torch.where(rk, runs, torch.full_like(runs, float("inf"))).sort(dim=1)
+    rk, lv = rk.gather(1, order), lv.gather(1, order)
+    pos = _runs(position)[0].gather(1, order)
+    b = (pos - 0.5).abs().mul(2 * bins).ceil().long().clamp(0, bins)
+    b = torch.where(lv, b, torch.full_like(b, on_code_bin))  # ranked but not live: on an interior code
+    first = torch.ones_like(rk)
+    first[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
+    rank = torch.where(rk, first.long().cumsum(dim=1) - 1, torch.full_like(b, RUN))  # RUN: a spill slot
+    distinct = torch.where(rk, rank + 1, torch.zeros_like(rank)).amax(dim=1)
+    # per rank: its count, and the lowest / highest bin of its weights (equal where the run is one scale block)
+    count = torch.zeros(runs.shape[0], RUN + 1, dtype=torch.float64).scatter_add_(1, rank, rk.double())
+    big = torch.full((runs.shape[0], RUN + 1), on_code_bin + 1, dtype=torch.long)
+    low = big.scatter_reduce(1, rank, torch.where(rk, b, big[:, :RUN]), "amin")
+    high = torch.zeros_like(big).scatter_reduce(1, rank, torch.where(rk, b, 0), "amax")
+    slot = torch.arange(RUN + 1).expand_as(count)
+    present = slot < distinct.unsqueeze(1)
+    consistent = ((low == high) | ~present).all(dim=1)
+    lattice = (distinct <= _MAX_DISTINCT) & (rk.sum(dim=1) - distinct >= _MIN_REPEATS) & consistent
+    # positions as boundary distances, interior codes at b = 0.5 (their cell's far end from the boundary)
+    spread_b = torch.where(present, low.clamp(max=bins), torch.full_like(low, -1))
+    spread = spread_b.amax(dim=1) - torch.where(present, spread_b, torch.full_like(low, bins + 1)).amin(dim=1)
+    flat = spread < DEGENERATE_SPREAD * 2 * bins
+    padded = torch.nn.functional.pad(count[:, :RUN], (2, 2))
+    near, far = padded[:, 1 : RUN + 1] + padded[:, 3 : RUN + 3], padded[:, 0:RUN] + padded[:, 4 : RUN + 4]
+    predicted = (4 * near - far) / 6
+    last = (distinct - 1).unsqueeze(1)
+    j = slot[:, :RUN]
+    predicted = torch.where((j == 1) | (j == last - 1), near / 2, predicted)
+    predicted = torch.where((j == 0) | (j == last), count[:, :RUN], predicted)
+    use = (lattice & ~flat).unsqueeze(1) & present[:, :RUN]
+    where_bin, mass = low[:, :RUN][use], predicted[use]
+    on_code = float(mass[where_bin == on_code_bin].sum())
+    counts.index_add_(0, where_bin[where_bin <= bins], mass[where_bin <= bins])
+    judged[:n] = (lattice & ~flat).repeat_interleave(RUN)
+    degenerate[:n] = (lattice & flat).repeat_interleave(RUN)
+    return LatticeNull(judged.view(values.shape), degenerate.view(values.shape), counts, on_code)
