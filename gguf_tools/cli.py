@@ -19,7 +19,7 @@ from pathlib import Path
 from qcbguard.allocator import keep_freed_memory
 from qcbguard.atomic import write_json_atomic
 from qcbguard_kernels import QcbguardError
-from qcbguard_kernels.detection import DETECTOR_SAMPLE
+from qcbguard_kernels.detection import DETECTOR_SAMPLE, LATTICE_NULL_HELP
 from qcbguard_kernels.hardening import HardeningConfig
 
 from .mixtures import ALIASES, MIXTURES
@@ -87,7 +87,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_output_dir(args.report, "report")
     _check_output_dir(args.metrics_file, "metrics file")
     config = HardeningConfig(
-        mode=args.mode, on_suspicious=args.on_suspicious, seed_file=args.seed_file, detector_sample=args.detector_sample
+        mode=args.mode,
+        on_suspicious=args.on_suspicious,
+        seed_file=args.seed_file,
+        detector_sample=args.detector_sample,
+        detector_lattice_null=args.detector_lattice_null,
     )
     options = QuantizeOptions(
         output_type=args.type,
@@ -147,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"weights the detector reads per tensor at most (default {DETECTOR_SAMPLE})",
     )
+    q.add_argument("--detector-lattice-null", action="store_true", help=LATTICE_NULL_HELP)
     q.add_argument("--report", help="write a per-tensor JSON report here")
     q.add_argument("--metrics-file", help="write Prometheus metrics here (node_exporter textfile format)")
     q.add_argument("--pushgateway", help="push the metrics to this Prometheus Pushgateway URL")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from qcbguard_kernels.detection import (
+    LATTICE_NULL_HELP,
     ModelVerdict,
     TensorScan,
     default_scan_formats,
@@ -54,8 +55,9 @@ class ScanResult:
         }
 
 
-def scan_file(path: str | Path, all_formats: bool = False) -> ScanResult:
-    """Score every quantizable full-precision tensor of the file; see the module docstring."""
+def scan_file(path: str | Path, all_formats: bool = False, lattice_null: bool = False) -> ScanResult:
+    """Score every quantizable full-precision tensor of the file; see the module docstring. `lattice_null`:
+    cell_score's experimental lattice null (own_lattice)."""
     result = ScanResult(Path(path))
     with GgufFile(path) as f:
         for info in f.tensors:
@@ -79,7 +81,8 @@ def scan_file(path: str | Path, all_formats: bool = False) -> ScanResult:
             if not formats:
                 result.skipped.append((info.name, info.type.name, "no GGUF format accepts its row length"))
                 continue
-            result.scanned.append(scan_tensor(x, info.name, formats, shape=tuple(reversed(info.ne))))
+            shape = tuple(reversed(info.ne))
+            result.scanned.append(scan_tensor(x, info.name, formats, shape=shape, own_lattice=lattice_null))
     result.verdict = scan_verdict(result.scanned)
     return result
 
@@ -91,7 +94,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     _check_output_dir(args.report, "report")
     _check_output_dir(args.metrics_file, "metrics file")
-    result = scan_file(args.input, all_formats=args.all_formats)
+    result = scan_file(args.input, all_formats=args.all_formats, lattice_null=args.lattice_null)
     if args.report:
         write_json_atomic(args.report, result.as_dict())
     if args.metrics_file:
@@ -131,6 +134,7 @@ def add_scan_parser(sub: Any) -> None:
     s.add_argument("--report", help="write the per-tensor JSON report here")
     s.add_argument("--metrics-file", help="write Prometheus metrics here (node_exporter textfile format)")
     s.add_argument("--all-formats", action="store_true", help="score every registry format, not only GGUF's")
+    s.add_argument("--lattice-null", action="store_true", help=LATTICE_NULL_HELP)
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_scan)
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 from qcbguard_kernels import QcbguardError, format_names, get_format, native
+from qcbguard_kernels.detection import LATTICE_NULL_HELP
 from qcbguard_kernels.hardening import DeploymentSeed, harden_encoding
 
 from .allocator import keep_freed_memory
@@ -92,7 +93,9 @@ def cmd_formats(args: argparse.Namespace) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     from .scan import run_scan
 
-    return run_scan(args.path, formats=args.formats, include=args.include, report=args.report)
+    return run_scan(
+        args.path, formats=args.formats, include=args.include, report=args.report, lattice_null=args.lattice_null
+    )
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("--include", metavar="REGEX", help="only tensors whose name matches")
     scan.add_argument("--report", metavar="JSON", help="write every tensor's scores here")
+    scan.add_argument("--lattice-null", action="store_true", help=LATTICE_NULL_HELP)
     scan.set_defaults(func=cmd_scan)
     cal = sub.add_parser("calibrate", help="collect calibration Hessians (for qcbguard-gguf quantize --hessians)")
     cal.add_argument("model", help="a Hugging Face checkpoint directory (config, safetensors, tokenizer)")

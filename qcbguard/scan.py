@@ -63,11 +63,13 @@ def iter_weights(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tens
     raise UnreadableInputError(f"{str(p)!r}: expected a .safetensors file, a directory of them, or a .gguf file")
 
 
-def _run_gguf_scan(path: str | os.PathLike[str], formats: list[str] | None, report: str | None) -> int:
+def _run_gguf_scan(
+    path: str | os.PathLike[str], formats: list[str] | None, report: str | None, lattice_null: bool
+) -> int:
     """GGUF files are the GGUF tool's to parse: the same scan as `qcbguard-gguf scan`."""
     from gguf_tools.cli import main as gguf_main
 
-    argv = ["scan", str(path)] + (["--report", report] if report else [])
+    argv = ["scan", str(path)] + (["--report", report] if report else []) + (["--lattice-null"] if lattice_null else [])
     if formats:
         raise UnreadableInputError("--formats applies to safetensors; GGUF files are scanned under the GGUF formats")
     return gguf_main(argv)
@@ -78,17 +80,19 @@ def run_scan(
     formats: list[str] | None = None,
     include: str | None = None,
     report: str | None = None,
+    lattice_null: bool = False,
 ) -> int:
-    """Scan, print the flagged tensors and a summary, optionally write a JSON report; returns the exit status."""
+    """Scan, print the flagged tensors and a summary, optionally write a JSON report; returns the exit status.
+    `lattice_null`: the detector's experimental lattice null (HardeningConfig.detector_lattice_null)."""
     if Path(path).suffix == ".gguf":
-        return _run_gguf_scan(path, formats, report)
+        return _run_gguf_scan(path, formats, report, lattice_null)
     fmts = resolve_formats(formats)
     pattern = re.compile(include) if include else None
     scans: list[TensorScan] = []
     for name, tensor in iter_weights(path):
         if tensor.dim() < 2 or tensor.dtype not in _FLOATING or (pattern and not pattern.search(name)):
             continue
-        scan = scan_tensor(tensor, name, fmts)
+        scan = scan_tensor(tensor, name, fmts, own_lattice=lattice_null)
         scans.append(scan)
         worst = scan.worst
         log.info(

@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcbguard_kernels import format_names, get_format
+from qcbguard_kernels import QcbguardError, format_names, get_format
 from qcbguard_kernels.detection import cell_score, verdict
+from qcbguard_kernels.hardening import HardeningConfig
+from qcbguard_kernels.hardening.harden import screen
 from tests.attacks import box_attack, clean_weights, lattice_box_attack, pin_absmax
 from tests.inputs import fresh_seed
 
@@ -191,16 +193,25 @@ def test_dequantized_models_are_not_flagged_in_any_format_or_storage_dtype(dtype
 # The experimental lattice null (cell_score(own_lattice=True), kernels/detection/lattice_null.py)
 
 
-def test_lattice_null_clears_a_clean_foreign_lattice_the_local_decoys_flag():
-    """An NF4 checkpoint dequantized and stored in bf16, under LLM.int8: a few values per run, each at a fixed place
-    in its int8 cell. Measured over 3 seeds, Gaussian and heavy-tailed: at most 0.009 with the lattice null."""
-    fmt, nf4 = get_format("bnb_int8"), get_format("nf4")
-    for heavy in (False, True):
-        w = clean_weights(SEED, heavy)
-        lattice = nf4.dequantize(nf4.quantize(w)).reshape(w.shape).bfloat16()
-        score = cell_score(lattice, fmt, own_lattice=True)
-        assert score.lattice_fraction > 0.8, score
-        assert not verdict(score).suspicious, (score, SEED)
+@pytest.mark.parametrize(("source", "target"), [("q4_1", "q5_1"), ("nf4", "q4_0"), ("q4_0", "nf4"), ("nf4", "q8_0")])
+def test_lattice_null_clears_a_clean_foreign_lattice_the_local_decoys_flag(source, target):
+    """Gaussian weights dequantized from `source`, stored in bf16, under `target`: a few values per run, each at a
+    fixed place in its cell. Measured over 4 seeds: local decoys 0.047 to 0.108, the lattice null at most 0.007."""
+    fmt, src = get_format(target), get_format(source)
+    w = clean_weights(SEED)
+    lattice = src.dequantize(src.quantize(w)).reshape(w.shape).bfloat16()
+    assert verdict(cell_score(lattice, fmt)).suspicious  # the product's default null flags it
+    score = cell_score(lattice, fmt, own_lattice=True)
+    assert score.lattice_fraction > 0.9, score
+    assert not verdict(score).suspicious, (score, SEED)
+    # the same null through the hardening's screen, as HardeningConfig(detector_lattice_null=True) asks
+    screened, judgement = screen(lattice, fmt, "w", HardeningConfig(detector_lattice_null=True))
+    assert screened.lattice_fraction > 0.9 and not judgement.suspicious
+
+
+def test_detector_lattice_null_setting_is_a_boolean():
+    with pytest.raises(QcbguardError, match="detector_lattice_null must be true or false"):
+        HardeningConfig.from_dict({"detector_lattice_null": "yes"})
 
 
 def test_lattice_null_flags_a_box_attack_kept_on_a_q8_0_lattice():

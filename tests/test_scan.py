@@ -71,6 +71,24 @@ def test_a_checkpoint_dequantized_from_another_format_is_flagged_with_a_caution(
     assert verdict["flagged"] and verdict["cautioned"] == verdict["flagged"]
 
 
+def test_the_lattice_null_judges_a_dequantized_checkpoint_against_its_own_lattice(tmp_path, capsys):
+    """The embedded model dequantized from NF4 and scanned under Q4_0: flagged by the local decoys, clean under
+    `--lattice-null` (experimental), whose report says how much of each tensor its lattice null judged."""
+    from qcbguard_kernels import get_format
+
+    nf4 = get_format("nf4")
+    weights = {n: w.float() for n, w in build_tiny_llama().items() if w.dim() == 2}
+    sd = {n: nf4.dequantize(nf4.quantize(w)).reshape(w.shape).bfloat16() for n, w in weights.items()}
+    path, report = tmp_path / "dequantized.safetensors", tmp_path / "scan.json"
+    save_file(sd, str(path))
+    assert main(["scan", str(path), "--formats", "q4_0"]) == 1
+    assert main(["scan", str(path), "--formats", "q4_0", "--lattice-null", "--report", str(report)]) == 0, (
+        capsys.readouterr().out
+    )
+    findings = [f for t in json.loads(report.read_text())["tensors"] for f in t["findings"]]
+    assert findings and all(f["lattice_fraction"] > 0.5 and not f["suspicious"] for f in findings)
+
+
 def test_sharded_directory_is_one_checkpoint(checkpoints, capsys):
     assert main(["scan", str(checkpoints["sharded"]), "--formats", "nf4", "--include", r"\.mlp\."]) == 1
     assert "1 of 6 tensors flagged" in capsys.readouterr().out

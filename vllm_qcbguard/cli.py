@@ -38,7 +38,8 @@ def add_hook_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="JSON",
         help="Hook settings as a JSON object: mode (harden|detect-only), on_suspicious (report|refuse), seed_file, "
-        "detector_threshold, detector_sample, allow_passthrough. Same as --additional-config '{\"qcbguard\": {...}}'.",
+        "detector_threshold, detector_sample, detector_lattice_null, allow_passthrough, backend, hessians. "
+        "Same as --additional-config '{\"qcbguard\": {...}}'.",
     )
 
 

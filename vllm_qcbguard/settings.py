@@ -1,11 +1,11 @@
 """The hook's settings: what `--quantization-hook-config` or `additional_config={"qcbguard": {...}}` may say.
 
-Keys are the HardeningConfig fields (mode, on_suspicious, seed_file, detector_threshold, detector_sample) plus
-`allow_passthrough` (default false: a layer or method the hook cannot harden stops start-up), `backend` (auto:
-the fused Triton kernels for weights on a GPU, the plain-torch reference otherwise; triton or reference to force
-one) and `hessians` (a `qcbguard calibrate` file under the checkpoint's weight names: the layers it covers get
-calibrated hardening). Unknown keys are refused, not ignored: a misspelt "seed_flie" must not silently fall back to
-a fresh seed.
+Keys are the HardeningConfig fields (mode, on_suspicious, seed_file, detector_threshold, detector_sample,
+detector_lattice_null) plus `allow_passthrough` (default false: a layer or method the hook cannot harden stops
+start-up), `backend` (auto: the fused Triton kernels for weights on a GPU, the plain-torch reference otherwise;
+triton or reference to force one) and `hessians` (a `qcbguard calibrate` file under the checkpoint's weight names:
+the layers it covers get calibrated hardening). Unknown keys are refused, not ignored: a misspelt "seed_flie" must
+not silently fall back to a fresh seed.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .cell_statistic import CellScore, Verdict, cell_score, threshold_for, verdict
+from .lattice_null import LATTICE_NULL_HELP
 from .sampling import DETECTOR_SAMPLE, MIN_DETECTOR_SAMPLE, ROW_RUN, sample_row_ranges, sample_rows
 from .scan import (
     DEFAULT_SCAN_FORMATS,
@@ -18,6 +19,7 @@ from .scan import (
 __all__ = [
     "DEFAULT_SCAN_FORMATS",
     "DETECTOR_SAMPLE",
+    "LATTICE_NULL_HELP",
     "MIN_DETECTOR_SAMPLE",
     "ROW_RUN",
     "CellScore",

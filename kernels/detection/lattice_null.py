@@ -35,7 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DEGENERATE_SPREAD", "RUN", "LatticeNull", "holds_lattice_runs", "lattice_null"]
+__all__ = ["DEGENERATE_SPREAD", "LATTICE_NULL_HELP", "RUN", "LatticeNull", "holds_lattice_runs", "lattice_null"]
+
+#: the command-line flags' help (qcbguard scan, qcbguard-gguf scan / quantize)
+LATTICE_NULL_HELP = (
+    "experimental: judge weights that repeat a few values (a checkpoint dequantized from another format, a QAT model) "
+    "against their own lattice: fewer false alarms there, blind to attacks confined to a coarse lattice (README)"
+)
 
 RUN = 32
 _MAX_DISTINCT = RUN // 2  # a run is a lattice when at most this many distinct values ...

@@ -71,6 +71,8 @@ class FormatFinding:
             "decoy_on_grid_fraction": s.decoy_on_grid_fraction,
             "repeated_fraction": s.repeated_fraction,
             "zeros_on_a_code": s.zeros,
+            "lattice_fraction": s.lattice_fraction,
+            "unjudged": s.unjudged,
             "suspicious": self.verdict.suspicious,
             "reasons": list(self.verdict.reasons),
         }
@@ -163,15 +165,21 @@ def default_scan_formats(x: torch.Tensor) -> list[Format]:
 
 
 def scan_tensor(
-    x: torch.Tensor, name: str, formats: Sequence[Format], shape: Sequence[int] | None = None
+    x: torch.Tensor,
+    name: str,
+    formats: Sequence[Format],
+    shape: Sequence[int] | None = None,
+    *,
+    own_lattice: bool = False,
 ) -> TensorScan:
     """Score x (on the detector's sample of it, detection.sample_rows) under each format whose shape rules accept
-    it. `shape` is the full tensor's when x is already a sample of its rows (the GGUF scan reads only those)."""
+    it. `shape` is the full tensor's when x is already a sample of its rows (the GGUF scan reads only those).
+    `own_lattice`: cell_score's experimental lattice null."""
     if x.dtype not in SUPPORTED_INPUT_DTYPES:
         raise UnsupportedInputError(f"tensor {name!r}: dtype {x.dtype} cannot be scanned (float32/16, bfloat16 only)")
     accepted = [fmt for fmt in formats if _accepts(fmt, x)]
     sample = sample_rows(x)
-    scores = [cell_score(sample, fmt, name) for fmt in accepted]
+    scores = [cell_score(sample, fmt, name, own_lattice=own_lattice) for fmt in accepted]
     findings = [FormatFinding(score, verdict(score)) for score in scores]
     skipped = [fmt.name for fmt in formats if fmt not in accepted]
     full_shape = tuple(x.shape) if shape is None else tuple(shape)

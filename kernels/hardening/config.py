@@ -28,6 +28,9 @@ class HardeningConfig:
         format family's default (detection.threshold_for).
     detector_sample: weights the detector reads per tensor at most (whole-row runs, detection.sampling); more reads
         more of each tensor, at a proportional cost in load or quantize time.
+    detector_lattice_null: judge runs that repeat a few values against their own lattice (experimental, off by
+        default; detection/lattice_null.py): far fewer false alarms on checkpoints dequantized from another format
+        (a QAT or GGUF-derived model served in another format), blind to attacks confined to a coarse lattice.
     """
 
     mode: str = "harden"
@@ -35,6 +38,7 @@ class HardeningConfig:
     seed_file: str | None = None
     detector_threshold: float | None = None
     detector_sample: int = DETECTOR_SAMPLE
+    detector_lattice_null: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -48,6 +52,8 @@ class HardeningConfig:
         sample = self.detector_sample
         if isinstance(sample, bool) or not isinstance(sample, int) or sample < MIN_DETECTOR_SAMPLE:
             raise QcbguardError(f"detector_sample must be an integer of at least {MIN_DETECTOR_SAMPLE}, got {sample!r}")
+        if not isinstance(self.detector_lattice_null, bool):
+            raise QcbguardError(f"detector_lattice_null must be true or false, got {self.detector_lattice_null!r}")
 
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> HardeningConfig:

@@ -115,14 +115,15 @@ def detector_score(
     enc: Encoding | None = None,
     budget: int = DETECTOR_SAMPLE,
     key: int | None = None,
+    own_lattice: bool = False,
 ) -> CellScore:
     """cell_score of x on the detector's sample (detection.sample_rows: at most `budget` weights, rows drawn with
     `key` or, without one, evenly spread), on the CPU wherever x lives; enc = fmt.encode(x) is reused when given and
-    the sample is the whole tensor, else the sample is encoded."""
+    the sample is the whole tensor, else the sample is encoded. `own_lattice`: cell_score's lattice null."""
     sample = sample_rows(x, budget, key)
     if sample is x and enc is not None:
-        return cell_score(x, fmt, name, enc)
-    return cell_score(sample.detach().cpu(), fmt, name)
+        return cell_score(x, fmt, name, enc, own_lattice=own_lattice)
+    return cell_score(sample.detach().cpu(), fmt, name, own_lattice=own_lattice)
 
 
 def screen(
@@ -137,7 +138,7 @@ def screen(
     evenly spread without one); under on_suspicious="refuse" a flagged tensor raises SuspiciousTensorError (before
     anything is quantized)."""
     key = None if seed is None else detector_sample_key(seed, name)
-    score = detector_score(x, fmt, name, enc, config.detector_sample, key)
+    score = detector_score(x, fmt, name, enc, config.detector_sample, key, config.detector_lattice_null)
     judged = verdict(score, threshold=config.detector_threshold)
     if judged.suspicious and config.on_suspicious == "refuse":
         raise SuspiciousTensorError(f"tensor {name!r} looks tampered for {fmt.name}: {'; '.join(judged.reasons)}")
