@@ -360,10 +360,11 @@ def cell_score(
 ) -> CellScore:
     """Score one tensor under one target format (the format whose quantizer an attacker would target).
 
-    `enc` is fmt.encode(x) when the caller already has it (hardening does). `own_lattice` (experimental, off in the
-    product): runs that repeat a few values are judged against their own lattice (lattice_null.py) instead of the
-    local decoys; it clears many clean checkpoints dequantized from another format and is blind to attacks confined
-    to a coarse lattice (README, detection limits)."""
+    `enc` is fmt.encode(x) when the caller already has it (hardening does). `own_lattice` (experimental, off by
+    default; HardeningConfig.detector_lattice_null, the scans' --lattice-null): runs that repeat a few values are
+    judged against their own lattice (lattice_null.py) instead of the local decoys; it clears many clean
+    checkpoints dequantized from another format and is blind to attacks confined to a coarse lattice (README,
+    detection limits)."""
     enc = enc if enc is not None else fmt.encode(x, name)
     cells = enc.cells
     values = x.float()
@@ -452,9 +453,15 @@ def verdict(
             "(each weight its code plus one offset per run), which no null here can judge"
         )
     if reasons and score.repeats_values:
+        null = (
+            "judged here against its own lattice"
+            if score.lattice_fraction > 0
+            else "which the local decoys flag even when clean; the lattice null (--lattice-null, "
+            "detector_lattice_null) judges such runs against their own lattice"
+        )
         reasons.append(
             f"caution: {score.repeated_fraction:.0%} of weights repeat a value within their run of 32, as in a "
-            "checkpoint dequantized from another format (judged against its own lattice, see the README's detection "
-            "limits) or weights clamped to an attack's box edges: check where the checkpoint came from"
+            f"checkpoint dequantized from another format ({null}) or weights clamped to an attack's box edges: "
+            "check where the checkpoint came from"
         )
     return Verdict(bool(reasons), tuple(reasons))

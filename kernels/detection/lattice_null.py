@@ -24,7 +24,8 @@ Two kinds of run stay out of this null:
   what a box attack restricted to one offset per block looks like); its weights are counted apart (`unjudged`) and
   the verdict flags a tensor made mostly of them.
 
-Experimental, off in the product (cell_score(own_lattice=True)): on a coarse lattice an attack can only move weights
+Experimental, off by default (cell_score(own_lattice=True), HardeningConfig.detector_lattice_null, the scans'
+--lattice-null): on a coarse lattice an attack can only move weights
 between neighbouring levels, which changes counts both ways and leaves little for this null to see (a box attack kept
 on a Q4_0 lattice, targeting NF4, scores under the threshold: benchmarks/REAL_MODEL_RESULTS.md, 2026-12-08).
 """
