@@ -128,7 +128,8 @@ class ModelVerdict:
         if self.cautioned:
             line += (
                 f" ({len(self.cautioned)} of them repeat values within blocks, as checkpoints dequantized from another"
-                " format do, which the detector flags even when clean: see their cautions)"
+                " format do; the local decoys flag those even when clean, --lattice-null judges them against their"
+                " own lattice: see their cautions)"
             )
         return line
 
