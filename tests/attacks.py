@@ -60,17 +60,23 @@ def lattice_box_attack(
     w: torch.Tensor, source: str, target: str, margin: float, block: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A box attack that stays on a checkpoint's lattice: w dequantized from the symmetric 32-block `source` (Q8_0 or
-    Q4_0) is the published model, and each weight moves to the lattice value (floor or ceil of box_attack's weight in
-    source steps) that rounds to the malicious `target` code, where one does. Returns (attacked weights, the clean
+    Q4_0) is the published model, and each weight moves to the lattice value of its block (floor or ceil of
+    box_attack's weight in source steps, within the source's codes; the block's largest weight stays, so the source
+    scale does too) that rounds to the malicious `target` code, where one does. Returns (attacked weights, the clean
     lattice, the malicious codes)."""
     src, tgt = get_format(source), get_format(target)
     lattice = src.dequantize(src.quantize(w)).reshape(w.shape)
     boxed, codes = box_attack(lattice, target, margin, block, seed)
-    levels = {"q8_0": 127.0, "q4_0": 8.0}[source]
-    step = (lattice.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / levels).clamp(min=1e-30)
+    lowest, highest = {"q8_0": (-127, 127), "q4_0": (-8, 7)}[source]
+    blocks = lattice.reshape(-1, 32)
+    # the source's signed scale: its code `lowest` holds the block's largest magnitude (Q4_0: d = max / -8)
+    largest = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+    step = torch.where(largest == 0, 1.0, largest / lowest if source == "q4_0" else largest.abs() / highest)
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, blocks.abs().argmax(dim=1, keepdim=True), True)
     best = lattice.clone()
     for rounding in (torch.floor, torch.ceil):
-        candidate = (rounding(boxed.reshape(-1, 32) / step) * step).reshape(w.shape)
+        q = rounding(boxed.reshape(-1, 32) / step).clamp(lowest, highest)
+        candidate = torch.where(keep, blocks, q * step).reshape(w.shape)
         hits = tgt.encode(candidate).cells.nearest == codes
         current = tgt.encode(best).cells.nearest == codes
         closer = (candidate - lattice).abs() < (best - lattice).abs()

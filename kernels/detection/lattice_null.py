@@ -88,8 +88,11 @@ def lattice_null(
 
     `ranked` are the weights a decoy null stands in for: live ones (in a cell of two codes, off the grid) and those
     exactly on an interior code; `live` the subset binned by boundary distance b = |position - 0.5| on the grid
-    ceil(b * 2 * bins) (the detector's histogram). A value's weights share one cell position where runs sit inside one
-    scale block; a run where they do not (a 16-weight k-quant sub-block boundary inside it) is left to the decoys."""
+    ceil(b * 2 * bins) (the detector's histogram). Every weight of a run counts as a neighbour, the ones the detector
+    leaves out too (exact zeros, the grid's end codes): a value's count is predicted from the counts of the values
+    next to it, and skipping the zero level would put a cusp in the middle of a symmetric density. A value's weights
+    share one cell position where runs sit inside one scale block; a run where they do not (a 16-weight k-quant
+    sub-block boundary inside it) is left to the decoys."""
     runs, n = _runs(values)
     judged = torch.zeros(values.numel(), dtype=torch.bool)
     degenerate = torch.zeros_like(judged)
@@ -97,38 +100,42 @@ def lattice_null(
     if n == 0:
         return LatticeNull(judged.view(values.shape), degenerate.view(values.shape), counts, 0.0)
     on_code_bin = bins + 1
-    rk, lv = _runs(ranked)[0], _runs(live)[0]
-    sorted_values, order = torch.where(rk, runs, torch.full_like(runs, float("inf"))).sort(dim=1)
-    rk, lv = rk.gather(1, order), lv.gather(1, order)
+    sorted_values, order = runs.sort(dim=1)
+    rk, lv = _runs(ranked)[0].gather(1, order), _runs(live)[0].gather(1, order)
     pos = _runs(position)[0].gather(1, order)
     b = (pos - 0.5).abs().mul(2 * bins).ceil().long().clamp(0, bins)
     b = torch.where(lv, b, torch.full_like(b, on_code_bin))  # ranked but not live: on an interior code
     first = torch.ones_like(rk)
     first[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
-    rank = torch.where(rk, first.long().cumsum(dim=1) - 1, torch.full_like(b, RUN))  # RUN: a spill slot
-    distinct = torch.where(rk, rank + 1, torch.zeros_like(rank)).amax(dim=1)
-    # per rank: its count, and the lowest / highest bin of its weights (equal where the run is one scale block)
-    count = torch.zeros(runs.shape[0], RUN + 1, dtype=torch.float64).scatter_add_(1, rank, rk.double())
-    big = torch.full((runs.shape[0], RUN + 1), on_code_bin + 1, dtype=torch.long)
-    low = big.scatter_reduce(1, rank, torch.where(rk, b, big[:, :RUN]), "amin")
+    rank = first.long().cumsum(dim=1) - 1  # of the distinct value, in the run
+    distinct = rank[:, -1] + 1
+    rows = runs.shape[0]
+    # per rank: every weight's count (the neighbours), the ranked weights' count, and the lowest / highest bin of the
+    # ranked weights (equal where the run is one scale block)
+    members = torch.zeros(rows, RUN, dtype=torch.float64).scatter_add_(
+        1, rank, torch.ones_like(runs, dtype=torch.float64)
+    )
+    judged_count = torch.zeros(rows, RUN, dtype=torch.float64).scatter_add_(1, rank, rk.double())
+    big = torch.full((rows, RUN), on_code_bin + 1, dtype=torch.long)
+    low = big.scatter_reduce(1, rank, torch.where(rk, b, big), "amin")
     high = torch.zeros_like(big).scatter_reduce(1, rank, torch.where(rk, b, 0), "amax")
-    slot = torch.arange(RUN + 1).expand_as(count)
-    present = slot < distinct.unsqueeze(1)
+    present = judged_count > 0
     consistent = ((low == high) | ~present).all(dim=1)
-    lattice = (distinct <= _MAX_DISTINCT) & (rk.sum(dim=1) - distinct >= _MIN_REPEATS) & consistent
+    lattice = (distinct <= _MAX_DISTINCT) & (RUN - distinct >= _MIN_REPEATS) & consistent & present.any(dim=1)
     # positions as boundary distances, interior codes at b = 0.5 (their cell's far end from the boundary)
     spread_b = torch.where(present, low.clamp(max=bins), torch.full_like(low, -1))
     spread = spread_b.amax(dim=1) - torch.where(present, spread_b, torch.full_like(low, bins + 1)).amin(dim=1)
     flat = spread < DEGENERATE_SPREAD * 2 * bins
-    padded = torch.nn.functional.pad(count[:, :RUN], (2, 2))
+    padded = torch.nn.functional.pad(members, (2, 2))
     near, far = padded[:, 1 : RUN + 1] + padded[:, 3 : RUN + 3], padded[:, 0:RUN] + padded[:, 4 : RUN + 4]
     predicted = (4 * near - far) / 6
     last = (distinct - 1).unsqueeze(1)
-    j = slot[:, :RUN]
+    j = torch.arange(RUN).expand_as(members)
     predicted = torch.where((j == 1) | (j == last - 1), near / 2, predicted)
-    predicted = torch.where((j == 0) | (j == last), count[:, :RUN], predicted)
-    use = (lattice & ~flat).unsqueeze(1) & present[:, :RUN]
-    where_bin, mass = low[:, :RUN][use], predicted[use]
+    predicted = torch.where((j == 0) | (j == last), members, predicted)
+    predicted = predicted * judged_count / members.clamp(min=1.0)  # the ranked share of a value's weights
+    use = (lattice & ~flat).unsqueeze(1) & present
+    where_bin, mass = low[use], predicted[use]
     on_code = float(mass[where_bin == on_code_bin].sum())
     counts.index_add_(0, where_bin[where_bin <= bins], mass[where_bin <= bins])
     judged[:n] = (lattice & ~flat).repeat_interleave(RUN)
