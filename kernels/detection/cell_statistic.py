@@ -246,11 +246,14 @@ def _tally_reference(w: _Weights) -> _Tally:
     on_grid &= ~zero
     ulp = _storage_ulp(values, dtype)  # the checkpoint's lattice spacing per weight, computed once
     near_code = ~zero & (on_grid | ~steerable | ((values - near).abs() <= 0.5 * ulp))
-    lattice, lattice_fields = None, {}
+    lattice, lattice_fields, unjudged = None, {}, torch.zeros_like(on_grid)
     if w.lattice:
         ranked = live | (on_grid & ~end_code)
         lattice = lattice_null(values, cells.position, live, ranked, _CDF_POINTS)
-        live &= ~lattice.degenerate  # no evidence either way: judged by neither null, counted apart
+        # no evidence either way: judged by neither null (nor the pinned count: a run all on codes is its own
+        # quantization), counted apart
+        unjudged = lattice.degenerate
+        live &= ~unjudged
         lattice_fields = {
             "lattice_live": int((lattice.judged & live).count_nonzero()),
             "unjudged": int((lattice.degenerate & ranked).count_nonzero()),
@@ -277,7 +280,7 @@ def _tally_reference(w: _Weights) -> _Tally:
             source += int((lattice.judged & ranked).count_nonzero())
     return _Tally(
         on_grid=int(on_grid.count_nonzero()),
-        interior_on_grid=int((on_grid & ~end_code).count_nonzero()),
+        interior_on_grid=int((on_grid & ~end_code & ~unjudged).count_nonzero()),
         near_code=int(near_code.count_nonzero()),
         steerable=int(steerable.count_nonzero()),
         live=int(live.count_nonzero()),
@@ -362,9 +365,8 @@ def cell_score(
 
     `enc` is fmt.encode(x) when the caller already has it (hardening does). `own_lattice` (experimental, off by
     default; HardeningConfig.detector_lattice_null, the scans' --lattice-null): runs that repeat a few values are
-    judged against their own lattice (lattice_null.py) instead of the local decoys; it clears many clean
-    checkpoints dequantized from another format and is blind to attacks confined to a coarse lattice (README,
-    detection limits)."""
+    judged against their own lattice (lattice_null.py) instead of the local decoys, which flag most clean
+    checkpoints dequantized from another format (README, detection limits)."""
     enc = enc if enc is not None else fmt.encode(x, name)
     cells = enc.cells
     values = x.float()

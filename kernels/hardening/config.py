@@ -30,7 +30,7 @@ class HardeningConfig:
         more of each tensor, at a proportional cost in load or quantize time.
     detector_lattice_null: judge runs that repeat a few values against their own lattice (experimental, off by
         default; detection/lattice_null.py): far fewer false alarms on checkpoints dequantized from another format
-        (a QAT or GGUF-derived model served in another format), blind to attacks confined to a coarse lattice.
+        (a QAT or GGUF-derived model served in another format); costs a torch pass on such tensors.
     """
 
     mode: str = "harden"
