@@ -312,12 +312,13 @@ def _decoy_counts_reference(p: torch.Tensor, shift: torch.Tensor, source: torch.
     weights, and how many decoys sit on a code (those are not binned)."""
     counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
     on_code_total = 0
+    p, shift = p[source], shift[source]  # the sources only (lattice runs bring their own null)
     for k in DECOY_SHIFTS:
         decoy = torch.remainder(p + k * shift, 1.0)
         # Within float32 noise of a code counts as on it, for real weights and decoys alike.
         on_code = (decoy < _ON_CODE) | (decoy > 1.0 - _ON_CODE)
-        counts += _boundary_counts_reference(decoy, source & ~on_code)
-        on_code_total += int((on_code & source).count_nonzero())
+        counts += _boundary_counts_reference(decoy, ~on_code)
+        on_code_total += int(on_code.count_nonzero())
     return counts, on_code_total
 
 
