@@ -28,7 +28,7 @@ lattice instead of the local decoys: lattice_null.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -102,6 +102,9 @@ class CellScore:
     zeros: int = 0  # weights exactly zero on a code: out of every count; the fractions are of the others
     lattice_fraction: float = 0.0  # share of the live weights judged against their own lattice (lattice_null.py)
     unjudged: int = 0  # weights of degenerate lattice runs: judged by neither null
+    #: where the lattice null scored the tensor: its score against the local decoys alone (the verdict clears what
+    #: that one clears: the lattice null only re-judges what the local decoys flag)
+    local: CellScore | None = None
 
     @property
     def grid_aligned(self) -> bool:
@@ -365,15 +368,23 @@ def cell_score(
     """Score one tensor under one target format (the format whose quantizer an attacker would target).
 
     `enc` is fmt.encode(x) when the caller already has it (hardening does). `own_lattice` (experimental, off by
-    default; HardeningConfig.detector_lattice_null, the scans' --lattice-null): runs that repeat a few values are
-    judged against their own lattice (lattice_null.py) instead of the local decoys, which flag most clean
-    checkpoints dequantized from another format (README, detection limits)."""
+    default; HardeningConfig.detector_lattice_null, the scans' --lattice-null): a tensor with runs that repeat a few
+    values is scored twice, against the local decoys alone (`local`) and with those runs judged against their own
+    lattice (lattice_null.py); the verdict flags it only when both flag it. The local decoys flag most clean
+    checkpoints dequantized from another format (README, detection limits), the lattice null some whose level counts
+    are too peaked for it."""
     enc = enc if enc is not None else fmt.encode(x, name)
+    if own_lattice and holds_lattice_runs(x.float()):
+        return replace(_score(x, fmt, name, enc, lattice=True), local=_score(x, fmt, name, enc, lattice=False))
+    return _score(x, fmt, name, enc, lattice=False)
+
+
+def _score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding, lattice: bool) -> CellScore:
+    """cell_score's body: `lattice` judges the lattice runs by their own null (the torch pass)."""
     cells = enc.cells
     values = x.float()
     bottom, top = cells.nearest.aminmax()
     bottom, top = int(bottom), int(top)
-    lattice = own_lattice and holds_lattice_runs(values)  # then the torch pass, which builds the lattice null
     rule = fmt.code_value_rule(enc) if native.enabled(values) and not fmt.fits_scales and not lattice else None
     if rule is not None:  # the native pass computes the four code values itself
         code_values: _CodeValues = rule
@@ -432,9 +443,12 @@ def verdict(
     noise floor, or when a partial share of weights, beyond what the decoys hit by lattice coincidence, sits exactly
     on interior codes (all of them on codes is a dequantized model: not a backdoor). A grid-aligned tensor (see
     CellScore.grid_aligned) is not judged. Suspicious too when most weights sit in degenerate lattice runs
-    (lattice_null.py), which neither null can judge."""
+    (lattice_null.py), which neither null can judge. A score that carries its `local` twin (cell_score's
+    own_lattice) is suspicious only when that twin is too."""
     if score.grid_aligned:
         return Verdict(False, ())
+    if score.local is not None and not verdict(score.local, threshold, partial_grid).suspicious:
+        return Verdict(False, ())  # the local decoys pass it: the lattice null only re-judges their flags
     reasons = []
     threshold = threshold_for(score.family, score.format) if threshold is None else threshold
     if abs(score.distance) > max(threshold, score.noise_floor):
