@@ -6,23 +6,27 @@ its cell, set by the geometry of the two grids, so the cell positions are a hand
 (weights shifted by a few storage ulps) smear the spikes and read the geometry as tampering. This null keeps the
 geometry and tests what an attacker controls instead: how many weights take each value.
 
-Within a run of RUN consecutive weights that holds few distinct values, rank them. A clean checkpoint's count at a
-value follows a smooth density over the ranks, so it is predicted from the counts at the neighbouring ranks by a
-stencil exact for cubic densities, (4 (N[j-1] + N[j+1]) - (N[j-2] + N[j+2])) / 6 (the ranks next to the run's ends
-by the two-point mean, its two end values by their own count). The null puts each value's predicted count at that
-value's own cell position (or on its code), so it shares the lattice and the geometry exactly. Parking weights at
-values near a rounding boundary, as a box attack on a lattice must, raises those values' counts above their
-neighbours'. Counts smaller than a density can explain are the rule's limit: the prediction is a smoothing, and a
-run of RUN weights is a small sample (sampling noise is what the verdict's noise floor and threshold absorb).
+Within a run of RUN consecutive weights that holds few distinct values (exact zeros aside), rank them. A clean
+checkpoint's count at a value follows a smooth density over the ranks, so it is predicted from the counts at the
+neighbouring ranks by a stencil exact for cubic densities, (4 (N[j-1] + N[j+1]) - (N[j-2] + N[j+2])) / 6 (the ranks
+next to the run's ends by the two-point mean, its two end values by their own count); every weight counts as a
+neighbour, the zeros and grid-end codes the detector does not judge included. The null puts each value's predicted
+count at that value's own cell position (or on its code), so it shares the lattice and the geometry exactly. Parking
+weights at values near a rounding boundary, as a box attack on a lattice must, raises those values' counts above
+their neighbours'. Counts smaller than a density can explain are the rule's limit: the prediction is a smoothing,
+and a run of RUN weights is a small sample (sampling noise is what the verdict's noise floor and threshold absorb).
 
 Two kinds of run stay out of this null:
 - runs with many distinct values (continuous weights, or a box attack's clamped edges mixed with free weights): the
   local decoys judge them, as before;
-- *degenerate* runs, whose values all sit within DEGENERATE_SPREAD of one distance from a rounding boundary: every
-  rank then has the same position and the smoothed counts equal the real ones whatever they are, so the run carries no
-  evidence here. Such a run is each weight's code plus one offset for the whole run (an offset lattice, which is also
-  what a box attack restricted to one offset per block looks like); its weights are counted apart (`unjudged`) and
-  the verdict flags a tensor made mostly of them.
+- *degenerate* runs, whose values all sit within DEGENERATE_SPREAD of one distance from a rounding boundary (or all
+  on the target's codes): every rank then has the same position and the smoothed counts equal the real ones whatever
+  they are, so the run carries no evidence here. Such a run is each weight's code plus one offset for the whole run
+  (an offset lattice, which is also what a box attack restricted to one offset per block looks like); its weights are
+  counted apart (`unjudged`) and the verdict flags a tensor made mostly of them.
+
+cell_score(own_lattice=True) also scores the tensor against the local decoys alone (CellScore.local), and the verdict
+flags it only when both do: this null can clear the local decoys' false alarms on lattices, never add its own.
 
 Experimental, off by default (cell_score(own_lattice=True), HardeningConfig.detector_lattice_null, the scans'
 --lattice-null): it runs in torch, heavy-tailed lattices still read as tampered under other 4-bit formats, and its
@@ -121,7 +125,11 @@ def lattice_null(
     high = torch.zeros_like(big).scatter_reduce(1, rank, torch.where(rk, b, 0), "amax")
     present = judged_count > 0
     consistent = ((low == high) | ~present).all(dim=1)
-    lattice = (distinct <= _MAX_DISTINCT) & (RUN - distinct >= _MIN_REPEATS) & consistent & present.any(dim=1)
+    # the lattice test leaves exact zeros out, as holds_lattice_runs does: a pruned run of distinct values is no lattice
+    zeros = (runs == 0).sum(dim=1)
+    distinct_nonzero = distinct - (zeros > 0).long()
+    repeats = (RUN - zeros) - distinct_nonzero
+    lattice = (distinct_nonzero <= _MAX_DISTINCT) & (repeats >= _MIN_REPEATS) & consistent & present.any(dim=1)
     # positions as boundary distances, interior codes at b = 0.5 (their cell's far end from the boundary)
     spread_b = torch.where(present, low.clamp(max=bins), torch.full_like(low, -1))
     spread = spread_b.amax(dim=1) - torch.where(present, spread_b, torch.full_like(low, bins + 1)).amin(dim=1)
