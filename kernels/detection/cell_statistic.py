@@ -22,8 +22,8 @@ they round to zero under every rule, so they cannot carry a quantization-conditi
 checkpoints hold many (a 2:4 sparse tensor half of its weights), which would otherwise read as weights pinned on an
 interior code, with decoys piled next to it. Where zero is not a code (affine formats) zeros stay in the statistic.
 
-Runs of weights that repeat a few values (a checkpoint dequantized from another format) are judged against their own
-lattice instead of the local decoys: lattice_null.py.
+With cell_score(own_lattice=True) (opt-in), a tensor whose runs repeat a few values (a checkpoint dequantized from
+another format) is also judged against its own lattice, and flagged only when both nulls flag it: lattice_null.py.
 """
 
 from __future__ import annotations
