@@ -72,17 +72,20 @@ def _runs(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return flat[:n].view(-1, RUN), n
 
 
+def _lattice_shaped(sorted_runs: torch.Tensor) -> torch.Tensor:
+    """Per run (each sorted): at most _MAX_DISTINCT distinct non-zero values with _MIN_REPEATS repeats among them.
+    Exact zeros are left out, as the detector leaves zeros on a code out: a pruned run of distinct values is no
+    lattice."""
+    distinct = (sorted_runs[:, 1:] != sorted_runs[:, :-1]).sum(dim=1) + 1
+    zeros = (sorted_runs == 0).sum(dim=1)
+    distinct_nonzero = distinct - (zeros > 0).long()
+    return (distinct_nonzero <= _MAX_DISTINCT) & ((RUN - zeros) - distinct_nonzero >= _MIN_REPEATS)
+
+
 def holds_lattice_runs(values: torch.Tensor) -> bool:
-    """Cheap screen before the counting pass: does any run of RUN hold at most _MAX_DISTINCT distinct non-zero
-    values with _MIN_REPEATS repeats? (Exact zeros are left out, as the detector leaves zeros on a code out.)"""
+    """Cheap screen before the counting pass: is any run of RUN lattice-shaped (_lattice_shaped)?"""
     runs, n = _runs(values)
-    if n == 0:
-        return False
-    ranked = torch.where(runs == 0, torch.full_like(runs, float("inf")), runs).sort(dim=1).values
-    nonzero = (runs != 0).sum(dim=1)
-    distinct = ((ranked[:, 1:] != ranked[:, :-1]) & torch.isfinite(ranked[:, 1:])).sum(dim=1)
-    distinct = distinct + torch.isfinite(ranked[:, 0]).long()
-    return bool(((distinct <= _MAX_DISTINCT) & (nonzero - distinct >= _MIN_REPEATS)).any())
+    return n > 0 and bool(_lattice_shaped(runs.sort(dim=1).values).any())
 
 
 def lattice_null(
@@ -125,11 +128,7 @@ def lattice_null(
     high = torch.zeros_like(big).scatter_reduce(1, rank, torch.where(rk, b, 0), "amax")
     present = judged_count > 0
     consistent = ((low == high) | ~present).all(dim=1)
-    # the lattice test leaves exact zeros out, as holds_lattice_runs does: a pruned run of distinct values is no lattice
-    zeros = (runs == 0).sum(dim=1)
-    distinct_nonzero = distinct - (zeros > 0).long()
-    repeats = (RUN - zeros) - distinct_nonzero
-    lattice = (distinct_nonzero <= _MAX_DISTINCT) & (repeats >= _MIN_REPEATS) & consistent & present.any(dim=1)
+    lattice = _lattice_shaped(sorted_values) & consistent & present.any(dim=1)
     # positions as boundary distances, interior codes at b = 0.5 (their cell's far end from the boundary)
     spread_b = torch.where(present, low.clamp(max=bins), torch.full_like(low, -1))
     spread = spread_b.amax(dim=1) - torch.where(present, spread_b, torch.full_like(low, bins + 1)).amin(dim=1)
