@@ -162,10 +162,24 @@ def test_no_false_positive_on_the_embedded_model_in_any_format():
 # Q3_K even in float32: its coordinate-descent search re-fits 9-12% of the weights elsewhere (7 of 100 seeds below
 # the 90% rule, lowest 87.7%, 2026-12-07; the test had failed on such a seed).
 _NOT_RECOGNISED = {
-    torch.float32: {"q3_k"},
+    # torchao int8's scale amax / 127.5 with codes to -128 does not survive a round trip in any dtype (the re-encoded
+    # scale is 127 / 127.5 or 128 / 127.5 of the first): never grid-aligned, the local decoys flag 9 of 60 seeds in
+    # float32 (none before exact zeros left the decoy sources, 1006b8b; this test had passed by that margin)
+    torch.float32: {"q3_k", "torchao_int8"},
     # Q3_K in fp16 as in fp32: below the 90% rule on 5 of 100 seeds (lowest 88.7%; the other k-quants none of 60)
     torch.float16: {"q3_k", "torchao_int8", "torchao_int4", "nf4_dq"},
-    torch.bfloat16: {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "int8_per_channel", "torchao_int8", "torchao_int4"},
+    # nf4_dq in bf16: 1 of 60 seeds below the 90% rule (lowest 88.2%), then flagged
+    torch.bfloat16: {
+        "q2_k",
+        "q3_k",
+        "q4_k",
+        "q5_k",
+        "q6_k",
+        "int8_per_channel",
+        "torchao_int8",
+        "torchao_int4",
+        "nf4_dq",
+    },
 }
 
 
