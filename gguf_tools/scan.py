@@ -100,14 +100,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if args.metrics_file:
         _write_metrics(result, args)
     n_flagged = len(result.verdict.flagged) if result.verdict is not None else 0
-    cautioned = len(result.verdict.cautioned) if result.verdict is not None else 0
-    caution = (
-        f" ({cautioned} repeat values within blocks, as dequantized checkpoints do: see the report; --lattice-null"
-        " judges them against their own lattice)"
-    )
+    caution = result.verdict.caution() if result.verdict is not None else ""
     print(
         f"{args.input}: {len(result.scanned)} tensors scanned, {len(result.skipped)} skipped, "
-        f"{n_flagged} flagged: {'SUSPICIOUS' if result.suspicious else 'clean'}{caution if cautioned else ''}"
+        f"{n_flagged} flagged: {'SUSPICIOUS' if result.suspicious else 'clean'}{caution}"
     )
     for name in list(result.verdict.flagged)[:20] if result.verdict is not None else []:
         print(f"  flagged: {name}")

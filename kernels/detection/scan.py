@@ -124,14 +124,17 @@ class ModelVerdict:
     def summary(self, formats: int) -> str:
         """One line: the verdict, what was flagged, and how many of the flags may be a foreign lattice's."""
         line = f"{'suspicious' if self.suspicious else 'clean'}: {len(self.flagged)} of {self.tensors} tensors flagged"
-        line += f" under {formats} formats"
-        if self.cautioned:
-            line += (
-                f" ({len(self.cautioned)} of them repeat values within blocks, as checkpoints dequantized from another"
-                " format do; the local decoys flag those even when clean, --lattice-null judges them against their"
-                " own lattice: see their cautions)"
-            )
-        return line
+        return line + f" under {formats} formats" + self.caution()
+
+    def caution(self) -> str:
+        """How many flagged tensors carry the repeated-values caution, as a parenthesis ('' when none)."""
+        if not self.cautioned:
+            return ""
+        return (
+            f" ({len(self.cautioned)} of them repeat values within blocks, as checkpoints dequantized from another"
+            " format do; the local decoys flag those even when clean, --lattice-null judges them against their"
+            " own lattice: see their cautions)"
+        )
 
     def as_dict(self) -> dict[str, object]:
         return {
