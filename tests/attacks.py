@@ -70,9 +70,10 @@ def lattice_box_attack(
     lowest, highest = {"q8_0": (-127, 127), "q4_0": (-8, 7)}[source]
     blocks = lattice.reshape(-1, 32)
     # the source's signed scale: its code `lowest` holds the block's largest magnitude (Q4_0: d = max / -8)
-    largest = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+    at_largest = blocks.abs().argmax(dim=1, keepdim=True)
+    largest = blocks.gather(1, at_largest)
     step = torch.where(largest == 0, 1.0, largest / lowest if source == "q4_0" else largest.abs() / highest)
-    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, blocks.abs().argmax(dim=1, keepdim=True), True)
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, at_largest, True)
     best = lattice.clone()
     for rounding in (torch.floor, torch.ceil):
         q = rounding(boxed.reshape(-1, 32) / step).clamp(lowest, highest)
