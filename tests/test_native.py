@@ -124,7 +124,7 @@ def test_rejects_what_it_cannot_address():
     ("row_start", "rows", "col_start", "cols"),
     [
         (0, 3, 0, 1),  # one column
-        (5, 17, 3, 4097),  # offsets and lengths off the 4-column and 64-column batches
+        (5, 17, 3, 4097),  # offsets and lengths off the 4-column and 128-column batches
         (7, 2, 1, 62),  # a window inside one batch
         (0, 600, 0, 4096),  # enough rows to split over threads
         (2**32 - 4, 4, 2**32 - 130, 130),  # the last rows and columns a 32-bit counter reaches

@@ -32,9 +32,13 @@ VECTORIZED void grid_cells(const float *u, const int32_t *nearest, ptrdiff_t cou
 /* Uniforms drawn per window: a window's draws stay in L1 until its codes are picked. */
 #define WINDOW 512
 
+/* grid_cell's pick without the cell: code = floor(v) + (draw < v - floor(v)), then clamped to [qmin, qmax]. The same
+ * code in every case: an integer v has position 0 (never steps up); beyond or at an end, floor and ceil clamp to
+ * the same code either way; inside, it is lower or upper as stochastic_codes picks. floor(v) is clamped to
+ * [qmin - 1, qmax] in float first, so the conversion never overflows. */
 VECTORIZED int64_t grid_draw(uint64_t key, uint32_t row, uint64_t col_start, const float *u, const int32_t *nearest,
                              ptrdiff_t count, int qmin, int qmax, int offset, int32_t *codes) {
-    const float fmin = (float)qmin, fmax = (float)qmax;
+    const float below = (float)qmin - 1.0f, fmax = (float)qmax;
     float draw[WINDOW];
     int64_t differ = 0;
     for (ptrdiff_t c0 = 0; c0 < count; c0 += WINDOW) {
@@ -42,11 +46,15 @@ VECTORIZED int64_t grid_draw(uint64_t key, uint32_t row, uint64_t col_start, con
         philox_uniform_grid(key, row, 1, col_start + (uint64_t)c0, width, 0, draw);
         int32_t window_differ = 0; /* 32-bit lanes: a 64-bit sum per element cost as much as the cells */
         for (ptrdiff_t c = 0; c < width; ++c) {
-            int32_t lower, upper;
-            const float position = grid_cell(u[c0 + c], nearest[c0 + c], fmin, fmax, offset, &lower, &upper);
-            const int32_t code = draw[c] < position ? upper : lower; /* stochastic_codes' pick */
+            const int32_t near = nearest[c0 + c];
+            const float v = isfinite(u[c0 + c]) ? u[c0 + c] : (float)(near - offset), lo = floorf(v);
+            float lo_c = lo < fmax ? lo : fmax; /* one-sided selects: vminps / vmaxps, v being finite */
+            lo_c = lo_c > below ? lo_c : below;
+            int32_t code = (int32_t)lo_c + (draw[c] < v - lo);
+            code = code < qmax ? code : qmax;
+            code = (code > qmin ? code : qmin) + offset;
             codes[c0 + c] = code;
-            window_differ += code != nearest[c0 + c];
+            window_differ += code != near;
         }
         differ += window_differ;
     }

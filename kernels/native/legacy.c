@@ -143,16 +143,15 @@ int legacy_block_bytes(int bits, int affine) {
     return 2 * (1 + affine) + (bits == 5 ? 4 : 0) + (bits == 8 ? QK : QK / 2);
 }
 
-static void put_half(uint8_t *out, float f) {
-    uint16_t h = half_bits(f);
+static void put_half(uint8_t *out, uint16_t h) {
     out[0] = (uint8_t)h;
     out[1] = (uint8_t)(h >> 8);
 }
 
-/* One row's blocks as ggml lays them out (GgufLegacy._pack): fp16 d, fp16 m (affine), then Q8_0's 32 int8 codes, or
- * the 5-bit types' qh (bit j of a little-endian uint32 = bit 4 of code j) and 16 bytes of nibbles (code j | code
- * j + 16 << 4). */
-VECTORIZED static void pack_legacy_row(const int32_t *codes, const float *d, const float *m, ptrdiff_t nblocks,
+/* One row's blocks as ggml lays them out (GgufLegacy._pack): fp16 d, fp16 m (affine; both given as their fp16 bits),
+ * then Q8_0's 32 int8 codes, or the 5-bit types' qh (bit j of a little-endian uint32 = bit 4 of code j) and 16 bytes
+ * of nibbles (code j | code j + 16 << 4). */
+VECTORIZED static void pack_legacy_row(const int32_t *codes, const uint16_t *d, const uint16_t *m, ptrdiff_t nblocks,
                                        int bits, int affine, uint8_t *out) {
     for (ptrdiff_t b = 0; b < nblocks; ++b) {
         const int32_t *q = codes + b * QK;
@@ -191,6 +190,7 @@ int legacy_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, in
     float *wide = malloc((size_t)cols * sizeof(float)); /* a 16-bit row widened */
     if (!wide) return -1;
     float d[WINDOW_BLOCKS], m[WINDOW_BLOCKS], u[N];
+    uint16_t dh[WINDOW_BLOCKS], mh[WINDOW_BLOCKS];
     int32_t nearest[N], codes[N];
     int64_t differ = 0;
     for (ptrdiff_t row = 0; row < rows; ++row) {
@@ -200,11 +200,15 @@ int legacy_quantize(const void *x, int dtype, ptrdiff_t rows, ptrdiff_t cols, in
         for (ptrdiff_t b0 = 0; b0 < nblocks; b0 += WINDOW_BLOCKS) {
             const ptrdiff_t count = nblocks - b0 < WINDOW_BLOCKS ? nblocks - b0 : WINDOW_BLOCKS, n = count * QK;
             legacy_encode(xr + b0 * QK, count, bits, affine, d, m, u, nearest);
-            pack_legacy_row(nearest, d, m, count, bits, affine, near_out + b0 * block_bytes);
+            for (ptrdiff_t b = 0; b < count; ++b) { /* the scales' fp16 bits, shared by both packs */
+                dh[b] = half_bits(d[b]);
+                mh[b] = affine ? half_bits(m[b]) : 0;
+            }
+            pack_legacy_row(nearest, dh, mh, count, bits, affine, near_out + b0 * block_bytes);
             if (!harden) continue;
             differ += grid_draw(key, row_start + (uint32_t)row, col_start + (uint64_t)(b0 * QK), u, nearest, n, qmin,
                                 qmax, 0, codes);
-            pack_legacy_row(codes, d, m, count, bits, affine, hard_out + b0 * block_bytes);
+            pack_legacy_row(codes, dh, mh, count, bits, affine, hard_out + b0 * block_bytes);
         }
     }
     *changed += differ;
