@@ -155,31 +155,21 @@ def test_no_false_positive_on_the_embedded_model_in_any_format():
     assert not flagged, flagged[:3]
 
 
-# Known limits, measured: where re-encoding a dequantized tensor does not return the scales it came from, its weights
-# sit off the new grid by more than the storage precision and are not recognised as grid-aligned: the k-quants'
-# scale searches and int8_per_channel after bf16 re-rounding, torchao's int8 and int4 rules after fp16 or bf16, and
-# nf4_dq's double-quantized absmax after fp16 (86-89% of weights at codes over 12 seeds, against the 90% rule).
-# Q3_K even in float32: its coordinate-descent search re-fits 9-12% of the weights elsewhere (7 of 100 seeds below
-# the 90% rule, lowest 87.7%, 2026-12-07; the test had failed on such a seed).
+# Known limits, measured: where re-encoding a dequantized tensor moves its codes, not only its scales, its weights sit
+# off the new grid by more than the storage precision, even up to one factor per scale group (rescaled_grid.py), and
+# are not recognised as grid-aligned. Measured 2026-12-08 with the rescaled test (seeds 1000-1099 of this test's
+# weights): Q3_K's coordinate-descent search re-fits 10-14% of the weights elsewhere (18, 17 and 13 of 100 seeds
+# flagged in float32, fp16 and bf16; without the rescaled test 34 of 60 in float32); torchao's int4 rule (scale and
+# zero point) after fp16 or bf16 (2 and 8 of 30). Close to the rule, none of 100 below it but kept out: nf4_dq after
+# fp16 and bf16 (lowest 90.1% and 90.8%: its double-quantized absmax moves by more than the 2^-7 a group may
+# rescale) and int8_per_channel after bf16 (lowest 90.3%: bf16 blurs an int8 grid by up to a quarter step, and some
+# codes move). Recognised since the rescaled test, where they were not before: torchao int8 in every dtype (its
+# scale amax / 127.5 comes back 128 / 127.5 of itself; the local decoys had flagged 9 of 60 seeds in float32), and
+# Q2_K, Q4_K, Q5_K, Q6_K in bf16 (none of 100 flagged, lowest 96.6%).
 _NOT_RECOGNISED = {
-    # torchao int8's scale amax / 127.5 with codes to -128 does not survive a round trip in any dtype (the re-encoded
-    # scale is 127 / 127.5 or 128 / 127.5 of the first): never grid-aligned, the local decoys flag 9 of 60 seeds in
-    # float32 (none before exact zeros left the decoy sources, 1006b8b; this test had passed by that margin)
-    torch.float32: {"q3_k", "torchao_int8"},
-    # Q3_K in fp16 as in fp32: below the 90% rule on 5 of 100 seeds (lowest 88.7%; the other k-quants none of 60)
-    torch.float16: {"q3_k", "torchao_int8", "torchao_int4", "nf4_dq"},
-    # nf4_dq in bf16: 1 of 60 seeds below the 90% rule (lowest 88.2%), then flagged
-    torch.bfloat16: {
-        "q2_k",
-        "q3_k",
-        "q4_k",
-        "q5_k",
-        "q6_k",
-        "int8_per_channel",
-        "torchao_int8",
-        "torchao_int4",
-        "nf4_dq",
-    },
+    torch.float32: {"q3_k"},
+    torch.float16: {"q3_k", "torchao_int4", "nf4_dq"},
+    torch.bfloat16: {"q3_k", "int8_per_channel", "torchao_int4", "nf4_dq"},
 }
 
 
@@ -202,6 +192,74 @@ def test_dequantized_models_are_not_flagged_in_any_format_or_storage_dtype(dtype
         if verdict(score).suspicious:
             flagged.append((fmt_name, score))
     assert not flagged, flagged
+
+
+# Formats a model quantized from fp16 or fp32 weights and stored in bf16 (or from fp32 and stored in fp16) is still
+# not recognised in: fp8_per_block has no CodeValueRule, torchao int4's zero point moves codes (3 of 3 seeds), and
+# Q3_K's search (as above: 87-89% of weights recognised on some seeds, 2 of 8 runs)
+@pytest.mark.slow
+def test_models_quantized_from_wider_weights_then_stored_narrower_are_grid_aligned():
+    """The usual way a dequantized checkpoint is made: quantized from fp16 or fp32 weights, dequantized, stored in
+    bf16 (or fp16). The block's largest weight is re-rounded, so re-encoding moves every scale by up to half an ulp:
+    before the rescaled test (rescaled_grid.py) the local decoys flagged nearly every format's such tensor under
+    that same format (measured 3 of 3 seeds in 17 formats); now only the three above, and no other."""
+    from qcbguard_kernels import format_names
+
+    w = clean_weights(SEED)
+    flagged = []
+    for source, stored in (
+        (torch.float16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.half),
+    ):
+        for fmt_name in sorted(set(format_names()) - {"fp8_per_block", "q3_k", "torchao_int4"}):
+            fmt = get_format(fmt_name)
+            deq = fmt.dequantize(fmt.quantize(w.to(source))).reshape(w.shape).to(stored)
+            score = cell_score(deq, fmt)
+            if not score.grid_aligned or verdict(score).suspicious:
+                flagged.append((fmt_name, source, stored, score.near_code_fraction, score.rescaled_grid_fraction))
+    assert not flagged, (flagged, SEED)
+
+
+def _rescaled_rows(factors: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """An int8-per-channel grid whose rows, all but each row's largest weight, are multiplied by `factors` (256, 1):
+    the scale re-encoding derives (from that largest weight) misses every other weight by the row's factor, as
+    torchao's int8 rule and a bf16 re-rounding of the largest weight do."""
+    fmt = get_format("int8_per_channel")
+    deq = fmt.dequantize(fmt.quantize(clean_weights(SEED))).reshape(256, 1024)
+    return pin_absmax(deq * factors, deq, 1024), fmt
+
+
+@pytest.mark.parametrize("factor", [1 + 2**-8, 1 - 2**-8, 1 + 2**-9])
+def test_a_grid_under_rescaled_scales_is_grid_aligned(factor):
+    """Half the rows rescaled by `factor` (torchao int8's 2^-8, a bf16 re-rounding's 2^-9): every weight is its
+    code's value times its row's factor, so the tensor is grid-aligned, though most weights of those rows are no
+    code's value. (At 2^-7 the largest int8 codes move by a whole step under re-encoding, and 13% of the weights
+    are no longer matched to their own code: that case is left to the detector.)"""
+    rows = torch.rand(256, 1, generator=torch.Generator().manual_seed(SEED))
+    scaled, fmt = _rescaled_rows(torch.where(rows < 0.5, torch.ones_like(rows), torch.full_like(rows, factor)))
+    score = cell_score(scaled, fmt)
+    assert score.near_code_fraction < 0.9 < score.rescaled_grid_fraction, score
+    assert score.grid_aligned and not verdict(score).suspicious
+
+
+def test_a_grid_rescaled_beyond_the_bound_is_not_grid_aligned():
+    """A factor of 0.97 is more than any re-encoding moves a scale: not a rescaled grid (the detector then judges
+    the tensor's cell positions as usual)."""
+    scaled, fmt = _rescaled_rows(torch.full((256, 1), 0.97))
+    score = cell_score(scaled, fmt)
+    assert score.rescaled_grid_fraction < 0.1 and not score.grid_aligned, score
+
+
+@pytest.mark.parametrize(("fmt_name", "margin", "block"), BOX_ATTACKS)
+def test_box_attacks_are_not_a_rescaled_grid(fmt_name, margin, block):
+    """Box-clamped weights repeat values (they pile on the box edges), so the rescaled test runs on them: they are
+    no grid under any per-group factor near 1, and stay flagged, in float32 and bf16."""
+    fmt = get_format(fmt_name)
+    attacked, _ = box_attack(clean_weights(SEED), fmt_name, margin, block, SEED)
+    for stored in (attacked, attacked.bfloat16()):
+        score = cell_score(stored, fmt)
+        assert score.rescaled_grid_fraction < 0.5 and verdict(score).suspicious, (fmt_name, stored.dtype, score)
 
 
 # The experimental lattice null (cell_score(own_lattice=True), kernels/detection/lattice_null.py)

@@ -36,6 +36,7 @@ import torch
 from .. import native
 from ..formats.base import CodeValueRule, Encoding, Format, RoundingCells
 from .lattice_null import holds_lattice_runs, lattice_null
+from .rescaled_grid import rescaled_grid_weights
 
 __all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "repeated_fraction", "verdict"]
 
@@ -97,6 +98,9 @@ class CellScore:
     interior_on_grid_fraction: float
     decoy_on_grid_fraction: float
     near_code_fraction: float = 0.0
+    #: the share of weights that are their nearest code's value times one factor per scale group, to the
+    #: checkpoint's precision (rescaled_grid.py: a dequantized model whose scales do not survive re-encoding)
+    rescaled_grid_fraction: float = 0.0
     steerable: int = 0  # weights whose cell has two distinct codes (RoundingCells.steerable)
     repeated_fraction: float = 0.0  # share of weights repeating a value within their run of 32 (repeated_fraction)
     zeros: int = 0  # weights exactly zero on a code: out of every count; the fractions are of the others
@@ -110,10 +114,12 @@ class CellScore:
     def grid_aligned(self) -> bool:
         """Nearly every weight (90%) is a code's value to the checkpoint's precision: a model dequantized from this
         format or trained for it (QAT), possibly re-rounded to bf16 or fp16, or re-encoded where a k-quant's scale
-        search does not return the scales it came from (the rest then sits off the new grid). Cell positions say
-        nothing about tampering there. An attacker cannot use this: weights within half a storage ulp of their
-        codes make the full-precision model the quantized one, the backdoor included."""
-        return self.near_code_fraction >= _GRID_ALIGNED
+        search does not return the scales it came from (the rest then sits off the new grid); or is so up to one
+        factor per scale group near 1 (rescaled_grid_fraction), where re-encoding moved the scales. Cell positions
+        say nothing about tampering there. An attacker cannot use this: weights within half a storage ulp of their
+        codes make the full-precision model the quantized one, the backdoor included (up to that factor per group,
+        which a block's largest weight sets anyway)."""
+        return max(self.near_code_fraction, self.rescaled_grid_fraction) >= _GRID_ALIGNED
 
     @property
     def repeats_values(self) -> bool:
@@ -408,12 +414,23 @@ def _score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding, lattice: bool
         "on_grid_fraction": fractions[0],
         "interior_on_grid_fraction": fractions[1],
         "near_code_fraction": t.near_code / judged,
+        "rescaled_grid_fraction": 0.0,
         "steerable": t.steerable,
         "repeated_fraction": repeated_fraction(values),
         "zeros": t.zeros,
         "lattice_fraction": t.lattice_live / max(t.live, 1),
         "unjudged": t.unjudged,
     }
+    if common["near_code_fraction"] < _GRID_ALIGNED and common["repeated_fraction"] >= _LATTICE_REPEATED:
+        # a lattice off this grid: perhaps this grid under moved scales (continuous weights never get here)
+        rule = rule or fmt.code_value_rule(enc)
+        if rule is not None:
+
+            def half_ulp(t: torch.Tensor) -> torch.Tensor:
+                return 0.5 * _storage_ulp(t, x.dtype)
+
+            on_rescaled, read = rescaled_grid_weights(values, cells.nearest, rule, half_ulp, values != 0)
+            common["rescaled_grid_fraction"] = on_rescaled / max(read, 1)
     if t.live == 0:
         return CellScore(off_grid=0, distance=0.0, at=0.0, decoy_on_grid_fraction=0.0, **common)
     if fmt.fits_scales:
