@@ -2,6 +2,8 @@
 
 Each quantizer runs in a child process of its own, so its wall time includes start-up and its peak resident memory
 (ru_maxrss from wait4) is its own. The --no-harden output's sha256 is checked against llama.cpp's on the way.
+With --repeats N the three take turns N times per type and each column is the median (memory: the largest): on a
+shared VM a single run of llama.cpp moves by 40%.
 
     python benchmarks/bench_gguf_quantize.py --input model-f16.gguf --types Q8_0 Q4_K_M --threads 2
     python benchmarks/bench_gguf_quantize.py --synthetic 1024x8   # writes a random Llama (n_embd x layers) first
@@ -15,6 +17,7 @@ import argparse
 import hashlib
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +46,11 @@ def run_child(argv: list[str]) -> tuple[float, float]:
             log.seek(0)
             raise RuntimeError(f"{argv[:4]} failed: {log.read().decode(errors='replace')[-500:]}")
     return wall, usage.ru_maxrss / 1024
+
+
+def summary(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median wall time and the largest peak memory of a quantizer's runs."""
+    return statistics.median(t for t, _ in runs), max(m for _, m in runs)
 
 
 def sha256(p: Path) -> str:
@@ -88,6 +96,7 @@ def main() -> int:
     ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-hardened", action="store_true", help="time llama.cpp and --no-harden only")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each quantizer per type, taking turns (median)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
@@ -111,39 +120,45 @@ def main() -> int:
         for type_name in args.types:
             mix = mixture(type_name)
             ref, plain, hard = (tmpdir / f"{k}-{type_name}.gguf" for k in ("llama", "plain", "hard"))
-            t_ref, m_ref = run_child(
-                [sys.executable, "-c", LLAMA_QUANTIZE, str(inp), str(ref), str(mix.file_type), str(args.threads)]
-            )
-            t_plain, m_plain = run_child(
-                [*ours, str(inp), str(plain), type_name, "--no-harden", "-q", "--threads", str(args.threads)]
-            )
-            same = sha256(ref) == sha256(plain)
-            for p in (ref, plain):  # gone before the next run writes: dirty pages of earlier outputs move its time
-                p.unlink(missing_ok=True)
-            t_hard = m_hard = 0.0
-            if not args.skip_hardened:
-                t_hard, m_hard = run_child(
-                    [
-                        *ours,
-                        str(inp),
-                        str(hard),
-                        type_name,
-                        "--seed-file",
-                        str(seed),
-                        "-q",
-                        "--threads",
-                        str(args.threads),
-                    ]
+            runs: dict[str, list[tuple[float, float]]] = {"llama": [], "plain": [], "hard": []}
+            same = True
+            for _ in range(args.repeats):
+                runs["llama"].append(
+                    run_child(
+                        [
+                            sys.executable,
+                            "-c",
+                            LLAMA_QUANTIZE,
+                            str(inp),
+                            str(ref),
+                            str(mix.file_type),
+                            str(args.threads),
+                        ]
+                    )
                 )
-            hard_cells = (
-                ("-", "-", "-") if args.skip_hardened else (f"{t_hard:.2f}", f"{t_hard / t_ref:.1f}x", f"{m_hard:.0f}")
-            )
+                runs["plain"].append(
+                    run_child(
+                        [*ours, str(inp), str(plain), type_name, "--no-harden", "-q", "--threads", str(args.threads)]
+                    )
+                )
+                same &= sha256(ref) == sha256(plain)
+                for p in (ref, plain):  # gone before the next run writes: dirty pages of earlier outputs move its time
+                    p.unlink(missing_ok=True)
+                if not args.skip_hardened:
+                    hardened = [*ours, str(inp), str(hard), type_name, "--seed-file", str(seed), "-q"]
+                    runs["hard"].append(run_child([*hardened, "--threads", str(args.threads)]))
+                    hard.unlink(missing_ok=True)
+            (t_ref, m_ref), (t_plain, m_plain) = summary(runs["llama"]), summary(runs["plain"])
+            if args.skip_hardened:
+                hard_cells = ("-", "-", "-")
+            else:
+                t_hard, m_hard = summary(runs["hard"])
+                hard_cells = (f"{t_hard:.2f}", f"{t_hard / t_ref:.2f}x", f"{m_hard:.0f}")
             print(
-                f"| {mix.name} | {t_ref:.2f} | {t_plain:.2f} | {hard_cells[0]} | {t_plain / t_ref:.1f}x | "
+                f"| {mix.name} | {t_ref:.2f} | {t_plain:.2f} | {hard_cells[0]} | {t_plain / t_ref:.2f}x | "
                 f"{hard_cells[1]} | {m_ref:.0f} | {m_plain:.0f} | {hard_cells[2]} | {'yes' if same else 'NO'} |",
                 flush=True,
             )
-            hard.unlink(missing_ok=True)
     return 0
 
 

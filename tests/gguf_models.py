@@ -3,7 +3,9 @@
 `write_llama` writes a loadable Llama-architecture model (random weights, a tiny SentencePiece-style vocabulary with
 byte fallback) that llama.cpp can quantize and generate from. The shapes are chosen to reach llama-quantize's rules:
 8 layers (use_more_bits picks layers 0, 2, 5, 6, 7), row lengths that are and are not multiples of 256 (the k-quant
-fallbacks), grouped-query attention or not (Q2_K's attn_v rule), tied or separate output.
+fallbacks), grouped-query attention or not (Q2_K's attn_v rule), tied or separate output, and a mixture of experts
+(`n_expert`: a router and 3-D ffn_{gate,up,down}_exps tensors, as llama.cpp's converter writes Mixtral; eight experts
+reach llama-quantize's n_expert == 8 rules).
 
 `write_odd_shapes` adds tensors llama-quantize treats specially (row length not a multiple of 32 -> F16, a [n, 1]
 weight that ggml counts as 1-D, F32 and BF16 weights, norms) to a model llama.cpp can quantize but not run.
@@ -30,6 +32,8 @@ class LlamaShape:
     n_vocab: int = 384
     tied: bool = False
     dtype: str = "F16"  # weight dtype: F16, F32 or BF16
+    n_expert: int = 0  # experts per layer (0: a dense feed-forward block)
+    n_expert_used: int = 2
 
 
 def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
@@ -83,6 +87,9 @@ def _begin(path: Path, s: LlamaShape) -> gguf.GGUFWriter:
     w.add_rope_dimension_count(s.n_embd // s.n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type({"F32": 0, "F16": 1, "BF16": 32}[s.dtype])
+    if s.n_expert:
+        w.add_expert_count(s.n_expert)
+        w.add_expert_used_count(s.n_expert_used)
     tokens, scores, types = _vocab(s.n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -108,6 +115,12 @@ def _llama_tensors(w: gguf.GGUFWriter, s: LlamaShape, rng: np.random.Generator) 
         _add(w, p + "attn_v.weight", _weight(rng, s.n_head_kv * head, s.n_embd, 0.05), s.dtype)
         _add(w, p + "attn_output.weight", _weight(rng, s.n_embd, s.n_head * head, 0.05), s.dtype)
         _add(w, p + "ffn_norm.weight", 1 + 0.1 * rng.standard_normal(s.n_embd).astype(np.float32), "F32")
+        if s.n_expert:  # the router (never quantized) and each projection of all experts in one 3-D tensor
+            _add(w, p + "ffn_gate_inp.weight", _weight(rng, s.n_expert, s.n_embd, 0.05), "F32")
+            for name, rows, cols in (("gate", s.n_ff, s.n_embd), ("up", s.n_ff, s.n_embd), ("down", s.n_embd, s.n_ff)):
+                experts = np.stack([_weight(rng, rows, cols, 0.05) for _ in range(s.n_expert)])
+                _add(w, p + f"ffn_{name}_exps.weight", experts, s.dtype)
+            continue
         _add(w, p + "ffn_gate.weight", _weight(rng, s.n_ff, s.n_embd, 0.05), s.dtype)
         _add(w, p + "ffn_up.weight", _weight(rng, s.n_ff, s.n_embd, 0.05), s.dtype)
         _add(w, p + "ffn_down.weight", _weight(rng, s.n_embd, s.n_ff, 0.05), s.dtype)

@@ -61,6 +61,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "odd": write_odd_shapes(d / "odd.gguf"),
         # two layers: logits stay in the regime where weight noise adds up instead of compounding (the logit test)
         "shallow-f16": write_llama(d / "shallow-f16.gguf", LlamaShape(n_layer=2)),
+        # mixtures of experts (3-D ffn_*_exps tensors, a router): eight experts reach llama-quantize's n_expert == 8
+        # rules; four experts in BF16 with expert rows of 320 take the k-quant fallbacks
+        "moe8-f16": write_llama(d / "moe8-f16.gguf", LlamaShape(n_ff=512, n_layer=4, n_expert=8)),
+        "moe4-bf16": write_llama(d / "moe4-bf16.gguf", LlamaShape(n_layer=3, n_expert=4, dtype="BF16")),
+        "shallow-moe": write_llama(d / "shallow-moe.gguf", LlamaShape(n_ff=512, n_layer=2, n_expert=4)),
     }
 
 
@@ -68,7 +73,7 @@ def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("model", ["gqa-f16", "tied-f32", "odd"])
+@pytest.mark.parametrize("model", ["gqa-f16", "tied-f32", "odd", "moe8-f16", "moe4-bf16"])
 def test_no_harden_is_byte_identical_to_llama_quantize(models, tmp_path, model):
     mismatched = []
     for type_name in TYPES:
@@ -190,9 +195,15 @@ def _logits(path: Path, tokens: list[int]) -> np.ndarray:
     return out, text
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q2_K", "Q4_K_M", "Q6_K"])
-def test_hardened_output_loads_and_generates_in_llama_cpp(models, tmp_path, seed_file, type_name):
-    src = models["shallow-f16"]
+@pytest.mark.parametrize(
+    ("model", "type_name"),
+    [
+        *(("shallow-f16", t) for t in ("Q8_0", "Q4_0", "Q2_K", "Q4_K_M", "Q6_K")),
+        *(("shallow-moe", t) for t in ("Q4_0", "Q4_K_M")),
+    ],
+)
+def test_hardened_output_loads_and_generates_in_llama_cpp(models, tmp_path, seed_file, model, type_name):
+    src = models[model]
     ref = tmp_path / "ref.gguf"
     ours = tmp_path / "hardened.gguf"
     llama_quantize(src, ref, type_name)

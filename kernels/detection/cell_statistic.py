@@ -69,6 +69,9 @@ _LATTICE_REPEATED = 0.10
 # Weights of degenerate lattice runs (lattice_null.py: one offset per run, no evidence either way) above this share of
 # the judged weights make a tensor suspicious: nothing else in it could be judged.
 _UNJUDGED_MAX = 0.25
+# The rescaled-grid test runs only where the distance or the pinned excess reach this (half the smallest threshold):
+# below it no default verdict flags a tensor
+_RESCALED_GRID_FROM = 0.01
 
 
 def threshold_for(family: str, format_name: str | None = None) -> float:
@@ -414,25 +417,15 @@ def _score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding, lattice: bool
         "on_grid_fraction": fractions[0],
         "interior_on_grid_fraction": fractions[1],
         "near_code_fraction": t.near_code / judged,
-        "rescaled_grid_fraction": 0.0,
         "steerable": t.steerable,
         "repeated_fraction": repeated_fraction(values),
         "zeros": t.zeros,
         "lattice_fraction": t.lattice_live / max(t.live, 1),
         "unjudged": t.unjudged,
     }
-    if common["near_code_fraction"] < _GRID_ALIGNED and common["repeated_fraction"] >= _LATTICE_REPEATED:
-        # a lattice off this grid: perhaps this grid under moved scales (continuous weights never get here)
-        rule = rule or fmt.code_value_rule(enc)
-        if rule is not None:
-
-            def half_ulp(t: torch.Tensor) -> torch.Tensor:
-                return 0.5 * _storage_ulp(t, x.dtype)
-
-            on_rescaled, read = rescaled_grid_weights(values, cells.nearest, rule, half_ulp, values != 0)
-            common["rescaled_grid_fraction"] = on_rescaled / max(read, 1)
     if t.live == 0:
-        return CellScore(off_grid=0, distance=0.0, at=0.0, decoy_on_grid_fraction=0.0, **common)
+        score = CellScore(off_grid=0, distance=0.0, at=0.0, decoy_on_grid_fraction=0.0, **common)
+        return _rescaled_grid(score, values, x.dtype, fmt, enc, rule)
     if fmt.fits_scales:
         decoy_counts, decoy_on_grid = _refit_decoys(values, x.dtype, fmt, enc, lo, hi, t.lattice_mask)
         if t.lattice_counts is not None:  # lattice runs: their own null, on codes too
@@ -444,13 +437,40 @@ def _score(x: torch.Tensor, fmt: Format, name: str, enc: Encoding, lattice: bool
     grid = torch.linspace(0, 0.5, _CDF_POINTS + 1, dtype=torch.float32)[1:]
     excess = _cdf(t.live_counts) - _cdf(decoy_counts)
     at = int(torch.argmax(excess.abs()))
-    return CellScore(
+    score = CellScore(
         off_grid=t.live,
         distance=float(excess[at]),
         at=float(grid[at]),
         decoy_on_grid_fraction=decoy_on_grid,
         **common,
     )
+    return _rescaled_grid(score, values, x.dtype, fmt, enc, rule)
+
+
+def _rescaled_grid(
+    score: CellScore,
+    values: torch.Tensor,
+    dtype: torch.dtype,
+    fmt: Format,
+    enc: Encoding,
+    rule: CodeValueRule | None,
+) -> CellScore:
+    """score with its rescaled_grid_fraction (rescaled_grid.py), for a tensor that repeats values without sitting on
+    this grid (continuous weights never need it) and that the default verdict could flag (both excesses at least
+    half the smallest threshold: others pass anyway, and the test costs a few milliseconds per tensor)."""
+    pinned = score.interior_on_grid_fraction - score.decoy_on_grid_fraction
+    could_flag = max(abs(score.distance), pinned) >= _RESCALED_GRID_FROM or score.unjudged > 0
+    if score.grid_aligned or score.repeated_fraction < _LATTICE_REPEATED or not could_flag:
+        return score
+    rule = rule or fmt.code_value_rule(enc)
+    if rule is None:
+        return score
+
+    def half_ulp(t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * _storage_ulp(t, dtype)
+
+    on_rescaled, read = rescaled_grid_weights(values, enc.cells.nearest, rule, half_ulp, values != 0)
+    return replace(score, rescaled_grid_fraction=on_rescaled / max(read, 1))
 
 
 def verdict(
