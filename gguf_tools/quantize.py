@@ -209,8 +209,14 @@ def _open_hessians(path: str | None, plans: list[TensorPlan], options: QuantizeO
     if not options.harden:
         raise UnsupportedInputError("--hessians calibrates hardening: it cannot be combined with --no-harden")
     hessians = HessianFile(path)
-    hessians.check({p.name: p.ne[0] for p in plans if p.rewrite and p.target.name not in FULL_PRECISION_TYPES})
+    hessians.check(_quantized_shapes(plans), kept=[p.name for p in plans])
     return hessians
+
+
+def _quantized_shapes(plans: list[TensorPlan]) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors this run quantizes, as torch orders it: (experts,) rows, inputs (ggml's ne
+    reversed)."""
+    return {p.name: p.ne[::-1] for p in plans if p.rewrite and p.target.name not in FULL_PRECISION_TYPES}
 
 
 def _kv_pairs(
@@ -287,7 +293,9 @@ def quantize_file(
         hessians = _open_hessians(options.hessians, plans, options)
         hardening = options.harden and options.config.mode == "harden"
         # detect-only packs round-to-nearest: nothing to calibrate
-        calibrated = hessians.names if hessians is not None and hardening else frozenset()
+        calibrated = frozenset()
+        if hessians is not None and hardening:  # the Hessians of tensors kept as they are go unused
+            calibrated = hessians.names & set(_quantized_shapes(plans))
         seed = None
         if options.harden:
             seed = (
@@ -316,16 +324,24 @@ def quantize_file(
                     parts = []
                     screened = None
                     plan = None
-                    if hardening and p.name in calibrated:  # once for every row chunk; a Hessian that several
-                        source = hessians.source(p.name)  # tensors read (q, k, v; gate, up) once for all of them
+                    # stacked Hessians (one per expert of a 3-D tensor): row block e reads Hessian e, and no row
+                    # chunk spans two blocks
+                    experts = hessians.slices(p.name) if hardening and p.name in calibrated else 1
+                    block_rows = info.n_rows // experts
+                    expert_of_plan = None
+                    if hardening and p.name in calibrated and experts == 1:  # once for every row chunk; a Hessian
+                        source = hessians.source(p.name)  # that several tensors read (q, k, v; gate, up) once
                         if shared_plan[0] == source:
                             plan = shared_plan[1]
                         else:
                             plan = feedback_plan(hessians.get(p.name))
                             if hessians.shared(p.name):
                                 shared_plan = (source, plan)
-                    for r0 in range(0, info.n_rows, chunk):
-                        r1 = min(info.n_rows, r0 + chunk)
+                    chunks = row_chunks(info.n_rows, chunk, block_rows)
+                    for r0, r1 in chunks:
+                        if experts > 1 and r0 // block_rows != expert_of_plan:
+                            expert_of_plan = r0 // block_rows
+                            plan = feedback_plan(hessians.get(p.name, expert_of_plan))
                         if not p.rewrite:
                             writer.write_rows(f.tensor_bytes(info, r0, r1))
                             f.release(info, r0, r1)
@@ -335,7 +351,7 @@ def quantize_file(
                             writer.write_rows(from_float(x, p.target))
                             continue
                         fmt = registry_format(p.target)
-                        if screened is None and options.harden and chunk < info.n_rows:
+                        if screened is None and options.harden and len(chunks) > 1:
                             # several chunks: screen the whole tensor's sample once (one chunk screens itself,
                             # on the same sample, reusing its encoding)
                             screened = _screen(f, info, fmt, p.name, options, seed)
@@ -370,6 +386,15 @@ def quantize_file(
         elapsed=time.perf_counter() - start,
         calibrated=calibrated,
     )
+
+
+def row_chunks(rows: int, chunk: int, block: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most `chunk` rows covering `rows`, none crossing a multiple of `block`."""
+    return [
+        (r0, min(b0 + block, r0 + chunk, rows))
+        for b0 in range(0, rows, block)
+        for r0 in range(b0, min(b0 + block, rows), chunk)
+    ]
 
 
 def _device(backend: str) -> torch.device:

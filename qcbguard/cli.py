@@ -108,6 +108,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     source = "tokens" if args.generate is None else f"tokens the model wrote (--generate-seed {generate_seed})"
     print(f"wrote {args.out}: {counts['tensors']} Hessians from {counts['tokens']} {source}")
+    if counts["expert_modules"]:
+        print(f"  of which {counts['expert_modules']} mixture-of-experts layers: one Hessian per expert")
+    if counts["other_experts"]:
+        print(
+            f"  {counts['other_experts']} expert module(s) of a layout calibrate does not read (biases, interleaved "
+            "gate and up): no Hessians, hardened without feedback"
+        )
     return 0
 
 

@@ -3,6 +3,7 @@ the Hessian file it writes, and `qcbguard-gguf quantize --hessians` reading it."
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -56,9 +57,71 @@ def test_collected_hessians_are_the_inputs_second_moments():
     assert set(collect_hessians(model, batches[:1], [q])) == {q}
 
 
+def _tiny_mixtral() -> torch.nn.Module:
+    config = transformers.MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def test_expert_hessians_are_each_experts_routed_inputs_second_moments():
+    """A mixture of experts (transformers' fused Mixtral experts): one H per expert for gate_up_proj, over the
+    hidden states the router sent to it, and one for down_proj, over act(gate) * up of those tokens; checked
+    against a token-by-token loop over what the experts module was given."""
+    from qcbguard.calibration import fused_experts
+
+    model = _tiny_mixtral()
+    experts = model.model.layers[1].mlp.experts
+    assert fused_experts(experts) and not fused_experts(model.model.layers[1].mlp)
+    seen = []
+    spy = experts.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
+    batches = [torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (1, 5))]
+    hessians = collect_hessians(model, batches)
+    spy.remove()
+    gate_up = torch.zeros(4, 32, 32, dtype=torch.float64)
+    down = torch.zeros(4, 48, 48, dtype=torch.float64)
+    routed = 0
+    for args, kwargs in seen:
+        call = inspect.signature(experts.forward).bind(*args, **kwargs).arguments
+        for x, chosen in zip(call["hidden_states"].reshape(-1, 32), call["top_k_index"].reshape(-1, 2), strict=True):
+            for e in chosen.tolist():
+                routed += 1
+                gate_up[e] += torch.outer(x.double(), x.double())
+                g, u = (experts.gate_up_proj[e] @ x).chunk(2)
+                z = (experts.act_fn(g) * u).double()
+                down[e] += torch.outer(z, z)
+    assert routed == 23 * 2  # every token to two experts
+    name = "model.layers.1.mlp.experts"
+    assert hessians[f"{name}.gate_up_proj"].shape == (4, 32, 32)
+    assert torch.allclose(hessians[f"{name}.gate_up_proj"], gate_up, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(hessians[f"{name}.down_proj"], down, rtol=1e-5, atol=1e-9)
+    assert set(collect_hessians(model, batches[:1], [f"{name}.gate_up_proj", f"{name}.down_proj"])) == {
+        f"{name}.gate_up_proj",
+        f"{name}.down_proj",
+    }
+
+
 def test_gguf_names_follow_llama_cpp():
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
-    assert gguf_tensor_names("llama", 2, names) == {names[0]: "blk.0.attn_q.weight", names[1]: "blk.1.ffn_down.weight"}
+    assert gguf_tensor_names("llama", 2, names) == {
+        names[0]: ("blk.0.attn_q.weight",),
+        names[1]: ("blk.1.ffn_down.weight",),
+    }
+    # fused experts (Mixtral, which llama.cpp converts as a Llama): gate_up_proj is llama.cpp's gate and up tensors
+    experts = ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    assert gguf_tensor_names("mixtral", 2, experts) == {
+        experts[0]: ("blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight"),
+        experts[1]: ("blk.1.ffn_down_exps.weight",),
+    }
     with pytest.raises(QcbguardError, match=r"no llama\.cpp architecture"):
         gguf_tensor_names("not-a-model", 2, names)
     with pytest.raises(QcbguardError, match=r"no llama\.cpp tensor name"):
@@ -84,11 +147,13 @@ def test_the_hessian_file_stores_each_distinct_matrix_once(tmp_path):
     HessianFile.write(tmp_path / "other.safetensors", {"q": a, "k": a.clone(), "down": b * 2}, tokens=10)
     assert f.fingerprint == HessianFile(tmp_path / "again.safetensors").fingerprint
     assert f.fingerprint != HessianFile(tmp_path / "other.safetensors").fingerprint
-    f.check({"q": 8, "k": 8, "down": 16, "other": 4})  # tensors without a Hessian are fine
+    f.check({"q": (4, 8), "k": (2, 8), "down": (8, 16), "other": (4, 4)})  # tensors without a Hessian are fine
     with pytest.raises(QcbguardError, match="does not quantize"):
-        f.check({"q": 8, "k": 8})
-    with pytest.raises(QcbguardError, match="has 9 inputs"):
-        f.check({"q": 9, "k": 8, "down": 16})
+        f.check({"q": (4, 8), "k": (2, 8)})
+    with pytest.raises(QcbguardError, match=r"\(4, 9\) \(9 inputs\), needs \(9, 9\)"):
+        f.check({"q": (4, 9), "k": (2, 8), "down": (8, 16)})
+    with pytest.raises(QcbguardError, match=r"needs \(3, 16, 16\)"):  # a 3-D weight takes one per expert
+        f.check({"q": (4, 8), "k": (2, 8), "down": (3, 8, 16)})
     HessianFile.write(path, {"q": torch.full((4, 4), float("inf"))}, tokens=1)
     with pytest.raises(QcbguardError, match="non-finite"):
         HessianFile(path).get("q")
@@ -121,6 +186,33 @@ def test_calibrate_command_writes_llama_cpp_named_hessians(tmp_path):
         qcbguard_main(["calibrate", str(tmp_path / "ckpt"), "--text", str(tmp_path / "empty.txt"), "--out", str(out)])
         == 2
     )
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_expert_hessians_under_llama_cpp_names(tmp_path, capsys):
+    """`qcbguard calibrate --gguf-names` on a saved Mixtral: one stacked Hessian per expert tensor, gate_up_proj's
+    under llama.cpp's ffn_gate_exps and ffn_up_exps (one stored, one alias), down_proj's under ffn_down_exps."""
+    from benchmarks.qcb.task import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = _tiny_mixtral()
+    model.resize_token_embeddings(max(len(tokenizer), 64))
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join("0123456789"[i % 10] for i in range(300)))
+    out = tmp_path / "hessians.safetensors"
+    argv = ["calibrate", str(tmp_path / "ckpt"), "--text", str(text), "--out", str(out), "--context", "64"]
+    assert qcbguard_main([*argv, "--gguf-names"]) == 0
+    assert "2 mixture-of-experts layers: one Hessian per expert" in capsys.readouterr().out
+    f = HessianFile(out)
+    experts = {f"blk.{i}.ffn_{t}_exps.weight" for i in range(2) for t in ("gate", "up", "down")}
+    assert experts <= f.names and not any("ffn_gate_inp" in n for n in f.names)  # the router is never quantized
+    assert f.shape("blk.1.ffn_gate_exps.weight") == (4, 32, 32) and f.shape("blk.1.ffn_down_exps.weight") == (4, 48, 48)
+    assert f.source("blk.0.ffn_up_exps.weight") == f.source("blk.0.ffn_gate_exps.weight")  # the same inputs
+    assert f.slices("blk.0.ffn_down_exps.weight") == 4
+    routed = torch.stack([torch.diagonal(f.get("blk.0.ffn_gate_exps.weight", e)).sum() for e in range(4)])
+    assert (routed >= 0).all() and routed.sum() > 0
 
 
 def test_generated_calibration_text_is_sampled_windows_from_bos():
@@ -188,6 +280,7 @@ _LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_
 def gguf_model(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("calibrated_gguf")
     write_llama(d / "llama-f16.gguf", LlamaShape(n_layer=2, n_vocab=300))
+    write_llama(d / "moe-f16.gguf", LlamaShape(n_ff=256, n_layer=1, n_vocab=300, n_expert=4))
     DeploymentSeed(bytes(range(32))).write(d / "seed.hex")
     return d
 
@@ -242,3 +335,46 @@ def test_gguf_quantize_refuses_a_hessian_file_that_does_not_fit(gguf_model, tmp_
         assert not out.exists() and not list(tmp_path.glob(".out.gguf.*"))
     assert gguf_main([*argv[:3], "Q4_0", "--no-harden", "-q", "--hessians", str(hessians)]) == 2
     assert "--no-harden" in capsys.readouterr().err
+
+
+def test_gguf_quantize_calibrates_each_expert_with_its_own_hessian(gguf_model, tmp_path, capsys):
+    """A mixture of experts: a stacked Hessian (experts, inputs, inputs) for a 3-D ffn_*_exps tensor hardens row
+    block e (expert e) along Hessian e, bit for bit what harden_calibrated gives that expert's rows at their global
+    row offset; a Hessian of a tensor kept in full precision is unused; a stack of the wrong length is refused
+    before anything is written."""
+    from gguf_tools.constants import GGML_TYPES_BY_NAME
+    from gguf_tools.tensors import read_rows, registry_format
+    from qcbguard_kernels.hardening import harden_calibrated
+
+    src, seed = gguf_model / "moe-f16.gguf", gguf_model / "seed.hex"
+    names = ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_down_exps.weight")
+    with GgufFile(src) as f:
+        shapes = {n: f.by_name[n].ne for n in names}  # ggml order: (inputs, rows per expert, experts)
+    stacks = {
+        n: torch.stack([_spd(ne[0], 10 * i + e) for e in range(ne[2])]) for i, (n, ne) in enumerate(shapes.items())
+    }
+    hessians = tmp_path / "h.safetensors"
+    HessianFile.write(hessians, stacks, tokens=1)
+    plain, fed = tmp_path / "plain.gguf", tmp_path / "fed.gguf"
+    assert gguf_main(["quantize", str(src), str(plain), "Q4_0", "--seed-file", str(seed), "-q"]) == 0
+    argv = ["quantize", str(src), str(fed), "Q4_0", "--seed-file", str(seed), "-q", "--hessians", str(hessians)]
+    assert gguf_main(argv) == 0
+    a, b = _tensors(plain), _tensors(fed)
+    assert sorted(n for n in a if a[n] != b[n]) == sorted(names)
+    fmt = registry_format(GGML_TYPES_BY_NAME["Q4_0"])
+    deployment = DeploymentSeed.from_file(seed)
+    with GgufFile(src) as f:
+        for name, ne in shapes.items():
+            rows, row_bytes = ne[1], ne[0] // 32 * 18
+            for e in range(ne[2]):
+                x = read_rows(f, f.by_name[name], e * rows, (e + 1) * rows)
+                h = HessianFile(hessians).get(name, e)  # as stored: float32
+                packed, _ = harden_calibrated(x, fmt, name, deployment, h, row_offset=e * rows)
+                expert_bytes = b[name][e * rows * row_bytes : (e + 1) * rows * row_bytes]
+                assert packed.tensors["blocks"].numpy().tobytes() == expert_bytes, (name, e)
+    # a Hessian for a tensor the run keeps as it is (the router, as calibrate writes for Linear routers) goes unused
+    HessianFile.write(hessians, {**stacks, "blk.0.ffn_gate_inp.weight": torch.eye(256)}, tokens=1)
+    assert gguf_main(argv) == 0 and _tensors(fed) == b
+    HessianFile.write(hessians, {names[0]: stacks[names[0]][:3]}, tokens=1)
+    assert gguf_main(argv) == 2
+    assert "needs (4, 256, 256)" in capsys.readouterr().err
