@@ -24,18 +24,27 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+#: the tiny decoder both test models share: 2 layers, hidden 32, 4 heads over 2 key-value heads, 64 tokens
+_TINY = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
 def _tiny_llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(intermediate_size=64, **_TINY)).eval()
+
+
+def _tiny_mixtral() -> torch.nn.Module:
+    """_tiny_llama's shape with four experts of width 48, two per token."""
+    config = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **_TINY)
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config).eval()
 
 
 def test_collected_hessians_are_the_inputs_second_moments():
@@ -55,22 +64,6 @@ def test_collected_hessians_are_the_inputs_second_moments():
     assert hessians["model.layers.1.mlp.down_proj.weight"].shape == (64, 64)
     assert "lm_head.weight" in hessians  # every linear unless weight_names narrows it
     assert set(collect_hessians(model, batches[:1], [q])) == {q}
-
-
-def _tiny_mixtral() -> torch.nn.Module:
-    config = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.MixtralForCausalLM(config).eval()
 
 
 def test_expert_hessians_are_each_experts_routed_inputs_second_moments():
@@ -162,21 +155,24 @@ def test_the_hessian_file_stores_each_distinct_matrix_once(tmp_path):
         HessianFile(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.slow
-def test_calibrate_command_writes_llama_cpp_named_hessians(tmp_path):
-    """`qcbguard calibrate DIR --text F --out H --gguf-names` on a saved transformers checkpoint with a tokenizer."""
+def _calibrate_argv(model: torch.nn.Module, tmp_path: Path, out: Path) -> list[str]:
+    """`qcbguard calibrate` arguments for `model` saved with the harness's tokenizer, over 300 tokens of digits."""
     from benchmarks.qcb.task import build_tokenizer
 
     tokenizer = build_tokenizer()
-    model = _tiny_llama()
     model.resize_token_embeddings(max(len(tokenizer), 64))
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
     text = tmp_path / "calibration.txt"
     text.write_text(" ".join("0123456789"[i % 10] for i in range(300)))
+    return ["calibrate", str(tmp_path / "ckpt"), "--text", str(text), "--out", str(out), "--context", "64"]
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_llama_cpp_named_hessians(tmp_path):
+    """`qcbguard calibrate DIR --text F --out H --gguf-names` on a saved transformers checkpoint with a tokenizer."""
     out = tmp_path / "hessians.safetensors"
-    argv = ["calibrate", str(tmp_path / "ckpt"), "--text", str(text), "--out", str(out), "--context", "64"]
-    assert qcbguard_main([*argv, "--gguf-names"]) == 0
+    assert qcbguard_main([*_calibrate_argv(_tiny_llama(), tmp_path, out), "--gguf-names"]) == 0
     f = HessianFile(out)
     assert f.names == {f"blk.{i}.{t}.weight" for i in range(2) for t in _LAYER_TENSORS}
     assert f.shape("blk.1.ffn_down.weight") == (64, 64) and f.shape("blk.0.attn_v.weight") == (32, 32)
@@ -192,18 +188,8 @@ def test_calibrate_command_writes_llama_cpp_named_hessians(tmp_path):
 def test_calibrate_command_writes_expert_hessians_under_llama_cpp_names(tmp_path, capsys):
     """`qcbguard calibrate --gguf-names` on a saved Mixtral: one stacked Hessian per expert tensor, gate_up_proj's
     under llama.cpp's ffn_gate_exps and ffn_up_exps (one stored, one alias), down_proj's under ffn_down_exps."""
-    from benchmarks.qcb.task import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    model = _tiny_mixtral()
-    model.resize_token_embeddings(max(len(tokenizer), 64))
-    model.save_pretrained(tmp_path / "ckpt")
-    tokenizer.save_pretrained(tmp_path / "ckpt")
-    text = tmp_path / "calibration.txt"
-    text.write_text(" ".join("0123456789"[i % 10] for i in range(300)))
     out = tmp_path / "hessians.safetensors"
-    argv = ["calibrate", str(tmp_path / "ckpt"), "--text", str(text), "--out", str(out), "--context", "64"]
-    assert qcbguard_main([*argv, "--gguf-names"]) == 0
+    assert qcbguard_main([*_calibrate_argv(_tiny_mixtral(), tmp_path, out), "--gguf-names"]) == 0
     assert "2 mixture-of-experts layers: one Hessian per expert" in capsys.readouterr().out
     f = HessianFile(out)
     experts = {f"blk.{i}.ffn_{t}_exps.weight" for i in range(2) for t in ("gate", "up", "down")}
