@@ -456,8 +456,9 @@ def _rescaled_grid(
     rule: CodeValueRule | None,
 ) -> CellScore:
     """score with its rescaled_grid_fraction (rescaled_grid.py), for a tensor that repeats values without sitting on
-    this grid (continuous weights never need it) and that the default verdict could flag (both excesses at least
-    half the smallest threshold: others pass anyway, and the test costs a few milliseconds per tensor)."""
+    this grid (continuous weights never need it) and that the default verdict could flag: its distance or pinned
+    excess at least half the smallest default threshold, or weights left unjudged (the others pass anyway, and the
+    test costs a few milliseconds per tensor; a caller's lower threshold can only flag more)."""
     pinned = score.interior_on_grid_fraction - score.decoy_on_grid_fraction
     could_flag = max(abs(score.distance), pinned) >= _RESCALED_GRID_FROM or score.unjudged > 0
     if score.grid_aligned or score.repeated_fraction < _LATTICE_REPEATED or not could_flag:
