@@ -109,7 +109,6 @@ class ExpertHessians:
     the forward pre-hook (float32, as the forward computes them; sums in float64)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
         experts, double_inter, hidden = module.gate_up_proj.shape
         self.gate_up = [HessianAccumulator(hidden) for _ in range(experts)]
         self.down = [HessianAccumulator(double_inter // 2) for _ in range(experts)]
