@@ -467,6 +467,40 @@ def test_calibrated_row_parallel_shards_read_their_own_columns_of_the_hessian(tm
         assert torch.equal(ours, _codes("int8_per_channel", expected)), rank
 
 
+@pytest.mark.parametrize("fmt_name", ["int8_per_channel", "fp8_per_channel"])
+def test_fused_experts_read_their_own_slice_of_the_stacked_hessians(tmp_path, fmt_name):
+    """A mixture of experts: `qcbguard calibrate` stores one Hessian per expert under the experts module's
+    gate_up_proj / down_proj (transformers' names; vLLM's Mixtral prefix says block_sparse_moe where transformers
+    says mlp). Each expert's w13 and w2 is hardened along its own slice, as harden_calibrated does it; a stack with
+    too few experts stops start-up."""
+    experts, hidden, inter = 3, 48, 32
+    w13 = [_weight(2 * inter, hidden, 40 + e) for e in range(experts)]
+    w2 = [_weight(hidden, inter, 50 + e) for e in range(experts)]
+    stacks = {
+        "model.layers.0.mlp.experts.gate_up_proj": torch.stack([_hessian(hidden, 60 + e) for e in range(experts)]),
+        "model.layers.0.mlp.experts.down_proj": torch.stack([_hessian(inter, 70 + e) for e in range(experts)]),
+    }
+    state = _calibrated_state(tmp_path, stacks)
+    fmt = get_format(fmt_name)
+    prefix = "model.layers.0.block_sparse_moe.experts"
+    for e in range(experts):
+        for part, w, stacked in (("w13", w13, "gate_up_proj"), ("w2", w2, "down_proj")):
+            name = f"{prefix}.{e}.{part}_weight"
+            nearest = fmt.quantize(w[e])
+            job = LayerJob(state, torch.nn.Module(), "Int8OnlineMoEMethod", fmt, name)
+            geometry = ShardGeometry.whole(w[e].shape[0])
+            packed = harden_against_vllm(job, w[e], dict(nearest.tensors), geometry)
+            h = state.hessians.get(f"model.layers.0.mlp.experts.{stacked}", e)  # as stored: float32
+            expected, _ = harden_calibrated(w[e], fmt, name, SEED, h)
+            plain, _ = harden_tensor(w[e], fmt, name, SEED)
+            assert torch.equal(_codes(fmt_name, packed), _codes(fmt_name, expected)), (e, part)
+            assert not torch.equal(_codes(fmt_name, packed), _codes(fmt_name, plain)), (e, part)
+    short = _calibrated_state(tmp_path, {k: v[:2] for k, v in stacks.items()})
+    job = LayerJob(short, torch.nn.Module(), "Int8OnlineMoEMethod", fmt, f"{prefix}.2.w13_weight")
+    with pytest.raises(QcbguardError, match="no slice for expert 2"):
+        calibration_plan(job, hidden, ShardGeometry.whole(2 * inter))
+
+
 def test_a_layer_without_a_hessian_is_hardened_without_feedback(tmp_path):
     """No Hessian for the layer: the same bytes as without a calibration file; a Hessian too small for the shard's
     columns (a file for another model) stops start-up."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -201,22 +202,41 @@ def harden_against_vllm(
 #: vLLM's fused layers and the checkpoint weight whose inputs they read (every part of one reads the same input, so
 #: the calibration file holds one Hessian for them all, aliased)
 _FUSED_PARTS = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}
+#: a fused expert as moe_methods names it ("{prefix}.{global expert}.w13_weight"), and the stacked Hessian that
+#: `qcbguard calibrate` writes for its part under the experts module's name (one slice per expert)
+_EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.+)\.(?P<expert>\d+)\.(?P<part>w13|w2)_weight$")
+_EXPERT_HESSIANS = {"w13": "gate_up_proj", "w2": "down_proj"}
 
 
 def calibration_plan(job: LayerJob, cols: int, geometry: ShardGeometry) -> FeedbackPlan | None:
-    """The feedback plan of a layer's shard from the hessians setting (the shard's own columns of its Hessian), or
-    None: no calibration file, detect-only (nothing is drawn), or no Hessian in it for this layer (it is hardened
-    without feedback)."""
+    """The feedback plan of a layer's shard from the hessians setting (the shard's own columns of its Hessian; for a
+    fused expert, of its slice of the experts module's stacked Hessian), or None: no calibration file, detect-only
+    (nothing is drawn), or no Hessian in it for this layer (it is hardened without feedback)."""
     hessians = job.state.hessians
     if hessians is None or job.state.settings.hardening.mode != "harden":
         return None
-    prefix, _, leaf = job.name.removesuffix(".weight").rpartition(".")
-    candidates = [job.name, f"{prefix}.{_FUSED_PARTS.get(leaf, leaf)}.weight"]
+    expert = _EXPERT_WEIGHT.match(job.name)
+    if expert is not None:  # vLLM's Mixtral says block_sparse_moe where transformers (which calibrate ran) says mlp
+        stacked = _EXPERT_HESSIANS[expert["part"]]
+        candidates = [
+            f"{p}.{stacked}" for p in (expert["prefix"], expert["prefix"].replace(".block_sparse_moe.", ".mlp."))
+        ]
+    else:
+        prefix, _, leaf = job.name.removesuffix(".weight").rpartition(".")
+        candidates = [job.name, f"{prefix}.{_FUSED_PARTS.get(leaf, leaf)}.weight"]
     name = next((n for n in candidates if n in hessians.names), None)
     if name is None:
         logger.info("qcbguard: no calibration Hessian for %s; hardened without feedback", job.name)
         return None
-    h = hessians.get(name)
+    if expert is None:
+        h = hessians.get(name)
+    elif int(expert["expert"]) < hessians.slices(name) and len(hessians.shape(name)) == 3:
+        h = hessians.get(name, int(expert["expert"]))
+    else:
+        raise QcbguardError(
+            f"qcbguard: the calibration Hessian {name} {hessians.shape(name)} has no slice for expert "
+            f"{expert['expert']} ({job.name}): is the hessians file for another model?"
+        )
     start = geometry.col_offset
     if h.shape[0] < start + cols:
         raise QcbguardError(

@@ -14,8 +14,9 @@ each row's), the hook reduces the same amax with vLLM's own helper first, so its
 
 Randomness: each expert is a tensor of its own, "{prefix}.{e}.w13_weight" and "{prefix}.{e}.w2_weight" (prefix: the
 layer's, "...mlp.experts"; e: the global expert id), drawn at its TP=1 coordinates (layout.expert_layout), so EP and
-MoE-TP ranks hold the TP=1 codes wherever the scales agree. Other MoE methods (mxfp8, mxfp4, nvfp4) are left to the
-model-level check, which refuses them.
+MoE-TP ranks hold the TP=1 codes wherever the scales agree. With the hessians setting each expert's part is hardened
+with error feedback along its slice of the experts module's stacked Hessian (hook.calibration_plan). Other MoE
+methods (mxfp8, mxfp4, nvfp4) are left to the model-level check, which refuses them.
 """
 
 from __future__ import annotations
