@@ -313,7 +313,7 @@ def quantize_file(
             with os.fdopen(fd, "wb") as out:
                 kv = _kv_pairs(f, mix, seed if hardening else None, hessians)
                 writer = GgufWriter(out, kv, outputs, f.alignment)
-                shared_plan: tuple[str | None, FeedbackPlan | None] = (None, None)  # the latest shared Hessian's
+                feedback = _FeedbackPlans(hessians, calibrated)
                 for i, p in enumerate(plans):
                     if progress is not None:
                         progress(i, len(plans), p.name)
@@ -323,25 +323,10 @@ def quantize_file(
                     chunk = max(1, per_chunk // info.ne[0])
                     parts = []
                     screened = None
-                    plan = None
-                    # stacked Hessians (one per expert of a 3-D tensor): row block e reads Hessian e, and no row
-                    # chunk spans two blocks
-                    experts = hessians.slices(p.name) if hardening and p.name in calibrated else 1
-                    block_rows = info.n_rows // experts
-                    expert_of_plan = None
-                    if hardening and p.name in calibrated and experts == 1:  # once for every row chunk; a Hessian
-                        source = hessians.source(p.name)  # that several tensors read (q, k, v; gate, up) once
-                        if shared_plan[0] == source:
-                            plan = shared_plan[1]
-                        else:
-                            plan = feedback_plan(hessians.get(p.name))
-                            if hessians.shared(p.name):
-                                shared_plan = (source, plan)
-                    chunks = row_chunks(info.n_rows, chunk, block_rows)
+                    block_rows = feedback.block_rows(p.name, info.n_rows)
+                    chunks = row_chunks(info.n_rows, chunk, block_rows)  # none spans two experts' Hessians
                     for r0, r1 in chunks:
-                        if experts > 1 and r0 // block_rows != expert_of_plan:
-                            expert_of_plan = r0 // block_rows
-                            plan = feedback_plan(hessians.get(p.name, expert_of_plan))
+                        plan = feedback.plan(p.name, r0 // block_rows)
                         if not p.rewrite:
                             writer.write_rows(f.tensor_bytes(info, r0, r1))
                             f.release(info, r0, r1)
@@ -386,6 +371,31 @@ def quantize_file(
         elapsed=time.perf_counter() - start,
         calibrated=calibrated,
     )
+
+
+class _FeedbackPlans:
+    """The feedback plans of a run's calibrated tensors (`names`), each computed once: a tensor's for all its row
+    chunks, a Hessian several tensors read (q, k, v; gate, up) once for all of them while they come one after
+    another, and a stacked Hessian (one per expert of a 3-D tensor: row block e reads slice e) one expert at a time,
+    as its rows come."""
+
+    def __init__(self, hessians: HessianFile | None, names: frozenset[str]) -> None:
+        self.hessians, self.names = hessians, names
+        self._latest: tuple[tuple[str, int], FeedbackPlan] | None = None  # (Hessian stored, slice), its plan
+
+    def block_rows(self, name: str, rows: int) -> int:
+        """Rows that read one Hessian: all of them, or one expert's."""
+        return rows // self.hessians.slices(name) if name in self.names else rows
+
+    def plan(self, name: str, block: int) -> FeedbackPlan | None:
+        """The plan of row block `block` of tensor `name`, or None where it is not calibrated."""
+        if name not in self.names:
+            return None
+        stacked = len(self.hessians.shape(name)) == 3
+        key = (self.hessians.source(name), block)
+        if self._latest is None or self._latest[0] != key:
+            self._latest = (key, feedback_plan(self.hessians.get(name, block if stacked else None)))
+        return self._latest[1]
 
 
 def row_chunks(rows: int, chunk: int, block: int) -> list[tuple[int, int]]:
