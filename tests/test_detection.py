@@ -251,6 +251,19 @@ def test_a_grid_rescaled_beyond_the_bound_is_not_grid_aligned():
     assert score.rescaled_grid_fraction < 0.1 and not score.grid_aligned, score
 
 
+def test_a_rescaled_grid_head_buys_no_exemption_for_an_attacked_rest():
+    """The rescaled-grid test takes a first look at 2^14 weights, but a tensor is aligned only on all of them: a head
+    of 16 rescaled grid rows (what the first look reads, and in a public scan's sample the first run) in front of
+    240 box-attacked rows is not aligned, and is flagged."""
+    scaled, fmt = _rescaled_rows(torch.full((256, 1), 1 + 2**-8))
+    attacked, _ = box_attack(clean_weights(SEED), "int8_per_channel", 0.1, 1024, SEED)
+    crafted = torch.cat([scaled[:16], attacked[16:]])
+    head = cell_score(scaled[:16], fmt)
+    assert head.grid_aligned and head.rescaled_grid_fraction > 0.9, head
+    score = cell_score(crafted, fmt)
+    assert not score.grid_aligned and score.rescaled_grid_fraction < 0.2 and verdict(score).suspicious, score
+
+
 @pytest.mark.parametrize(("fmt_name", "margin", "block"), BOX_ATTACKS)
 def test_box_attacks_are_not_a_rescaled_grid(fmt_name, margin, block):
     """Box-clamped weights repeat values (they pile on the box edges), so the rescaled test runs on them: they are

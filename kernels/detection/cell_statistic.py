@@ -470,7 +470,10 @@ def _rescaled_grid(
     def half_ulp(t: torch.Tensor) -> torch.Tensor:
         return 0.5 * _storage_ulp(t, dtype)
 
-    on_rescaled, read = rescaled_grid_weights(values, enc.cells.nearest, rule, half_ulp, values != 0)
+    judged = values != 0
+    on_rescaled, read = rescaled_grid_weights(values, enc.cells.nearest, rule, half_ulp, judged, first_look=True)
+    if on_rescaled >= _GRID_ALIGNED * read and read < int(judged.count_nonzero()):  # aligned on all weights, or not
+        on_rescaled, read = rescaled_grid_weights(values, enc.cells.nearest, rule, half_ulp, judged)
     return replace(score, rescaled_grid_fraction=on_rescaled / max(read, 1))
 
 

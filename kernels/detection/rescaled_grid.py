@@ -27,9 +27,10 @@ from ..formats.base import CodeValueRule
 
 #: the largest rescale of a group admitted, |alpha - 1| (torchao's 128 / 127.5: 2^-8; a bf16 re-rounding: 2^-9)
 _MAX_RESCALE = 2.0**-7
-#: weights the test reads: the first whole scale groups up to this many (or the first this many of one larger
-#: group); a share near the 90% rule then carries a sampling error of about 0.2%
-SAMPLE = 1 << 14
+#: weights a first look reads: the first whole scale groups up to this many (or the first this many of one larger
+#: group). Only a share the first look finds below the rule stands on it: a tensor is judged aligned on all its
+#: weights, or a crafted head would buy an attacked rest an exemption.
+FIRST_LOOK = 1 << 14
 
 
 def rescaled_grid_weights(
@@ -38,17 +39,18 @@ def rescaled_grid_weights(
     rule: CodeValueRule,
     half_ulp: Callable[[torch.Tensor], torch.Tensor],
     judged: torch.Tensor,
+    first_look: bool = False,
 ) -> tuple[int, int]:
     """How many `judged` weights (float32 `values` and their nearest codes) sit on their nearest code's value times
     one factor per scale group of `rule`, to within half_ulp(w), half the storage dtype's spacing at w. Where the
     rule has a shift (an affine format's minimum), the factor applies to the value less the shift, and the shift's
-    own half ulp is added to the tolerance: it was a weight, re-rounded to storage like the others. Only the first
-    SAMPLE weights are read (see there): the count is of those, out of `judged` among them (second value)."""
+    own half ulp is added to the tolerance: it was a weight, re-rounded to storage like the others. Returns the
+    count and the judged weights read: all of them, or with `first_look` only the first FIRST_LOOK (see there)."""
     n, group = values.numel(), rule.group
     if n == 0 or n % group:
         return 0, 0
-    if n > SAMPLE:  # the first whole groups, or the start of one group larger than the sample
-        n = SAMPLE // group * group if group <= SAMPLE else SAMPLE
+    if first_look and n > FIRST_LOOK:  # the first whole groups, or the start of one group larger than that
+        n = FIRST_LOOK // group * group if group <= FIRST_LOOK else FIRST_LOOK
         group = min(group, n)
         keep = n // group
         rule = replace(
