@@ -71,6 +71,24 @@ def test_a_checkpoint_dequantized_from_another_format_is_flagged_with_a_caution(
     assert verdict["flagged"] and verdict["cautioned"] == verdict["flagged"]
 
 
+def test_a_checkpoint_dequantized_to_bf16_from_float32_passes_under_its_own_format(tmp_path, capsys):
+    """The embedded model quantized to NF4 from float32, dequantized and stored in bf16: the block maxima's bf16
+    rounding moves every re-encoded scale, so under NF4 its weights miss their codes by more than half an ulp, and
+    the local decoys flagged it; it is a rescaled NF4 grid (the report says so) and passes."""
+    from qcbguard_kernels import get_format
+
+    nf4 = get_format("nf4")
+    # the embedded weights are bf16 values: scaled by 1.001 they are float32 ones, as a float32 master copy holds
+    weights = {n: w.float() * 1.001 for n, w in build_tiny_llama().items() if w.dim() == 2}
+    sd = {n: nf4.dequantize(nf4.quantize(w)).reshape(w.shape).bfloat16() for n, w in weights.items()}
+    path, report = tmp_path / "dequantized.safetensors", tmp_path / "scan.json"
+    save_file(sd, str(path))
+    assert main(["scan", str(path), "--formats", "nf4", "--report", str(report)]) == 0, capsys.readouterr().out
+    findings = [f for t in json.loads(report.read_text())["tensors"] for f in t["findings"]]
+    assert findings and all(f["grid_aligned"] and not f["suspicious"] for f in findings)
+    assert any(f["near_code_fraction"] < 0.9 < f["rescaled_grid_fraction"] for f in findings)
+
+
 def test_the_lattice_null_judges_a_dequantized_checkpoint_against_its_own_lattice(tmp_path, capsys):
     """The embedded model dequantized from NF4 and scanned under Q4_0: flagged by the local decoys, clean under
     `--lattice-null` (experimental), whose report says how much of each tensor its lattice null judged."""

@@ -69,6 +69,9 @@ class FormatFinding:
             "on_grid_fraction": s.on_grid_fraction,
             "interior_on_grid_fraction": s.interior_on_grid_fraction,
             "decoy_on_grid_fraction": s.decoy_on_grid_fraction,
+            "near_code_fraction": s.near_code_fraction,
+            "rescaled_grid_fraction": s.rescaled_grid_fraction,
+            "grid_aligned": s.grid_aligned,  # not judged: a model dequantized from this format (or trained for it)
             "repeated_fraction": s.repeated_fraction,
             "zeros_on_a_code": s.zeros,
             "lattice_fraction": s.lattice_fraction,
