@@ -36,6 +36,7 @@ import torch
 from .. import native
 from ..formats.base import CodeValueRule, Encoding, Format, RoundingCells
 from .lattice_null import holds_lattice_runs, lattice_null
+from .precision import MANTISSA_BITS, storage_ulp
 from .rescaled_grid import rescaled_grid_weights
 
 __all__ = ["DECOY_SHIFTS", "CellScore", "Verdict", "cell_score", "repeated_fraction", "verdict"]
@@ -145,17 +146,6 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
-_MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
-
-
-def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of the checkpoint's dtype at each weight (the lattice its values were rounded to)."""
-    finfo = torch.finfo(dtype)
-    mag = x.abs().clamp(min=finfo.tiny).float()
-    _, exponent = torch.frexp(mag)  # mag = m * 2**exponent, m in [0.5, 1): exact, unlike floor(log2(mag))
-    return torch.ldexp(torch.ones_like(mag), exponent - 1 - _MANTISSA_BITS[dtype])
-
-
 def repeated_fraction(x: torch.Tensor) -> float:
     """Share of weights equal to another weight of their run of 32 consecutive weights (the first _LATTICE_SAMPLE
     weights of x, in whole runs): near 0 for continuous weights in any dtype, most of them on a 4-bit lattice."""
@@ -228,7 +218,7 @@ def _tally(w: _Weights) -> _Tally:
             (c.position, c.lower, c.upper, c.nearest),
             w.code_values,
             w.end_codes,
-            (_MANTISSA_BITS[w.dtype], torch.finfo(w.dtype).tiny),
+            (MANTISSA_BITS[w.dtype], torch.finfo(w.dtype).tiny),
             (DECOY_SHIFTS, *_ON_CODE_F32),
             _CDF_POINTS,
         )
@@ -256,7 +246,7 @@ def _tally_reference(w: _Weights) -> _Tally:
         live &= ~w.exclude
     zero = on_grid & (values == 0)  # a zero on a code: left out of every count but `zeros`
     on_grid &= ~zero
-    ulp = _storage_ulp(values, dtype)  # the checkpoint's lattice spacing per weight, computed once
+    ulp = storage_ulp(values, dtype)  # the checkpoint's lattice spacing per weight, computed once
     near_code = ~zero & (on_grid | ~steerable | ((values - near).abs() <= 0.5 * ulp))
     lattice, lattice_fields, unjudged = None, {}, torch.zeros_like(on_grid)
     if w.lattice:
@@ -353,7 +343,7 @@ def _refit_decoys(
     own null)."""
     step = (hi - lo).abs()
     fallback = step[step > 0].median() if bool((step > 0).any()) else torch.ones((), dtype=step.dtype)
-    h = _decoy_spacing(_storage_ulp(values, dtype), torch.where(step > 0, step, fallback))
+    h = _decoy_spacing(storage_ulp(values, dtype), torch.where(step > 0, step, fallback))
     big = torch.finfo(torch.float32).max
     counts = torch.zeros(_CDF_POINTS + 1, dtype=torch.int64)
     on_grid = []
@@ -466,14 +456,10 @@ def _rescaled_grid(
     rule = rule or fmt.code_value_rule(enc)
     if rule is None:
         return score
-
-    def half_ulp(t: torch.Tensor) -> torch.Tensor:
-        return 0.5 * _storage_ulp(t, dtype)
-
     judged = values != 0
-    on_rescaled, read = rescaled_grid_weights(values, enc.cells.nearest, rule, half_ulp, judged, first_look=True)
+    on_rescaled, read = rescaled_grid_weights(values, enc.cells.nearest, rule, dtype, judged, first_look=True)
     if on_rescaled >= _GRID_ALIGNED * read and read < int(judged.count_nonzero()):  # aligned on all weights, or not
-        on_rescaled, read = rescaled_grid_weights(values, enc.cells.nearest, rule, half_ulp, judged)
+        on_rescaled, read = rescaled_grid_weights(values, enc.cells.nearest, rule, dtype, judged)
     return replace(score, rescaled_grid_fraction=on_rescaled / max(read, 1))
 
 

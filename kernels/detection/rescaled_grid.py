@@ -18,12 +18,10 @@ freedom an attacker already has by picking a block's largest weight.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
-
 import torch
 
 from ..formats.base import CodeValueRule
+from .precision import storage_ulp
 
 #: the largest rescale of a group admitted, |alpha - 1| (torchao's 128 / 127.5: 2^-8; a bf16 re-rounding: 2^-9)
 _MAX_RESCALE = 2.0**-7
@@ -37,39 +35,30 @@ def rescaled_grid_weights(
     values: torch.Tensor,
     nearest: torch.Tensor,
     rule: CodeValueRule,
-    half_ulp: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
     judged: torch.Tensor,
     first_look: bool = False,
 ) -> tuple[int, int]:
-    """How many `judged` weights (float32 `values` and their nearest codes) sit on their nearest code's value times
-    one factor per scale group of `rule`, to within half_ulp(w), half the storage dtype's spacing at w. Where the
-    rule has a shift (an affine format's minimum), the factor applies to the value less the shift, and the shift's
-    own half ulp is added to the tolerance: it was a weight, re-rounded to storage like the others. Returns the
-    count and the judged weights read: all of them, or with `first_look` only the first FIRST_LOOK (see there)."""
+    """How many `judged` weights (float32 `values` of a `dtype` checkpoint, and their nearest codes) sit on their
+    nearest code's value times one factor per scale group of `rule`, to within half the storage spacing at w (plus a
+    float32 ulp: the dequantization's own arithmetic rounds a product or two; a rescale needs that slack, a weight
+    equal to its code's value does not). Where the rule has a shift (an affine format's minimum), the factor applies
+    to the value less the shift, and the shift's own half ulp joins the tolerance: it was a weight, re-rounded to
+    storage like the others. Returns the count and the judged weights read: all of them, or with `first_look` only
+    the first FIRST_LOOK (see there)."""
     n, group = values.numel(), rule.group
     if n == 0 or n % group:
         return 0, 0
     if first_look and n > FIRST_LOOK:  # the first whole groups, or the start of one group larger than that
         n = FIRST_LOOK // group * group if group <= FIRST_LOOK else FIRST_LOOK
         group = min(group, n)
-        keep = n // group
-        rule = replace(
-            rule,
-            scale=rule.scale.reshape(-1)[:keep],
-            group=group,
-            negative=None if rule.negative is None else rule.negative.reshape(-1)[:n],
-            shift=None if rule.shift is None else rule.shift.reshape(-1)[:keep],
-        )
-        values, nearest, judged = (t.reshape(-1)[:n] for t in (values, nearest, judged))
-    code_value = rule.table[(nearest.reshape(-1).long() - rule.first_code).clamp(0, rule.table.numel() - 1)]
-    if rule.negative is not None:
-        code_value = torch.where(rule.negative.reshape(-1), -code_value, code_value)
-    code_value = code_value.double() * rule.scale.reshape(-1).double().repeat_interleave(rule.group)
-    w = values.reshape(-1).double()
-    h = half_ulp(values.reshape(-1)).double() + _float32_ulp(values.reshape(-1))
-    if rule.shift is not None:  # w - shift against the scaled part; the shift (a weight) was re-rounded too
-        shift = rule.shift.reshape(-1).double().repeat_interleave(rule.group)
-        w, h = w - shift, h + half_ulp(shift.float()).double()
+    values, nearest, judged = (t.reshape(-1)[:n] for t in (values, nearest, judged))
+    multiplier, shift = rule.element_terms(n)
+    code_value = rule.table[(nearest.long() - rule.first_code).clamp(0, rule.table.numel() - 1)].double() * multiplier
+    w = values.double()
+    h = 0.5 * storage_ulp(values, dtype).double() + storage_ulp(values, torch.float32).double()
+    if shift is not None:  # w - shift against the scaled part; the shift (a weight) was re-rounded too
+        w, h = w - shift, h + 0.5 * storage_ulp(shift.float(), dtype).double()
     # each weight's interval of alpha; a code worth 0 (before the shift) takes every alpha, or none
     on_zero = code_value == 0
     safe = torch.where(on_zero, torch.ones_like(code_value), code_value)
@@ -77,7 +66,7 @@ def rescaled_grid_weights(
     low, high = ends[0].clamp(min=1.0 - _MAX_RESCALE), ends[1].clamp(max=1.0 + _MAX_RESCALE)
     low = torch.where(on_zero, torch.full_like(low, 1.0 - _MAX_RESCALE), low)
     high = torch.where(on_zero, torch.full_like(high, 1.0 + _MAX_RESCALE), high)
-    usable = judged.reshape(-1) & torch.where(on_zero, w.abs() <= h, low <= high)
+    usable = judged & torch.where(on_zero, w.abs() <= h, low <= high)
     # the deepest point of each group's intervals: +1 at each start, -1 after each end (starts first at a tie)
     groups = n // group
     at = torch.cat((low.reshape(groups, -1), high.reshape(groups, -1)), dim=1)
@@ -86,10 +75,3 @@ def rescaled_grid_weights(
     order = at.argsort(dim=1, stable=True)  # starts come first in `at`: a stable sort keeps them before equal ends
     depth = step.gather(1, order).cumsum(dim=1)
     return int(depth.max(dim=1).values.clamp(min=0).sum()), int(judged.count_nonzero())
-
-
-def _float32_ulp(x: torch.Tensor) -> torch.Tensor:
-    """float32's spacing at each |x| (float64): the slack for a dequantization's own arithmetic, which rounds a
-    product or two in float32 (a rescale needs it; a weight equal to its code's value does not)."""
-    _, exponent = torch.frexp(x.abs().float().clamp(min=torch.finfo(torch.float32).tiny))
-    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), exponent - 24)

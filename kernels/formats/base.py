@@ -73,6 +73,16 @@ class CodeValueRule:
     negative: torch.Tensor | None = None  # bool, shaped like the tensor
     shift: torch.Tensor | None = None  # float32, one per group
 
+    def element_terms(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(multiplier, shift) of flat elements 0 .. n - 1, float64: code c of element e is worth
+        table[c - first_code] * multiplier[e] + shift[e], multiplier = sign * scale of e's group (shift None where
+        the rule has none)."""
+        group = torch.arange(n) // self.group
+        multiplier = self.scale.reshape(-1).double()[group]
+        if self.negative is not None:
+            multiplier = torch.where(self.negative.reshape(-1)[:n], -multiplier, multiplier)
+        return multiplier, None if self.shift is None else self.shift.reshape(-1).double()[group]
+
 
 @dataclass
 class QuantizedTensor:

@@ -98,12 +98,9 @@ class _Grid:
     there the standard quantizer's code stays and nothing is fed forward."""
 
     def __init__(self, rule: CodeValueRule, rows: int, cols: int, order: torch.Tensor) -> None:
-        group = (torch.arange(rows * cols) // rule.group).reshape(rows, cols)[:, order].T
-        multiplier = rule.scale.reshape(-1).double()[group]
-        if rule.negative is not None:
-            negative = rule.negative.reshape(rows, cols)[:, order].T
-            multiplier = torch.where(negative, -multiplier, multiplier)
-        shift = rule.shift.reshape(-1).double()[group] if rule.shift is not None else torch.zeros_like(multiplier)
+        multiplier, shift = rule.element_terms(rows * cols)
+        multiplier = multiplier.reshape(rows, cols)[:, order].T
+        shift = torch.zeros_like(multiplier) if shift is None else shift.reshape(rows, cols)[:, order].T
         self.live = (multiplier != 0) & multiplier.isfinite() & shift.isfinite()
         self.multiplier = torch.where(self.live, multiplier, 0.0)
         self.inverse = torch.where(self.live, 1.0 / torch.where(self.live, multiplier, 1.0), 0.0)
