@@ -237,10 +237,10 @@ def calibrate_checkpoint(
         windows, tokens, source = token_windows(ids, tokenizer.bos_token_id, context), len(ids), "text"
     decoder = [(n, m) for n, m in model.named_modules() if ".layers." in f".{n}."]
     weights = [f"{n}.weight" for n, m in decoder if isinstance(m, torch.nn.Linear)]
-    experts = [n for n, m in decoder if fused_experts(m)]
-    weights += [f"{n}.{w}" for n in experts for w in ("gate_up_proj", "down_proj")]
+    experts = {n for n, m in decoder if fused_experts(m)}
+    weights += [f"{n}.{w}" for n in sorted(experts) for w in ("gate_up_proj", "down_proj")]
     # experts of another layout (biases, interleaved gate and up): hardened without feedback, and said so
-    others = [n for n, m in decoder if not fused_experts(m) and any(p.dim() == 3 for p in m.parameters(False))]
+    others = [n for n, m in decoder if n not in experts and any(p.dim() == 3 for p in m.parameters(False))]
     hessians = collect_hessians(model, windows, weights)
     if gguf_names:
         names = gguf_tensor_names(model.config.model_type, model.config.num_hidden_layers, hessians)
